@@ -1,0 +1,221 @@
+//! The command line: `serve` (default), `check-config`, `healthcheck`, `sign`.
+//!
+//! `main.rs` only parses arguments and calls [`main`]; everything it does is
+//! here so that the subcommands can be tested.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config};
+use crate::telemetry::{init_logging, LogFormat};
+
+/// Receives, verifies and normalizes presence webhooks and serves current presence.
+#[derive(Debug, Parser)]
+#[command(name = "presence-gateway", version, about)]
+pub struct Cli {
+    /// Config file.
+    #[arg(long, global = true, default_value = config::DEFAULT_PATH, env = "PRESENCE_GATEWAY_CONFIG")]
+    pub config: PathBuf,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Validate the config file and print every problem with its key or line.
+    CheckConfig,
+    /// Exit 0 when the local gateway answers /healthz (for container health checks).
+    Healthcheck {
+        /// Address to probe; default: `server.listen` of the config, with
+        /// 0.0.0.0 / :: replaced by loopback.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Seconds to wait for an answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
+    /// Print the hex HMAC-SHA256 of a file (or stdin) under a key, the way
+    /// Mitel signs webhooks: for trying the gateway with curl.
+    Sign {
+        /// The signing key (the subscription's applicationId).
+        #[arg(long, env = "PRESENCE_GATEWAY_SIGN_KEY", hide_env_values = true)]
+        key: String,
+        /// The body to sign; stdin when absent.
+        file: Option<PathBuf>,
+    },
+}
+
+/// Runs the parsed command line.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.config, cli.log_format),
+        Command::CheckConfig => check_config(&cli.config),
+        Command::Healthcheck { addr, timeout } => healthcheck(&cli.config, addr, Duration::from_secs(timeout)),
+        Command::Sign { key, file } => sign(&key, file.as_deref()),
+    }
+}
+
+fn serve(path: &Path, format: LogFormat) -> ExitCode {
+    init_logging(format);
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("configuration error:\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(addr = %config.server.listen, error = %e, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_watcher(shutdown.clone()));
+        match crate::run(config, listener, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "gateway failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn signal_watcher(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    shutdown.cancel();
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} source{}: {}; listening on {})",
+                path.display(),
+                c.sources.len(),
+                if c.sources.len() == 1 { "" } else { "s" },
+                c.sources.iter().map(|s| format!("{} ({})", s.id, s.kind.as_str())).collect::<Vec<_>>().join(", "),
+                c.server.listen
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: invalid configuration\n{e}", path.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The address to probe: `--addr`, else the listen address of the
+/// environment override or the config file, else the default port.
+fn probe_addr(path: &Path, addr: Option<String>) -> String {
+    if let Some(a) = addr {
+        return a;
+    }
+    let listen = std::env::var(format!("{}__SERVER__LISTEN", config::ENV_PREFIX))
+        .ok()
+        .or_else(|| {
+            let text = std::fs::read_to_string(path).ok()?;
+            let value: toml::Table = toml::from_str(&text).ok()?;
+            value.get("server")?.get("listen")?.as_str().map(str::to_owned)
+        })
+        .unwrap_or_else(|| "0.0.0.0:8080".into());
+    match listen.parse::<SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let ip = if a.is_ipv4() { "127.0.0.1" } else { "[::1]" };
+            format!("{ip}:{}", a.port())
+        }
+        _ => listen,
+    }
+}
+
+fn healthcheck(path: &Path, addr: Option<String>, timeout: Duration) -> ExitCode {
+    let addr = probe_addr(path, addr);
+    match probe(&addr, timeout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("healthcheck {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One plain HTTP/1.1 `GET /healthz`; success is a 200 status line.
+fn probe(addr: &str, timeout: Duration) -> Result<(), String> {
+    let target = addr
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut head = [0u8; 32];
+    let n = stream.read(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    if line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200") {
+        Ok(())
+    } else {
+        Err(format!("unexpected answer: {:?}", line.lines().next().unwrap_or("")))
+    }
+}
+
+fn sign(key: &str, file: Option<&Path>) -> ExitCode {
+    let body = match file {
+        Some(p) => std::fs::read(p),
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf).map(|_| buf)
+        }
+    };
+    match body {
+        Ok(body) => {
+            println!("{}", crate::verify::hmac_hex::sign_hex(key.as_bytes(), &body));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot read the body: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,614 @@
+//! Typed configuration: one TOML file, environment overrides, secret
+//! references, and validation whose messages name the offending key.
+//!
+//! Loading happens in three steps. The file is parsed strictly with `toml`
+//! first, so syntax errors, unknown keys and wrong types are reported with
+//! their line. Then the `config` crate layers `PRESENCE_GATEWAY__SECTION__KEY`
+//! environment variables over it. Finally [`Config::resolve`] resolves secret
+//! references (`env:NAME`, `file:PATH`, literal) once, into [`Secret`]s, and
+//! checks every value, collecting all problems rather than stopping at the
+//! first. Nothing here logs, and no error message contains a secret's value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::presence::Availability;
+use crate::providers::mitel::MitelParser;
+use crate::providers::{FieldOverrides, StatusMap};
+
+/// Prefix of environment overrides: `PRESENCE_GATEWAY__SERVER__LISTEN`.
+pub const ENV_PREFIX: &str = "PRESENCE_GATEWAY";
+
+/// The default config path, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/presence-gateway.toml";
+
+/// A secret value: signing key, token, correlation id.
+///
+/// `Debug` and `Display` print `[redacted]`, so a secret cannot end up in a
+/// log line or an error by formatting the struct that holds it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<[u8]>);
+
+impl Secret {
+    /// Wraps a value (tests and programmatic configuration).
+    pub fn new(value: impl AsRef<[u8]>) -> Self {
+        Secret(Arc::from(value.as_ref()))
+    }
+
+    /// The secret bytes. Callers compare them in constant time and never log them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The validated configuration of the whole daemon.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub consumers: ConsumersConfig,
+    pub sources: Vec<SourceConfig>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub body_limit_bytes: usize,
+    pub trusted_proxies: Vec<IpNet>,
+    pub shutdown_grace: Duration,
+    pub max_in_flight: usize,
+}
+
+/// `[store]`.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub history: usize,
+    pub dedup_window: Duration,
+    pub dedup_capacity: usize,
+}
+
+/// `[consumers]`.
+#[derive(Clone, Debug, Default)]
+pub struct ConsumersConfig {
+    /// Bearer tokens accepted on `/v1`; empty means open.
+    pub tokens: Vec<Secret>,
+}
+
+/// The kinds of source this build receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Mitel CloudLink webhooks signed with `x-notify-signature`.
+    Mitel,
+}
+
+impl SourceKind {
+    /// The name used in config and in `/v1/sources`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Mitel => "mitel",
+        }
+    }
+}
+
+/// One `[[sources]]` entry.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub id: String,
+    pub kind: SourceKind,
+    pub signing_keys: Vec<Secret>,
+    pub allow_ips: Vec<IpNet>,
+    pub fields: FieldOverrides,
+    pub status_map: Vec<(String, Availability)>,
+}
+
+impl SourceConfig {
+    /// The source's status words: its `status_map` over the kind's table.
+    pub fn status_map(&self) -> StatusMap {
+        let builtin = match self.kind {
+            SourceKind::Mitel => crate::providers::mitel::STATUS_WORDS,
+        };
+        StatusMap::new(
+            builtin,
+            self.status_map.iter().map(|(k, v)| (k.as_str(), *v)),
+        )
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("environment override: {0}")]
+    Override(String),
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+/// One validation problem: the key and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+// ---- raw (deserialized) form -------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    consumers: RawConsumers,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    body_limit_bytes: u64,
+    trusted_proxies: Vec<String>,
+    shutdown_grace_secs: u64,
+    max_in_flight: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "0.0.0.0:8080".into(),
+            body_limit_bytes: 256 * 1024,
+            trusted_proxies: Vec::new(),
+            shutdown_grace_secs: 10,
+            max_in_flight: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    history: u64,
+    dedup_window_secs: u64,
+    dedup_capacity: u64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            history: 65_536,
+            dedup_window_secs: 600,
+            dedup_capacity: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumers {
+    #[serde(default)]
+    tokens: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    id: String,
+    kind: SourceKind,
+    #[serde(default)]
+    signing_keys: Vec<String>,
+    #[serde(default)]
+    allow_ips: Vec<String>,
+    #[serde(default)]
+    fields: FieldOverrides,
+    #[serde(default)]
+    status_map: BTreeMap<String, String>,
+}
+
+// ---- loading -----------------------------------------------------------------
+
+impl Config {
+    /// Loads `path` with overrides from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars(), |name| std::env::var(name).ok())
+    }
+
+    /// Loads `path` with the given environment: `vars` for overrides,
+    /// `lookup` for `env:` secret references. Tests pass their own.
+    pub fn load_with_env(
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_with_env(&text, path, vars, lookup)
+    }
+
+    /// Parses config text (as if read from `path`) with the given environment.
+    pub fn parse_with_env(
+        text: &str,
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        // Strict first pass: line numbers for syntax errors, unknown keys, types.
+        toml::from_str::<RawConfig>(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let prefix = format!("{ENV_PREFIX}__");
+        let overrides: config::Map<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .collect();
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("consumers.tokens")
+            .with_list_parse_key("server.trusted_proxies")
+            .source(Some(overrides));
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| ConfigError::Override(e.to_string()))?;
+        Self::resolve(raw, &lookup)
+    }
+
+    fn resolve(raw: RawConfig, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(Problem { key, message });
+
+        let listen = raw.server.listen.parse().unwrap_or_else(|_| {
+            problem(
+                "server.listen".into(),
+                format!("{:?} is not an address:port", raw.server.listen),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 8080))
+        });
+        if raw.server.body_limit_bytes == 0 || raw.server.body_limit_bytes > 64 * 1024 * 1024 {
+            problem(
+                "server.body_limit_bytes".into(),
+                "must be between 1 and 67108864 (64 MiB)".into(),
+            );
+        }
+        if raw.server.max_in_flight == 0 {
+            problem("server.max_in_flight".into(), "must be at least 1".into());
+        }
+        if raw.server.shutdown_grace_secs > 3600 {
+            problem(
+                "server.shutdown_grace_secs".into(),
+                "must be at most 3600".into(),
+            );
+        }
+        let trusted_proxies = parse_nets(&raw.server.trusted_proxies, "server.trusted_proxies", &mut problem);
+
+        if raw.store.history > 10_000_000 {
+            problem("store.history".into(), "must be at most 10000000".into());
+        }
+        if raw.store.dedup_capacity == 0 {
+            problem("store.dedup_capacity".into(), "must be at least 1".into());
+        }
+
+        let tokens = raw
+            .consumers
+            .tokens
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| resolve_secret(t, lookup).map_err(|m| problem(format!("consumers.tokens[{i}]"), m)).ok())
+            .collect();
+
+        let mut sources: Vec<SourceConfig> = Vec::with_capacity(raw.sources.len());
+        for (n, s) in raw.sources.into_iter().enumerate() {
+            let key = |field: &str| format!("sources[{n}].{field}");
+            if !valid_id(&s.id) {
+                problem(
+                    key("id"),
+                    format!("{:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -", s.id),
+                );
+            } else if let Some(first) = sources.iter().position(|o| o.id == s.id) {
+                problem(
+                    key("id"),
+                    format!("duplicate source id {:?} (also sources[{first}])", s.id),
+                );
+            }
+            if s.kind == SourceKind::Mitel && s.signing_keys.is_empty() {
+                problem(
+                    key("signing_keys"),
+                    "must list at least one key (the subscription's applicationId)".into(),
+                );
+            }
+            let signing_keys = s
+                .signing_keys
+                .iter()
+                .enumerate()
+                .filter_map(|(i, k)| resolve_secret(k, lookup).map_err(|m| problem(key(&format!("signing_keys[{i}]")), m)).ok())
+                .collect();
+            let allow_ips = parse_nets(&s.allow_ips, &key("allow_ips"), &mut problem);
+            let status_map = s
+                .status_map
+                .iter()
+                .filter_map(|(word, name)| match Availability::from_name(name) {
+                    Some(a) => Some((word.clone(), a)),
+                    None => {
+                        problem(
+                            key(&format!("status_map.{word:?}")),
+                            format!(
+                                "{name:?} is not an availability (one of: {})",
+                                Availability::ALL.map(Availability::as_str).join(", ")
+                            ),
+                        );
+                        None
+                    }
+                })
+                .collect();
+            let source = SourceConfig {
+                id: s.id,
+                kind: s.kind,
+                signing_keys,
+                allow_ips,
+                fields: s.fields,
+                status_map,
+            };
+            if let Err(e) = MitelParser::new(&source.fields, source.status_map()) {
+                problem(key("fields"), e.to_string());
+            }
+            sources.push(source);
+        }
+
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                body_limit_bytes: usize::try_from(raw.server.body_limit_bytes).unwrap_or(usize::MAX),
+                trusted_proxies,
+                shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+                max_in_flight: usize::try_from(raw.server.max_in_flight).unwrap_or(usize::MAX),
+            },
+            store: StoreConfig {
+                history: usize::try_from(raw.store.history).unwrap_or(usize::MAX),
+                dedup_window: Duration::from_secs(raw.store.dedup_window_secs),
+                dedup_capacity: usize::try_from(raw.store.dedup_capacity).unwrap_or(usize::MAX),
+            },
+            consumers: ConsumersConfig { tokens },
+            sources,
+        })
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// CIDR blocks, or bare addresses meaning a single host.
+fn parse_nets(items: &[String], key: &str, problem: &mut impl FnMut(String, String)) -> Vec<IpNet> {
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let text = text.trim();
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    problem(
+                        format!("{key}[{i}]"),
+                        format!("{text:?} is not a CIDR block (like 10.0.0.0/8) or an IP address"),
+                    )
+                })
+                .ok()
+        })
+        .collect()
+}
+
+/// Resolves `env:NAME`, `file:PATH` or a literal. Messages name the variable
+/// or file, never the value.
+fn resolve_secret(reference: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
+    let value = if let Some(name) = reference.strip_prefix("env:") {
+        lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?
+    } else if let Some(path) = reference.strip_prefix("file:") {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {path}: {e}"))?;
+        text.strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(&text)
+            .to_owned()
+    } else {
+        reference.to_owned()
+    };
+    if value.is_empty() {
+        return Err("secret is empty".into());
+    }
+    Ok(Secret::new(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lookup_env = env.clone();
+        Config::parse_with_env(text, Path::new("test.toml"), env, move |name| {
+            lookup_env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    const MINIMAL: &str = r#"
+[[sources]]
+id = "mitel-prod"
+kind = "mitel"
+signing_keys = ["env:KEY", "literal-old-key"]
+"#;
+
+    #[test]
+    fn defaults_and_secret_references() {
+        let c = parse(MINIMAL, &[("KEY", "new-key")]).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.server.body_limit_bytes, 262_144);
+        assert_eq!(c.store.history, 65_536);
+        assert_eq!(c.store.dedup_window, Duration::from_secs(600));
+        assert_eq!(c.sources[0].signing_keys[0].expose(), b"new-key");
+        assert_eq!(c.sources[0].signing_keys[1].expose(), b"literal-old-key");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("new-key") && !shown.contains("literal-old-key"), "{shown}");
+    }
+
+    #[test]
+    fn file_secret_reference_strips_one_newline() {
+        let dir = std::env::temp_dir().join(format!("pg-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "[[sources]]\nid = \"m\"\nkind = \"mitel\"\nsigning_keys = [\"file:{}\"]\n",
+            file.display()
+        );
+        let c = parse(&text, &[]).unwrap();
+        assert_eq!(c.sources[0].signing_keys[0].expose(), b"from-file");
+    }
+
+    #[test]
+    fn environment_overrides_scalars_and_lists() {
+        let c = parse(
+            MINIMAL,
+            &[
+                ("KEY", "k"),
+                ("PRESENCE_GATEWAY__SERVER__LISTEN", "127.0.0.1:9999"),
+                ("PRESENCE_GATEWAY__STORE__HISTORY", "10"),
+                ("PRESENCE_GATEWAY__CONSUMERS__TOKENS", "a,b"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.store.history, 10);
+        assert_eq!(c.consumers.tokens.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let err = parse("[server]\nlisten = \"0.0.0.0:1\"\nlistn = 3\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("listn") && err.contains("line 3"), "{err}");
+        let err = parse(MINIMAL, &[("KEY", "k"), ("PRESENCE_GATEWAY__SERVER__LISTN", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listn"), "{err}");
+        let err = parse("[[sources]]\nid = \"a\"\nkind = \"carrier-pigeon\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("carrier-pigeon") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_every_bad_key() {
+        let text = r#"
+[server]
+listen = "nowhere"
+trusted_proxies = ["10.0.0.0/33"]
+
+[consumers]
+tokens = ["env:MISSING_TOKEN"]
+
+[[sources]]
+id = "a"
+kind = "mitel"
+signing_keys = []
+allow_ips = ["not-an-ip"]
+status_map = { Lunch = "hungry" }
+
+[[sources]]
+id = "a"
+kind = "mitel"
+signing_keys = [""]
+fields = { status = "content/presence" }
+
+[[sources]]
+id = "has space"
+kind = "mitel"
+signing_keys = ["k"]
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, &[]) else {
+            panic!("expected validation problems");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "server.listen",
+            "server.trusted_proxies[0]",
+            "consumers.tokens[0]",
+            "sources[0].signing_keys",
+            "sources[0].allow_ips[0]",
+            "sources[0].status_map.\"Lunch\"",
+            "sources[1].id",
+            "sources[1].signing_keys[0]",
+            "sources[1].fields",
+            "sources[2].id",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+        let all = ConfigError::Invalid(problems).to_string();
+        assert!(all.contains("duplicate source id \"a\" (also sources[0])"), "{all}");
+        assert!(all.contains("MISSING_TOKEN is not set"), "{all}");
+    }
+
+    #[test]
+    fn bare_ips_are_single_host_networks() {
+        let c = parse(
+            "[server]\ntrusted_proxies = [\"10.1.2.3\", \"::1\", \"192.168.0.0/16\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.server.trusted_proxies[0].to_string(), "10.1.2.3/32");
+        assert_eq!(c.server.trusted_proxies[1].to_string(), "::1/128");
+    }
+}

@@ -1,0 +1,247 @@
+//! The consumer read API under `/v1`: one record, pages, batch queries and
+//! per-source state. Guarded by bearer tokens (see [`require_token`]).
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::problem::Problem;
+use super::AppState;
+use crate::presence::{Availability, Cursor, Millis, PresenceRecord};
+use crate::sources::{Rejection, Source};
+
+/// Default and largest page size of `GET /v1/presence`.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+/// Most principals one `POST /v1/presence/query` may ask for.
+const MAX_QUERY_PRINCIPALS: usize = 1000;
+
+/// Rejects requests without a valid bearer token (when tokens are configured).
+pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.consumer_auth().is_open() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    if presented.is_some_and(|t| state.consumer_auth().accepts(t.as_bytes())) {
+        return next.run(request).await;
+    }
+    state
+        .global()
+        .consumer_unauthorized
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Problem::unauthorized_consumer().into_response()
+}
+
+fn source_or_404<'a>(state: &'a AppState, id: &str) -> Result<&'a Source, Problem> {
+    state
+        .sources()
+        .get(id)
+        .ok_or_else(|| Problem::not_found(format!("no source with id {id:?}")))
+}
+
+/// `GET /v1/presence/{source}/{principal}`.
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path((source, principal)): Path<(String, String)>,
+) -> Result<Json<PresenceRecord>, Problem> {
+    let src = source_or_404(&state, &source)?;
+    state
+        .store()
+        .get(src.index, &principal)
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no presence for {principal:?} in source {source:?}")))
+}
+
+/// Query of `GET /v1/presence`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    source: Option<String>,
+    availability: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListPage {
+    items: Vec<PresenceRecord>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /v1/presence?source=&availability=&limit=&cursor=`.
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ListPage>, Problem> {
+    let Query(q) = query.map_err(|e| Problem::bad_request("bad-query", e.body_text()))?;
+    let sources: Vec<usize> = match q.source.as_deref() {
+        Some(id) => vec![source_or_404(&state, id)?.index],
+        None => state.sources().sorted_indexes().to_vec(),
+    };
+    let mut wanted = [false; Availability::ALL.len()];
+    if let Some(list) = q.availability.as_deref() {
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let a = Availability::from_name(name).ok_or_else(|| {
+                Problem::bad_request("bad-query", format!("{name:?} is not an availability"))
+            })?;
+            wanted[a as usize] = true;
+        }
+    }
+    let any_availability = !wanted.contains(&true);
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_LIMIT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                Problem::bad_request("bad-query", format!("limit must be an integer from 1 to {MAX_LIMIT}"))
+            })?,
+    };
+    let from = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(decode_cursor(&state, text, &sources)?),
+    };
+    let page = state.store().page(&sources, from, limit, |p| {
+        any_availability || wanted[p.availability as usize]
+    });
+    Ok(Json(ListPage {
+        items: page.items,
+        next_cursor: page.next.map(|c| encode_cursor(&state, c)),
+    }))
+}
+
+/// Cursors are opaque to clients: base64url of `source-id / shard / index`.
+fn encode_cursor(state: &AppState, c: Cursor) -> String {
+    let id = state.sources().by_index(c.source).map_or("", |s| &s.id);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{id}/{}/{}", c.shard, c.index))
+}
+
+fn decode_cursor(state: &AppState, text: &str, sources: &[usize]) -> Result<Cursor, Problem> {
+    let invalid = || Problem::bad_request("bad-cursor", "cursor is not one this listing returned");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| invalid())?;
+    let raw = String::from_utf8(raw).map_err(|_| invalid())?;
+    let mut parts = raw.rsplitn(3, '/');
+    let index = parts.next().and_then(|s| s.parse().ok()).ok_or_else(invalid)?;
+    let shard = parts.next().and_then(|s| s.parse().ok()).ok_or_else(invalid)?;
+    let source = parts.next().and_then(|id| state.sources().get(id)).ok_or_else(invalid)?;
+    if !sources.contains(&source.index) {
+        return Err(invalid());
+    }
+    Ok(Cursor {
+        source: source.index,
+        shard,
+        index,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryBody {
+    principals: Vec<String>,
+    source: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueryResult {
+    items: Vec<PresenceRecord>,
+}
+
+/// `POST /v1/presence/query` `{"principals": [...], "source": "..."}`.
+pub async fn query(State(state): State<AppState>, body: Bytes) -> Result<Json<QueryResult>, Problem> {
+    let q: QueryBody = serde_json::from_slice(&body).map_err(|e| {
+        Problem::bad_request(
+            "bad-query",
+            format!("expected {{\"principals\": [...], \"source\": \"...\"}}: {e}"),
+        )
+    })?;
+    if q.principals.len() > MAX_QUERY_PRINCIPALS {
+        return Err(Problem::bad_request(
+            "bad-query",
+            format!("at most {MAX_QUERY_PRINCIPALS} principals per query"),
+        ));
+    }
+    let sources: Vec<usize> = match q.source.as_deref() {
+        Some(id) => vec![source_or_404(&state, id)?.index],
+        None => state.sources().sorted_indexes().to_vec(),
+    };
+    let items = q
+        .principals
+        .iter()
+        .flat_map(|p| sources.iter().filter_map(|&s| state.store().get(s, p)))
+        .collect();
+    Ok(Json(QueryResult { items }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct SourcesView {
+    sources: Vec<SourceView>,
+}
+
+#[derive(Debug, Serialize)]
+struct SourceView {
+    id: String,
+    kind: &'static str,
+    records: usize,
+    last_event_at: Option<Millis>,
+    counters: Counters,
+    /// Managed upstream subscriptions; none for sources without a
+    /// `[sources.subscription]` table.
+    subscriptions: Vec<()>,
+}
+
+#[derive(Debug, Serialize)]
+struct Counters {
+    received: u64,
+    accepted: u64,
+    changed: u64,
+    duplicate: u64,
+    stale: u64,
+    ignored: u64,
+    rejected: BTreeMap<&'static str, u64>,
+}
+
+/// `GET /v1/sources`.
+pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let sources = state
+        .sources()
+        .iter_sorted()
+        .map(|s| {
+            let st = &s.stats;
+            SourceView {
+                id: s.id.to_string(),
+                kind: s.kind.as_str(),
+                records: state.store().len(s.index),
+                last_event_at: st.last_event_at(),
+                counters: Counters {
+                    received: st.received.load(Relaxed),
+                    accepted: st.accepted.load(Relaxed),
+                    changed: st.changed.load(Relaxed),
+                    duplicate: st.duplicate.load(Relaxed),
+                    stale: st.stale.load(Relaxed),
+                    ignored: st.ignored.load(Relaxed),
+                    rejected: Rejection::ALL.iter().map(|&r| (r.as_str(), st.rejected(r))).collect(),
+                },
+                subscriptions: Vec::new(),
+            }
+        })
+        .collect();
+    Json(SourcesView { sources })
+}

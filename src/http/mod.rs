@@ -1,0 +1,232 @@
+//! The HTTP surface: router, shared state, request ids, tracing and problem
+//! answers. Handlers live in [`webhooks`], [`consumers`] and [`ops`].
+
+pub mod client_addr;
+pub mod consumers;
+pub mod ops;
+pub mod problem;
+pub mod webhooks;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::http::{HeaderName, Request};
+use axum::response::IntoResponse;
+use axum::routing::{any, get, post};
+use axum::Router;
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Secret;
+use crate::presence::Store;
+use crate::sources::Sources;
+use crate::telemetry::{GlobalStats, Metrics};
+use problem::Problem;
+
+/// The request id header, set on every request and response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Consumer bearer tokens, kept as SHA-256 digests so that comparing a
+/// presented token costs the same whatever its length or content.
+#[derive(Default)]
+pub struct ConsumerAuth {
+    digests: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ConsumerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConsumerAuth([{} redacted])", self.digests.len())
+    }
+}
+
+impl ConsumerAuth {
+    pub fn new(tokens: &[Secret]) -> Self {
+        ConsumerAuth {
+            digests: tokens.iter().map(|t| Sha256::digest(t.expose()).into()).collect(),
+        }
+    }
+
+    /// No tokens configured: the API is open.
+    pub fn is_open(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// Whether `token` is one of the configured tokens (constant time per token).
+    pub fn accepts(&self, token: &[u8]) -> bool {
+        let presented: [u8; 32] = Sha256::digest(token).into();
+        self.digests
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, d| acc | d.ct_eq(&presented))
+            .into()
+    }
+}
+
+/// Everything a handler needs: cheap to clone, no globals.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    sources: Arc<Sources>,
+    store: Arc<Store>,
+    global: Arc<GlobalStats>,
+    metrics: Metrics,
+    consumer_auth: ConsumerAuth,
+    ready: AtomicBool,
+    in_flight: Semaphore,
+    body_limit: usize,
+    trusted_proxies: Vec<IpNet>,
+}
+
+/// The parts [`AppState`] is built from.
+pub struct StateParts {
+    pub sources: Arc<Sources>,
+    pub store: Arc<Store>,
+    pub global: Arc<GlobalStats>,
+    pub consumer_tokens: Vec<Secret>,
+    pub max_in_flight: usize,
+    pub body_limit: usize,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl AppState {
+    pub fn new(parts: StateParts) -> Self {
+        let metrics = Metrics::new(
+            Arc::clone(&parts.sources),
+            Arc::clone(&parts.store),
+            Arc::clone(&parts.global),
+        );
+        AppState {
+            inner: Arc::new(Shared {
+                sources: parts.sources,
+                store: parts.store,
+                global: parts.global,
+                metrics,
+                consumer_auth: ConsumerAuth::new(&parts.consumer_tokens),
+                ready: AtomicBool::new(false),
+                in_flight: Semaphore::new(parts.max_in_flight),
+                body_limit: parts.body_limit,
+                trusted_proxies: parts.trusted_proxies,
+            }),
+        }
+    }
+
+    pub fn sources(&self) -> &Sources {
+        &self.inner.sources
+    }
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+    pub fn global(&self) -> &GlobalStats {
+        &self.inner.global
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+    pub fn consumer_auth(&self) -> &ConsumerAuth {
+        &self.inner.consumer_auth
+    }
+    pub fn in_flight(&self) -> &Semaphore {
+        &self.inner.in_flight
+    }
+    pub fn body_limit(&self) -> usize {
+        self.inner.body_limit
+    }
+    pub fn trusted_proxies(&self) -> &[IpNet] {
+        &self.inner.trusted_proxies
+    }
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::Release);
+    }
+}
+
+/// Request ids: a per-process random prefix and a counter. Unique, cheap,
+/// and no system call per request.
+#[derive(Clone)]
+struct MakeId {
+    prefix: u32,
+    counter: Arc<AtomicU64>,
+}
+
+impl MakeId {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        MakeId {
+            prefix: RandomState::new().hash_one(std::process::id()) as u32,
+            counter: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl MakeRequestId for MakeId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:08x}-{:012x}", self.prefix, n);
+        id.parse().ok().map(RequestId::new)
+    }
+}
+
+/// The whole router with its layers.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/presence", get(consumers::list))
+        .route("/presence/query", post(consumers::query))
+        .route("/presence/{source}/{principal}", get(consumers::get_one))
+        .route("/sources", get(consumers::sources))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            consumers::require_token,
+        ));
+    Router::new()
+        .route("/webhooks/{source_id}", any(webhooks::receive))
+        .nest("/v1", v1)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async { Problem::not_found("no such resource").into_response() })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this method is not allowed on this resource",
+            )
+            .into_response()
+        })
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_| {
+            tracing::error!("request handler panicked");
+            Problem::internal().into_response()
+        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    let id = request
+                        .headers()
+                        .get(&REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    // The path only: query strings may carry tokens.
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        request_id = %id,
+                    )
+                })
+                .on_request(())
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG),
+                ),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeId::new()))
+}

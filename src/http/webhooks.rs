@@ -1,0 +1,243 @@
+//! `POST /webhooks/{source_id}`: limit, verify, hand to the provider, apply.
+//!
+//! Checks run in the order DESIGN.md §1 fixes, and the first failure decides
+//! the answer: route (404), method (405), load (503), size (413), caller IP
+//! (403), authenticity (401), parsing (400). Nothing is counted or stored
+//! before the request has passed all of them, except its one rejection
+//! counter. Stale and duplicate events are answered like accepted ones so
+//! that providers do not retry them.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Limited};
+
+use super::client_addr::client_addr;
+use super::problem::Problem;
+use super::AppState;
+use crate::presence::Millis;
+use crate::sources::{Rejection, Source};
+
+/// How long a caller has to deliver its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much of an oversized body is read and thrown away before answering,
+/// so the connection closes cleanly and the caller reads the 413 instead of a
+/// reset. Anything larger is cut off.
+const DRAIN_LIMIT: u64 = 4 * 1024 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A rejected request: the counter it bumps and the answer it gets.
+struct Rejected {
+    reason: Rejection,
+    problem: Problem,
+}
+
+impl Rejected {
+    fn new(reason: Rejection, status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+        Rejected {
+            reason,
+            problem: Problem::new(status, slug, detail),
+        }
+    }
+}
+
+/// The webhook endpoint, for every method (so that 404 comes before 405).
+pub async fn receive(
+    State(state): State<AppState>,
+    Path(source_id): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request<Body>,
+) -> Response {
+    let started = Instant::now();
+    let Some(source) = state.sources().get(&source_id) else {
+        state.global().unknown_source.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(source = %source_id.escape_debug(), "webhook for unknown source");
+        return Problem::not_found(format!("no source with id {:?}", source_id)).into_response();
+    };
+    let result = handle(&state, source, peer, request).await;
+    source.stats.latency.observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(response) => response,
+        Err(rejected) => {
+            source.stats.reject(rejected.reason);
+            tracing::info!(
+                source = %source.id,
+                reason = rejected.reason.as_str(),
+                status = rejected.problem.status().as_u16(),
+                "webhook rejected"
+            );
+            rejected.problem.into_response()
+        }
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    source: &Source,
+    peer: SocketAddr,
+    request: Request<Body>,
+) -> Result<Response, Rejected> {
+    if request.method() != Method::POST {
+        return Err(Rejected {
+            reason: Rejection::MethodNotAllowed,
+            problem: Problem::method_not_allowed("POST"),
+        });
+    }
+    let Ok(_permit) = state.in_flight().try_acquire() else {
+        return Err(Rejected {
+            reason: Rejection::Overloaded,
+            problem: Problem::unavailable(
+                "overloaded",
+                "too many webhook requests in progress; retry shortly",
+                1,
+            ),
+        });
+    };
+    let limit = state.body_limit();
+    let (parts, body) = request.into_parts();
+    if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
+        drain(body).await;
+        return Err(too_large(limit));
+    }
+    if !source.allow_ips.is_empty() {
+        let client = client_addr(peer.ip(), &parts.headers, state.trusted_proxies());
+        if !source.allow_ips.iter().any(|net| net.contains(&client)) {
+            return Err(Rejected::new(
+                Rejection::IpNotAllowed,
+                StatusCode::FORBIDDEN,
+                "ip-not-allowed",
+                format!("{client} is not in this source's allow_ips"),
+            ));
+        }
+    }
+    let body = read_body(body, limit).await?;
+
+    let verified = source.verifier.verify(&parts.headers, &body).map_err(|e| {
+        let reason = Rejection::from(e);
+        Rejected::new(
+            reason,
+            StatusCode::UNAUTHORIZED,
+            reason.as_str(),
+            verify_detail(source, reason),
+        )
+    })?;
+    let parsed = source.parser.parse(verified).map_err(|e| {
+        Rejected::new(
+            Rejection::BadPayload,
+            StatusCode::BAD_REQUEST,
+            "bad-payload",
+            e.to_string(),
+        )
+    })?;
+
+    let received_at = Millis::now();
+    source.stats.touch(received_at);
+    for update in &parsed.updates {
+        let outcome = state.store().apply(source.index, update, received_at);
+        source.stats.applied(outcome);
+        tracing::debug!(source = %source.id, principal = %update.principal, ?outcome, "event applied");
+    }
+    if parsed.ignored > 0 {
+        source.stats.ignored(parsed.ignored);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn too_large(limit: usize) -> Rejected {
+    Rejected::new(
+        Rejection::BodyTooLarge,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+        format!("the body exceeds the limit of {limit} bytes"),
+    )
+}
+
+/// Why a body could not be read.
+enum ReadError {
+    TooLarge,
+    Broken,
+}
+
+/// Reads the whole body, at most `limit` bytes, within [`BODY_TIMEOUT`].
+/// A body that arrives in one frame (the usual case) is kept without a copy.
+async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, Rejected> {
+    let read = async {
+        let mut first: Option<Bytes> = None;
+        let mut joined: Vec<u8> = Vec::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(|_| ReadError::Broken)?.into_data() else {
+                continue; // trailers
+            };
+            total += data.len();
+            if total > limit {
+                return Err(ReadError::TooLarge);
+            }
+            match first.take() {
+                None if joined.is_empty() => first = Some(data),
+                earlier => {
+                    if let Some(earlier) = earlier {
+                        joined.extend_from_slice(&earlier);
+                    }
+                    joined.extend_from_slice(&data);
+                }
+            }
+        }
+        Ok(first.unwrap_or_else(|| Bytes::from(joined)))
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(ReadError::TooLarge)) => {
+            drain(body).await;
+            Err(too_large(limit))
+        }
+        Ok(Err(ReadError::Broken)) => Err(Rejected::new(
+            Rejection::BadPayload,
+            StatusCode::BAD_REQUEST,
+            "body-unreadable",
+            "the request body could not be read",
+        )),
+        Err(_) => Err(Rejected::new(
+            Rejection::BadPayload,
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+        )),
+    }
+}
+
+/// Reads and discards what is left of a body, within bounds.
+async fn drain(body: Body) {
+    let mut body = Limited::new(body, DRAIN_LIMIT as usize);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+}
+
+fn verify_detail(source: &Source, reason: Rejection) -> String {
+    let header = source.verifier.header();
+    match reason {
+        Rejection::SignatureMissing => format!("the {header} header is missing or empty"),
+        Rejection::SignatureMalformed => {
+            format!("the {header} header is not in the expected format")
+        }
+        Rejection::SignatureExpired => format!("the {header} proof is outside its validity window"),
+        _ => format!("the {header} header does not match any key of source {:?}", &*source.id),
+    }
+}

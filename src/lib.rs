@@ -1,0 +1,100 @@
+//! presence-gateway: receives presence notifications from communication
+//! platforms, proves each one authentic in constant time, normalizes it into
+//! one presence model, keeps the current presence of every principal in
+//! memory and serves it to consumers.
+//!
+//! Data flows one way: bytes → [`verify`] → [`providers`] →
+//! [`presence::PresenceUpdate`] → [`presence::Store`] → change log. The binary
+//! and the tests start the same thing: [`run`].
+
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod presence;
+pub mod providers;
+pub mod sources;
+pub mod telemetry;
+pub mod verify;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+use crate::http::{AppState, StateParts};
+use crate::presence::store::StoreLimits;
+use crate::presence::Store;
+use crate::sources::Sources;
+use crate::telemetry::GlobalStats;
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid source configuration: {0}")]
+    Sources(#[from] providers::fields::FieldsError),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the daemon on `listener` until `shutdown` is cancelled, then drains:
+/// `/readyz` turns 503, the listener closes, in-flight requests get up to
+/// `server.shutdown_grace` to finish, and the function returns.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+    let sources = Arc::new(Sources::new(&config.sources)?);
+    let store = Arc::new(Store::new(
+        &sources.ids(),
+        StoreLimits {
+            history: config.store.history,
+            dedup_window_ms: i64::try_from(config.store.dedup_window.as_millis()).unwrap_or(i64::MAX),
+            dedup_capacity: config.store.dedup_capacity,
+        },
+    ));
+    let state = AppState::new(StateParts {
+        sources,
+        store,
+        global: Arc::new(GlobalStats::default()),
+        consumer_tokens: config.consumers.tokens.clone(),
+        max_in_flight: config.server.max_in_flight,
+        body_limit: config.server.body_limit_bytes,
+        trusted_proxies: config.server.trusted_proxies.clone(),
+    });
+    if config.consumers.tokens.is_empty() {
+        tracing::warn!("consumers.tokens is empty: the /v1 API is open to anyone who can reach it");
+    }
+    if config.sources.is_empty() {
+        tracing::warn!("no [[sources]] configured: every webhook will be answered 404");
+    }
+
+    let app = http::router(state.clone());
+    let local = listener.local_addr()?;
+    let draining = {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            state.set_ready(false);
+            tracing::info!("shutdown requested: draining");
+        }
+    };
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(draining);
+    state.set_ready(true);
+    tracing::info!(
+        addr = %local,
+        sources = config.sources.len(),
+        "presence-gateway listening"
+    );
+
+    let grace = config.server.shutdown_grace;
+    tokio::select! {
+        result = server.into_future() => result?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight; stopping");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

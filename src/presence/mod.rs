@@ -1,0 +1,33 @@
+//! Presence: the normalized model, the in-memory store and the change log.
+//!
+//! Providers hand the store a [`PresenceUpdate`]; the store decides whether it
+//! is new, a duplicate or stale, and publishes every visible change to the
+//! [`changes::ChangeLog`]. Nothing here knows about HTTP or about providers.
+
+pub mod changes;
+pub mod model;
+pub mod store;
+
+use std::borrow::Cow;
+
+pub use changes::ChangeLog;
+pub use model::{Availability, Millis, Presence, PresenceRecord};
+pub use store::{ApplyOutcome, Cursor, Page, Store};
+
+/// One normalized presence change for one principal, as a provider parsed it.
+///
+/// Fields borrow from the request body where they can, so a notification that
+/// turns out to be a duplicate or stale costs no allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceUpdate<'a> {
+    pub principal: Cow<'a, str>,
+    pub availability: Availability,
+    pub activity: Option<Cow<'a, str>>,
+    pub status_text: Option<Cow<'a, str>>,
+    pub raw_status: Option<Cow<'a, str>>,
+    /// The provider's own timestamp, when it sends one.
+    pub observed_at: Option<Millis>,
+    /// The provider's event id (Mitel `eventId`, `webhook-id`, ...), the key
+    /// for duplicate detection.
+    pub event_id: Option<Cow<'a, str>>,
+}

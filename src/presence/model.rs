@@ -1,0 +1,247 @@
+//! The normalized presence model: what every provider's payload becomes.
+//!
+//! This module owns the vocabulary (availability, activity, timestamps) and the
+//! JSON shape consumers see. It never knows which provider a value came from.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Serialize, Serializer};
+
+/// The normalized availability of a principal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Availability {
+    Available,
+    AvailableIdle,
+    Away,
+    BeRightBack,
+    Busy,
+    BusyIdle,
+    DoNotDisturb,
+    Offline,
+    Unknown,
+}
+
+impl Availability {
+    /// Every value, in the order the documentation lists them.
+    pub const ALL: [Availability; 9] = [
+        Availability::Available,
+        Availability::AvailableIdle,
+        Availability::Away,
+        Availability::BeRightBack,
+        Availability::Busy,
+        Availability::BusyIdle,
+        Availability::DoNotDisturb,
+        Availability::Offline,
+        Availability::Unknown,
+    ];
+
+    /// The snake_case name used in JSON, config and query strings.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Availability::Available => "available",
+            Availability::AvailableIdle => "available_idle",
+            Availability::Away => "away",
+            Availability::BeRightBack => "be_right_back",
+            Availability::Busy => "busy",
+            Availability::BusyIdle => "busy_idle",
+            Availability::DoNotDisturb => "do_not_disturb",
+            Availability::Offline => "offline",
+            Availability::Unknown => "unknown",
+        }
+    }
+
+    /// Parses a snake_case name (ASCII case-insensitive).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+impl fmt::Display for Availability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Milliseconds since the Unix epoch, UTC. Serialized as RFC 3339 with
+/// millisecond precision (`2026-11-24T10:15:30.123Z`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub i64);
+
+impl Millis {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        Millis(jiff::Timestamp::now().as_millisecond())
+    }
+
+    /// Parses an RFC 3339 timestamp (any offset, any fractional precision).
+    pub fn parse_rfc3339(text: &str) -> Option<Self> {
+        text.parse::<jiff::Timestamp>()
+            .ok()
+            .map(|ts| Millis(ts.as_millisecond()))
+    }
+}
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match jiff::Timestamp::from_millisecond(self.0) {
+            Ok(ts) => write!(f, "{}", ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")),
+            // Out of jiff's range (years beyond ±9999): still print something
+            // a reader can act on rather than failing the whole response.
+            Err(_) => write!(f, "{}ms", self.0),
+        }
+    }
+}
+
+impl Serialize for Millis {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Converts a provider's activity word (`InAMeeting`, `in-a-call`,
+/// `Out Of Office`) to the model's snake_case form (`in_a_meeting`).
+pub fn snake_case(word: &str) -> Cow<'_, str> {
+    let already = word
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if already {
+        return Cow::Borrowed(word);
+    }
+    let mut out = String::with_capacity(word.len() + 4);
+    let chars: Vec<char> = word.chars().collect();
+    for (i, &ch) in chars.iter().enumerate() {
+        if ch == '-' || ch == ' ' || ch == '_' {
+            if !out.is_empty() && !out.ends_with('_') {
+                out.push('_');
+            }
+            continue;
+        }
+        if ch.is_ascii_uppercase() && i > 0 {
+            let prev = chars[i - 1];
+            let next_lower = chars.get(i + 1).is_some_and(|c| c.is_ascii_lowercase());
+            let boundary = prev.is_ascii_lowercase()
+                || prev.is_ascii_digit()
+                || (prev.is_ascii_uppercase() && next_lower);
+            if boundary && !out.ends_with('_') {
+                out.push('_');
+            }
+        }
+        out.push(ch.to_ascii_lowercase());
+    }
+    while out.ends_with('_') {
+        out.pop();
+    }
+    Cow::Owned(out)
+}
+
+/// The state kept for one `(source, principal)`; the key lives in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub availability: Availability,
+    pub activity: Option<Box<str>>,
+    pub status_text: Option<Box<str>>,
+    pub raw_status: Option<Box<str>>,
+    pub observed_at: Millis,
+    pub received_at: Millis,
+    pub seq: u64,
+}
+
+impl Presence {
+    /// Whether a consumer would see a difference between `self` and the
+    /// given content (timestamps and the raw word do not count).
+    pub fn same_content(
+        &self,
+        availability: Availability,
+        activity: Option<&str>,
+        status_text: Option<&str>,
+    ) -> bool {
+        self.availability == availability
+            && self.activity.as_deref() == activity
+            && self.status_text.as_deref() == status_text
+    }
+}
+
+/// One record as consumers see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PresenceRecord {
+    pub source: Arc<str>,
+    pub principal: Arc<str>,
+    pub availability: Availability,
+    pub activity: Option<Box<str>>,
+    pub status_text: Option<Box<str>>,
+    pub raw_status: Option<Box<str>>,
+    pub observed_at: Millis,
+    pub received_at: Millis,
+    pub seq: u64,
+}
+
+impl PresenceRecord {
+    pub fn new(source: &Arc<str>, principal: &Arc<str>, presence: &Presence) -> Self {
+        let p = presence.clone();
+        PresenceRecord {
+            source: Arc::clone(source),
+            principal: Arc::clone(principal),
+            availability: p.availability,
+            activity: p.activity,
+            status_text: p.status_text,
+            raw_status: p.raw_status,
+            observed_at: p.observed_at,
+            received_at: p.received_at,
+            seq: p.seq,
+        }
+    }
+
+    /// The same record with another `seq`.
+    pub fn with_seq(mut self, seq: u64) -> Self {
+        self.seq = seq;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_format_rfc3339_with_milliseconds() {
+        assert_eq!(
+            Millis(1_764_000_930_123).to_string(),
+            "2025-11-24T16:15:30.123Z"
+        );
+        assert_eq!(Millis(0).to_string(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            Millis::parse_rfc3339("2026-11-24T10:15:30.5+01:00"),
+            Some(Millis(1_795_511_730_500))
+        );
+    }
+
+    #[test]
+    fn snake_case_handles_provider_spellings() {
+        assert_eq!(snake_case("InAMeeting"), "in_a_meeting");
+        assert_eq!(snake_case("InACall"), "in_a_call");
+        assert_eq!(snake_case("OutOfOffice"), "out_of_office");
+        assert_eq!(snake_case("in-a-call"), "in_a_call");
+        assert_eq!(snake_case("Out Of Office"), "out_of_office");
+        assert_eq!(snake_case("presenting"), "presenting");
+    }
+
+    #[test]
+    fn availability_names_round_trip() {
+        for a in Availability::ALL {
+            assert_eq!(Availability::from_name(a.as_str()), Some(a));
+            assert_eq!(
+                serde_json::to_value(a).unwrap(),
+                serde_json::Value::String(a.as_str().into())
+            );
+        }
+        assert_eq!(
+            Availability::from_name("Do_Not_Disturb"),
+            Some(Availability::DoNotDisturb)
+        );
+    }
+}

@@ -1,0 +1,447 @@
+//! The in-memory presence store: current presence per `(source, principal)`.
+//!
+//! Each source has a fixed number of shards, each an insertion-ordered map
+//! behind its own `RwLock`, so writers for different principals rarely meet and
+//! pages can be read in a stable order with an O(limit) cursor. Locks are held
+//! only for map operations: never across an `.await`, never while parsing.
+//!
+//! Applying an update decides, in this order: duplicate (provider event id seen
+//! within the dedup window), stale (older `observed_at` than stored), silent
+//! refresh (nothing a consumer sees changed), or change (new `seq`, published
+//! through the [`ChangeLog`]).
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use parking_lot::{Mutex, RwLock};
+
+use super::changes::ChangeLog;
+use super::model::{Availability, Millis, Presence, PresenceRecord};
+use super::PresenceUpdate;
+
+/// Shards per source: a power of two, enough to keep two to a few dozen cores
+/// from queueing on one lock.
+const SHARDS: usize = 16;
+
+/// What applying an update did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// A visible change, published with this `seq`.
+    Changed(u64),
+    /// Same content as stored: `observed_at` refreshed, nothing published.
+    Refreshed,
+    /// The event id was seen within the dedup window.
+    Duplicate,
+    /// Older than what is stored.
+    Stale,
+}
+
+/// Sizing of the store, from `[store]`.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreLimits {
+    pub history: usize,
+    pub dedup_window_ms: i64,
+    pub dedup_capacity: usize,
+}
+
+/// Current presence of every principal of every source.
+pub struct Store {
+    sources: Box<[SourceStore]>,
+    changes: ChangeLog,
+    limits: StoreLimits,
+    /// Keys for shard selection and event-id digests: unpredictable per process,
+    /// so nobody can aim many principals at one shard or forge digest collisions.
+    hash_a: RandomState,
+    hash_b: RandomState,
+}
+
+struct SourceStore {
+    id: Arc<str>,
+    shards: Box<[RwLock<IndexMap<Arc<str>, Presence>>]>,
+    dedup: Mutex<Dedup>,
+}
+
+/// A position in the stable listing order: source (by index), shard, entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub source: usize,
+    pub shard: usize,
+    pub index: usize,
+}
+
+/// One page of records.
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<PresenceRecord>,
+    /// Where the next page starts, or `None` when the listing is complete.
+    pub next: Option<Cursor>,
+}
+
+impl Store {
+    /// A store for the given source ids (their index is the source handle).
+    pub fn new(source_ids: &[Arc<str>], limits: StoreLimits) -> Self {
+        let sources = source_ids
+            .iter()
+            .map(|id| SourceStore {
+                id: Arc::clone(id),
+                shards: (0..SHARDS).map(|_| RwLock::new(IndexMap::new())).collect(),
+                dedup: Mutex::new(Dedup::new(limits.dedup_capacity)),
+            })
+            .collect();
+        Store {
+            sources,
+            changes: ChangeLog::new(limits.history),
+            limits,
+            hash_a: RandomState::new(),
+            hash_b: RandomState::new(),
+        }
+    }
+
+    /// The change log every applied change is published to.
+    pub fn changes(&self) -> &ChangeLog {
+        &self.changes
+    }
+
+    /// Number of sources the store was built for.
+    pub fn source_count(&self) -> usize {
+        self.sources.len()
+    }
+
+    fn shard_of(&self, principal: &str) -> usize {
+        (self.hash_a.hash_one(principal) as usize) & (SHARDS - 1)
+    }
+
+    /// Applies one update for the source with index `source`.
+    ///
+    /// # Panics
+    /// If `source` is not an index given to [`Store::new`] (a programming error).
+    pub fn apply(
+        &self,
+        source: usize,
+        update: &PresenceUpdate<'_>,
+        received_at: Millis,
+    ) -> ApplyOutcome {
+        let src = &self.sources[source];
+        if let Some(event_id) = update.event_id.as_deref() {
+            let digest = (u128::from(self.hash_a.hash_one(event_id)) << 64)
+                | u128::from(self.hash_b.hash_one(event_id));
+            let expires = received_at.0.saturating_add(self.limits.dedup_window_ms);
+            if src.dedup.lock().seen(digest, received_at.0, expires) {
+                return ApplyOutcome::Duplicate;
+            }
+        }
+        let observed_at = update.observed_at.unwrap_or(received_at);
+        let activity = update.activity.as_deref();
+        let status_text = update.status_text.as_deref();
+        let raw_status = update.raw_status.as_deref();
+
+        let mut shard = src.shards[self.shard_of(&update.principal)].write();
+        if let Some((_, key, current)) = shard.get_full_mut(update.principal.as_ref()) {
+            if observed_at < current.observed_at {
+                return ApplyOutcome::Stale;
+            }
+            if current.same_content(update.availability, activity, status_text) {
+                current.observed_at = observed_at;
+                current.received_at = received_at;
+                if current.raw_status.as_deref() != raw_status {
+                    current.raw_status = raw_status.map(Box::from);
+                }
+                return ApplyOutcome::Refreshed;
+            }
+            let key = Arc::clone(key);
+            *current = Presence {
+                availability: update.availability,
+                activity: activity.map(Box::from),
+                status_text: status_text.map(Box::from),
+                raw_status: raw_status.map(Box::from),
+                observed_at,
+                received_at,
+                seq: 0,
+            };
+            let seq = self
+                .changes
+                .commit(|seq| PresenceRecord::new(&src.id, &key, current).with_seq(seq));
+            current.seq = seq;
+            return ApplyOutcome::Changed(seq);
+        }
+        let key: Arc<str> = Arc::from(update.principal.as_ref());
+        let mut presence = Presence {
+            availability: update.availability,
+            activity: activity.map(Box::from),
+            status_text: status_text.map(Box::from),
+            raw_status: raw_status.map(Box::from),
+            observed_at,
+            received_at,
+            seq: 0,
+        };
+        let seq = self
+            .changes
+            .commit(|seq| PresenceRecord::new(&src.id, &key, &presence).with_seq(seq));
+        presence.seq = seq;
+        shard.insert(key, presence);
+        ApplyOutcome::Changed(seq)
+    }
+
+    /// The record of one principal, if any.
+    pub fn get(&self, source: usize, principal: &str) -> Option<PresenceRecord> {
+        let src = self.sources.get(source)?;
+        let shard = src.shards[self.shard_of(principal)].read();
+        let (_, key, presence) = shard.get_full(principal)?;
+        Some(PresenceRecord::new(&src.id, key, presence))
+    }
+
+    /// Number of records of one source.
+    pub fn len(&self, source: usize) -> usize {
+        self.sources
+            .get(source)
+            .map_or(0, |s| s.shards.iter().map(|sh| sh.read().len()).sum())
+    }
+
+    /// Number of records of all sources.
+    pub fn total_len(&self) -> usize {
+        (0..self.sources.len()).map(|s| self.len(s)).sum()
+    }
+
+    /// Whether the store holds no record at all.
+    pub fn is_empty(&self) -> bool {
+        self.total_len() == 0
+    }
+
+    /// Reads up to `limit` records of the given sources (in that order),
+    /// starting at `from`, keeping those `filter` accepts.
+    ///
+    /// The order is stable between pages: records added meanwhile appear at the
+    /// end of their shard and are not skipped.
+    pub fn page(
+        &self,
+        sources: &[usize],
+        from: Option<Cursor>,
+        limit: usize,
+        filter: impl Fn(&Presence) -> bool,
+    ) -> Page {
+        let mut items = Vec::with_capacity(limit.min(1024));
+        let start = from.unwrap_or(Cursor {
+            source: sources.first().copied().unwrap_or(0),
+            shard: 0,
+            index: 0,
+        });
+        let Some(first) = sources.iter().position(|&s| s == start.source) else {
+            return Page { items, next: None };
+        };
+        for (pos, &source) in sources.iter().enumerate().skip(first) {
+            let Some(src) = self.sources.get(source) else {
+                continue;
+            };
+            let first_shard = if pos == first { start.shard } else { 0 };
+            for shard_no in first_shard..SHARDS {
+                let shard = src.shards[shard_no].read();
+                let mut index = if pos == first && shard_no == start.shard {
+                    start.index
+                } else {
+                    0
+                };
+                while let Some((key, presence)) = shard.get_index(index) {
+                    index += 1;
+                    if !filter(presence) {
+                        continue;
+                    }
+                    items.push(PresenceRecord::new(&src.id, key, presence));
+                    if items.len() == limit {
+                        let next = Cursor {
+                            source,
+                            shard: shard_no,
+                            index,
+                        };
+                        drop(shard);
+                        let more = self.has_records_at_or_after(sources, pos, next);
+                        return Page {
+                            items,
+                            next: more.then_some(next),
+                        };
+                    }
+                }
+            }
+        }
+        Page { items, next: None }
+    }
+
+    fn has_records_at_or_after(&self, sources: &[usize], pos: usize, at: Cursor) -> bool {
+        sources.iter().enumerate().skip(pos).any(|(p, &source)| {
+            self.sources.get(source).is_some_and(|src| {
+                src.shards.iter().enumerate().any(|(n, shard)| {
+                    let len = shard.read().len();
+                    match (p == pos, n.cmp(&at.shard)) {
+                        (true, std::cmp::Ordering::Less) => false,
+                        (true, std::cmp::Ordering::Equal) => len > at.index,
+                        _ => len > 0,
+                    }
+                })
+            })
+        })
+    }
+
+    /// Counts records per availability for one source (for metrics).
+    pub fn availability_counts(&self, source: usize) -> [u64; Availability::ALL.len()] {
+        let mut counts = [0u64; Availability::ALL.len()];
+        if let Some(src) = self.sources.get(source) {
+            for shard in src.shards.iter() {
+                for presence in shard.read().values() {
+                    counts[presence.availability as usize] += 1;
+                }
+            }
+        }
+        counts
+    }
+}
+
+/// Event ids seen within the window, by keyed 128-bit digest, oldest first.
+///
+/// Bounded twice: by time (entries expire after the window) and by count
+/// (`capacity`, oldest evicted first), so a burst cannot grow it without limit.
+struct Dedup {
+    seen: HashSet<u128>,
+    order: VecDeque<(i64, u128)>,
+    capacity: usize,
+}
+
+impl Dedup {
+    fn new(capacity: usize) -> Self {
+        Dedup {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records `digest` until `expires`; returns whether it was already there.
+    fn seen(&mut self, digest: u128, now: i64, expires: i64) -> bool {
+        while let Some(&(at, old)) = self.order.front() {
+            if at > now {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&old);
+        }
+        if self.seen.contains(&digest) {
+            return true;
+        }
+        if self.order.len() >= self.capacity {
+            if let Some((_, oldest)) = self.order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+        self.seen.insert(digest);
+        self.order.push_back((expires, digest));
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn limits() -> StoreLimits {
+        StoreLimits {
+            history: 16,
+            dedup_window_ms: 1_000,
+            dedup_capacity: 100,
+        }
+    }
+
+    fn update<'a>(principal: &'a str, availability: Availability, at: i64) -> PresenceUpdate<'a> {
+        PresenceUpdate {
+            principal: Cow::Borrowed(principal),
+            availability,
+            activity: None,
+            status_text: None,
+            raw_status: None,
+            observed_at: Some(Millis(at)),
+            event_id: None,
+        }
+    }
+
+    fn store() -> Store {
+        Store::new(&[Arc::from("a"), Arc::from("b")], limits())
+    }
+
+    #[test]
+    fn applies_refreshes_and_rejects_stale() {
+        let s = store();
+        let now = Millis(10_000);
+        assert_eq!(s.apply(0, &update("p", Availability::Busy, 100), now), ApplyOutcome::Changed(1));
+        assert_eq!(s.apply(0, &update("p", Availability::Busy, 200), now), ApplyOutcome::Refreshed);
+        assert_eq!(s.get(0, "p").unwrap().observed_at, Millis(200));
+        assert_eq!(s.get(0, "p").unwrap().seq, 1);
+        assert_eq!(s.apply(0, &update("p", Availability::Away, 150), now), ApplyOutcome::Stale);
+        assert_eq!(s.get(0, "p").unwrap().availability, Availability::Busy);
+        // Same observed_at, different content: last writer wins.
+        assert_eq!(s.apply(0, &update("p", Availability::Away, 200), now), ApplyOutcome::Changed(2));
+        assert_eq!(s.get(0, "p").unwrap().seq, 2);
+        assert!(s.get(1, "p").is_none());
+        assert_eq!(s.changes().last_seq(), 2);
+    }
+
+    #[test]
+    fn duplicates_are_detected_within_the_window_only() {
+        let s = store();
+        let mut u = update("p", Availability::Busy, 100);
+        u.event_id = Some(Cow::Borrowed("e1"));
+        assert_eq!(s.apply(0, &u, Millis(0)), ApplyOutcome::Changed(1));
+        assert_eq!(s.apply(0, &u, Millis(500)), ApplyOutcome::Duplicate);
+        // Another source has its own ids.
+        assert_eq!(s.apply(1, &u, Millis(500)), ApplyOutcome::Changed(2));
+        // After the window the id is forgotten; the same content is a refresh.
+        assert_eq!(s.apply(0, &u, Millis(1_001)), ApplyOutcome::Refreshed);
+    }
+
+    #[test]
+    fn dedup_capacity_evicts_oldest_first() {
+        let mut d = Dedup::new(2);
+        assert!(!d.seen(1, 0, 100));
+        assert!(!d.seen(2, 0, 100));
+        assert!(!d.seen(3, 0, 100));
+        assert!(!d.seen(1, 0, 100), "1 was evicted to make room");
+        assert!(d.seen(3, 0, 100));
+    }
+
+    #[test]
+    fn pages_are_stable_and_complete() {
+        let s = store();
+        for i in 0..50 {
+            let p = format!("p{i:02}");
+            s.apply(i % 2, &update(&p, Availability::Busy, 1), Millis(0));
+        }
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = s.page(&[0, 1], cursor, 7, |_| true);
+            assert!(page.items.len() <= 7);
+            seen.extend(page.items.iter().map(|r| r.principal.to_string()));
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 50);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 50);
+        let only_b = s.page(&[1], None, 100, |_| true);
+        assert_eq!(only_b.items.len(), 25);
+        assert!(only_b.next.is_none());
+    }
+
+    #[test]
+    fn exact_page_boundary_has_no_next_cursor() {
+        let s = store();
+        for i in 0..4 {
+            s.apply(0, &update(&format!("p{i}"), Availability::Busy, 1), Millis(0));
+        }
+        let page = s.page(&[0], None, 4, |_| true);
+        assert_eq!(page.items.len(), 4);
+        assert!(page.next.is_none());
+    }
+}

@@ -1,0 +1,67 @@
+//! Providers: one module per source kind, turning verified bytes into
+//! [`PresenceUpdate`]s.
+//!
+//! Providers know nothing of HTTP, of the store or of signatures: they get a
+//! [`Verified`] body and return what it means. Field locations and status words
+//! are configurable per source ([`fields`], [`status`]), because several
+//! providers do not document their payloads.
+
+pub mod extract;
+pub mod fields;
+pub mod mitel;
+pub mod status;
+
+use crate::presence::PresenceUpdate;
+use crate::verify::Verified;
+
+pub use fields::{FieldOverrides, Fields};
+pub use status::StatusMap;
+
+/// What one notification meant.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    /// Presence changes it carries.
+    pub updates: Vec<PresenceUpdate<'a>>,
+    /// Events acknowledged but not about presence (other topics or models).
+    pub ignored: u32,
+}
+
+/// Why an authentic body could not be understood. The message is safe to
+/// return to the sender: it names fields and pointers, never secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("body is not UTF-8 text")]
+    NotUtf8,
+    #[error("body is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("expected a JSON {expected}")]
+    Shape { expected: &'static str },
+    #[error("no {field} found at {tried}")]
+    Missing { field: &'static str, tried: String },
+    #[error("{field} at {pointer} is {problem}")]
+    Invalid {
+        field: &'static str,
+        pointer: String,
+        problem: &'static str,
+    },
+}
+
+/// The parser of one source, chosen by its `kind`.
+#[derive(Debug)]
+pub enum Parser {
+    Mitel(mitel::MitelParser),
+}
+
+impl Parser {
+    /// Parses one verified notification body.
+    pub fn parse<'a>(&self, body: Verified<'a>) -> Result<Parsed<'a>, ParseError> {
+        match self {
+            Parser::Mitel(p) => p.parse(body),
+        }
+    }
+}
+
+/// The body as text; every provider here sends JSON, which is UTF-8.
+fn body_text(body: Verified<'_>) -> Result<&str, ParseError> {
+    std::str::from_utf8(body.bytes()).map_err(|_| ParseError::NotUtf8)
+}

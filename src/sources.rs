@@ -1,0 +1,290 @@
+//! The runtime view of the configured sources: how each is verified and
+//! parsed, and its counters.
+//!
+//! Built once from the config; request handlers look a source up by id and
+//! then only read from it and bump atomics, so no lock is taken per request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::HeaderMap;
+use ipnet::IpNet;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::config::{SourceConfig, SourceKind};
+use crate::presence::{ApplyOutcome, Millis};
+use crate::providers::fields::FieldsError;
+use crate::providers::mitel::MitelParser;
+use crate::providers::Parser;
+use crate::verify::{HmacHexVerifier, Verified, VerifyError};
+
+/// Mitel's signature header.
+pub const MITEL_SIGNATURE: &str = "x-notify-signature";
+
+/// Why a webhook request was rejected; one counter each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    MethodNotAllowed,
+    BodyTooLarge,
+    IpNotAllowed,
+    SignatureMissing,
+    SignatureMalformed,
+    SignatureMismatch,
+    SignatureExpired,
+    BadPayload,
+    Overloaded,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 9] = [
+        Rejection::MethodNotAllowed,
+        Rejection::BodyTooLarge,
+        Rejection::IpNotAllowed,
+        Rejection::SignatureMissing,
+        Rejection::SignatureMalformed,
+        Rejection::SignatureMismatch,
+        Rejection::SignatureExpired,
+        Rejection::BadPayload,
+        Rejection::Overloaded,
+    ];
+
+    /// Stable label for metrics and `/v1/sources`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rejection::MethodNotAllowed => "method_not_allowed",
+            Rejection::BodyTooLarge => "body_too_large",
+            Rejection::IpNotAllowed => "ip_not_allowed",
+            Rejection::SignatureMissing => "signature_missing",
+            Rejection::SignatureMalformed => "signature_malformed",
+            Rejection::SignatureMismatch => "signature_mismatch",
+            Rejection::SignatureExpired => "signature_expired",
+            Rejection::BadPayload => "bad_payload",
+            Rejection::Overloaded => "overloaded",
+        }
+    }
+
+    /// The verification failure this rejection stands for, if it is one.
+    pub const fn verify_error(self) -> Option<VerifyError> {
+        match self {
+            Rejection::SignatureMissing => Some(VerifyError::Missing),
+            Rejection::SignatureMalformed => Some(VerifyError::Malformed),
+            Rejection::SignatureMismatch => Some(VerifyError::Mismatch),
+            Rejection::SignatureExpired => Some(VerifyError::Expired),
+            _ => None,
+        }
+    }
+}
+
+impl From<VerifyError> for Rejection {
+    fn from(e: VerifyError) -> Self {
+        match e {
+            VerifyError::Missing => Rejection::SignatureMissing,
+            VerifyError::Malformed => Rejection::SignatureMalformed,
+            VerifyError::Mismatch => Rejection::SignatureMismatch,
+            VerifyError::Expired => Rejection::SignatureExpired,
+        }
+    }
+}
+
+/// Counters of one source. Events are counted once each: `received` equals
+/// `accepted + duplicate + stale + ignored`, and `changed` is the part of
+/// `accepted` that produced a new `seq`.
+#[derive(Debug)]
+pub struct SourceStats {
+    pub requests_accepted: AtomicU64,
+    pub received: AtomicU64,
+    pub accepted: AtomicU64,
+    pub changed: AtomicU64,
+    pub duplicate: AtomicU64,
+    pub stale: AtomicU64,
+    pub ignored: AtomicU64,
+    rejected: [AtomicU64; Rejection::ALL.len()],
+    /// Receive time of the last authentic event, epoch ms; 0 for never.
+    last_event_at: AtomicI64,
+    pub latency: Histogram,
+}
+
+/// Request latency buckets, seconds: 50 µs to 1 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0,
+];
+
+impl Default for SourceStats {
+    fn default() -> Self {
+        SourceStats {
+            requests_accepted: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            changed: AtomicU64::new(0),
+            duplicate: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+            ignored: AtomicU64::new(0),
+            rejected: Default::default(),
+            last_event_at: AtomicI64::new(0),
+            latency: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl SourceStats {
+    /// Counts a rejected request.
+    pub fn reject(&self, why: Rejection) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Rejections for one reason so far.
+    pub fn rejected(&self, why: Rejection) -> u64 {
+        self.rejected[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts the outcome of one applied event.
+    pub fn applied(&self, outcome: ApplyOutcome) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let counter = match outcome {
+            ApplyOutcome::Changed(_) => {
+                self.changed.fetch_add(1, Ordering::Relaxed);
+                &self.accepted
+            }
+            ApplyOutcome::Refreshed => &self.accepted,
+            ApplyOutcome::Duplicate => &self.duplicate,
+            ApplyOutcome::Stale => &self.stale,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts events that were authentic but not about presence.
+    pub fn ignored(&self, count: u32) {
+        self.received.fetch_add(u64::from(count), Ordering::Relaxed);
+        self.ignored.fetch_add(u64::from(count), Ordering::Relaxed);
+    }
+
+    /// Notes that an authentic request arrived at `at`.
+    pub fn touch(&self, at: Millis) {
+        self.requests_accepted.fetch_add(1, Ordering::Relaxed);
+        self.last_event_at.fetch_max(at.0, Ordering::Relaxed);
+    }
+
+    /// When the last authentic request arrived, if ever.
+    pub fn last_event_at(&self) -> Option<Millis> {
+        match self.last_event_at.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Millis(ms)),
+        }
+    }
+}
+
+/// How a source proves authenticity.
+#[derive(Debug)]
+pub enum Verifier {
+    /// Hex HMAC-SHA256 of the body in the named header.
+    HmacHex {
+        header: &'static str,
+        verifier: HmacHexVerifier,
+    },
+}
+
+impl Verifier {
+    /// The header that carries the proof.
+    pub fn header(&self) -> &'static str {
+        match self {
+            Verifier::HmacHex { header, .. } => header,
+        }
+    }
+
+    /// Verifies a request's headers and body.
+    pub fn verify<'a>(&self, headers: &HeaderMap, body: &'a [u8]) -> Result<Verified<'a>, VerifyError> {
+        match self {
+            Verifier::HmacHex { header, verifier } => {
+                verifier.verify(headers.get(*header).map(|v| v.as_bytes()), body)
+            }
+        }
+    }
+}
+
+/// One configured source, ready to receive.
+#[derive(Debug)]
+pub struct Source {
+    pub id: Arc<str>,
+    /// The source's index in the store.
+    pub index: usize,
+    pub kind: SourceKind,
+    pub verifier: Verifier,
+    pub parser: Parser,
+    pub allow_ips: Vec<IpNet>,
+    pub stats: SourceStats,
+}
+
+impl Source {
+    /// Builds the runtime source from its validated config.
+    pub fn new(index: usize, config: &SourceConfig) -> Result<Self, FieldsError> {
+        let (verifier, parser) = match config.kind {
+            SourceKind::Mitel => (
+                Verifier::HmacHex {
+                    header: MITEL_SIGNATURE,
+                    verifier: HmacHexVerifier::new(config.signing_keys.iter().map(|k| k.expose())),
+                },
+                Parser::Mitel(MitelParser::new(&config.fields, config.status_map())?),
+            ),
+        };
+        Ok(Source {
+            id: Arc::from(config.id.as_str()),
+            index,
+            kind: config.kind,
+            verifier,
+            parser,
+            allow_ips: config.allow_ips.clone(),
+            stats: SourceStats::default(),
+        })
+    }
+}
+
+/// All sources, by id and in listing order.
+#[derive(Debug)]
+pub struct Sources {
+    list: Vec<Source>,
+    by_id: HashMap<Arc<str>, usize>,
+    /// Indexes sorted by id: the stable order of listings.
+    sorted: Vec<usize>,
+}
+
+impl Sources {
+    /// Builds every configured source.
+    pub fn new(configs: &[SourceConfig]) -> Result<Self, FieldsError> {
+        let list = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Source::new(i, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let by_id = list.iter().map(|s| (Arc::clone(&s.id), s.index)).collect();
+        let mut sorted: Vec<usize> = (0..list.len()).collect();
+        sorted.sort_by(|&a, &b| list[a].id.cmp(&list[b].id));
+        Ok(Sources { list, by_id, sorted })
+    }
+
+    /// The source with this id.
+    pub fn get(&self, id: &str) -> Option<&Source> {
+        self.by_id.get(id).map(|&i| &self.list[i])
+    }
+
+    /// The source with this store index.
+    pub fn by_index(&self, index: usize) -> Option<&Source> {
+        self.list.get(index)
+    }
+
+    /// Every source, sorted by id.
+    pub fn iter_sorted(&self) -> impl Iterator<Item = &Source> {
+        self.sorted.iter().map(|&i| &self.list[i])
+    }
+
+    /// Store indexes of every source, sorted by id.
+    pub fn sorted_indexes(&self) -> &[usize] {
+        &self.sorted
+    }
+
+    /// The ids, in config order (store index order).
+    pub fn ids(&self) -> Vec<Arc<str>> {
+        self.list.iter().map(|s| Arc::clone(&s.id)).collect()
+    }
+}

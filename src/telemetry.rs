@@ -1,0 +1,234 @@
+//! Metrics and logs.
+//!
+//! Counters live as atomics next to what they count ([`SourceStats`]); this
+//! module only renders them in the Prometheus/OpenMetrics text format when
+//! `/metrics` is scraped, through a `prometheus_client` collector. The hot
+//! path therefore never touches a metrics registry or a label map.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::presence::{Availability, Store};
+use crate::sources::{Rejection, Sources};
+
+/// Counters that belong to no source.
+#[derive(Debug, Default)]
+pub struct GlobalStats {
+    /// Webhook requests for a source id that is not configured.
+    pub unknown_source: AtomicU64,
+    /// Consumer API requests without a valid bearer token.
+    pub consumer_unauthorized: AtomicU64,
+}
+
+/// Renders every metric of the daemon.
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A registry reading the given state on every scrape.
+    pub fn new(sources: Arc<Sources>, store: Arc<Store>, global: Arc<GlobalStats>) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(GatewayCollector {
+            sources,
+            store,
+            global,
+        }));
+        Metrics { registry }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        let mut out = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+struct GatewayCollector {
+    sources: Arc<Sources>,
+    store: Arc<Store>,
+    global: Arc<GlobalStats>,
+}
+
+impl fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GatewayCollector")
+    }
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+impl GatewayCollector {
+    /// One counter family with a `source` label and a second label.
+    fn per_source_counter<'s>(
+        &'s self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        values: impl Fn(&'s crate::sources::Source) -> Vec<(&'static str, u64)>,
+    ) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for source in self.sources.iter_sorted() {
+            for (value, count) in values(source) {
+                let labels = [("source", &*source.id), (label, value)];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        self.per_source_counter(
+            &mut encoder,
+            "presence_gateway_webhook_requests",
+            "Webhook requests by source and outcome.",
+            "outcome",
+            |s| {
+                let rejected = Rejection::ALL.iter().map(|&r| s.stats.rejected(r)).sum();
+                vec![("accepted", load(&s.stats.requests_accepted)), ("rejected", rejected)]
+            },
+        )?;
+        self.per_source_counter(
+            &mut encoder,
+            "presence_gateway_webhook_rejections",
+            "Rejected webhook requests by source and reason.",
+            "reason",
+            |s| Rejection::ALL.iter().map(|&r| (r.as_str(), s.stats.rejected(r))).collect(),
+        )?;
+        self.per_source_counter(
+            &mut encoder,
+            "presence_gateway_verification_failures",
+            "Webhook requests that failed verification, by source and reason.",
+            "reason",
+            |s| {
+                Rejection::ALL
+                    .iter()
+                    .filter_map(|&r| r.verify_error().map(|e| (e.as_str(), s.stats.rejected(r))))
+                    .collect()
+            },
+        )?;
+        self.per_source_counter(
+            &mut encoder,
+            "presence_gateway_events",
+            "Authentic events by source and what the store did with them.",
+            "result",
+            |s| {
+                let st = &s.stats;
+                let changed = load(&st.changed);
+                vec![
+                    ("changed", changed),
+                    ("refreshed", load(&st.accepted).saturating_sub(changed)),
+                    ("duplicate", load(&st.duplicate)),
+                    ("stale", load(&st.stale)),
+                    ("ignored", load(&st.ignored)),
+                ]
+            },
+        )?;
+
+        let mut records = encoder.encode_descriptor(
+            "presence_gateway_store_records",
+            "Presence records held, by source and availability.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for source in self.sources.iter_sorted() {
+            let counts = self.store.availability_counts(source.index);
+            for a in Availability::ALL {
+                let labels = [("source", &*source.id), ("availability", a.as_str())];
+                ConstGauge::new(counts[a as usize] as i64).encode(records.encode_family(&labels)?)?;
+            }
+        }
+
+        let last_seq = encoder.encode_descriptor(
+            "presence_gateway_store_last_seq",
+            "The last sequence number assigned to a change.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.store.changes().last_seq() as i64).encode(last_seq)?;
+
+        let mut last_event = encoder.encode_descriptor(
+            "presence_gateway_last_event_timestamp_seconds",
+            "Unix time of the last authentic request per source (0: never).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for source in self.sources.iter_sorted() {
+            let at = source.stats.last_event_at().map_or(0.0, |m| m.0 as f64 / 1000.0);
+            ConstGauge::new(at).encode(last_event.encode_family(&[("source", &*source.id)])?)?;
+        }
+
+        let mut latency = encoder.encode_descriptor(
+            "presence_gateway_webhook_request_duration_seconds",
+            "Time from routing a webhook request to its answer, by source.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for source in self.sources.iter_sorted() {
+            source
+                .stats
+                .latency
+                .encode(latency.encode_family(&[("source", &*source.id)])?)?;
+        }
+
+        let unknown = encoder.encode_descriptor(
+            "presence_gateway_unknown_source_requests",
+            "Webhook requests for a source id that is not configured.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(load(&self.global.unknown_source)).encode(unknown)?;
+
+        let unauthorized = encoder.encode_descriptor(
+            "presence_gateway_consumer_unauthorized_requests",
+            "Consumer API requests without a valid bearer token.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(load(&self.global.consumer_unauthorized)).encode(unauthorized)?;
+        Ok(())
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the process-wide `tracing` subscriber (filter from `RUST_LOG`,
+/// default `info`). Called by the binary; tests install their own.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // A second initialisation (only possible in tests) keeps the first one.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
