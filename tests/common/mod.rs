@@ -1,0 +1,217 @@
+//! Shared test harness: starts the gateway through the library's `run` on
+//! 127.0.0.1:0 and talks to it over real HTTP.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use presence_gateway::Config;
+use reqwest::header::CONTENT_TYPE;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The Mitel signing key of the fixtures (tests/fixtures/keys.toml).
+pub const MITEL_KEY: &str = "829e823f-f27e-47ee-a101-5d5e9c6266bf";
+/// The consumer token the test configs use.
+pub const TOKEN: &str = "test-consumer-token";
+
+/// A fixture file's text.
+pub fn fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Hex HMAC-SHA256 as Mitel computes it.
+pub fn sign(key: &str, body: &[u8]) -> String {
+    presence_gateway::verify::hmac_hex::sign_hex(key.as_bytes(), body)
+}
+
+/// A config with one Mitel source `mitel` signed with [`MITEL_KEY`] and the
+/// consumer token [`TOKEN`], plus whatever `extra` adds.
+pub fn mitel_config(extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+body_limit_bytes = 4096
+
+[consumers]
+tokens = ["{TOKEN}"]
+
+[[sources]]
+id = "mitel"
+kind = "mitel"
+signing_keys = ["{MITEL_KEY}"]
+{extra}
+"#
+    )
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), presence_gateway::RunError>>>,
+}
+
+impl Gateway {
+    /// Starts a gateway with the given config text.
+    pub async fn start(config: &str) -> Gateway {
+        let config = Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
+            .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(presence_gateway::run(config, listener, shutdown.clone()));
+        Gateway {
+            addr,
+            client: reqwest::Client::new(),
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Posts `body` to `/webhooks/{source}` with the given signature header.
+    pub async fn post_webhook(&self, source: &str, body: impl Into<reqwest::Body>, signature: Option<&str>) -> reqwest::Response {
+        let mut request = self.client.post(self.url(&format!("/webhooks/{source}"))).body(body);
+        if let Some(sig) = signature {
+            request = request.header("x-notify-signature", sig);
+        }
+        request.send().await.expect("webhook request")
+    }
+
+    /// Posts `body` signed with `key`, and asserts 204.
+    pub async fn post_signed(&self, source: &str, key: &str, body: &str) {
+        let response = self.post_webhook(source, body.to_owned(), Some(&sign(key, body.as_bytes()))).await;
+        let status = response.status();
+        assert_eq!(status, 204, "{}", response.text().await.unwrap_or_default());
+    }
+
+    /// GET with the consumer token; returns status and JSON (Null if none).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST JSON with the consumer token.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Everything a rejected request must leave alone: all records, all
+    /// counters of every source, and the last seq.
+    pub async fn snapshot(&self) -> Snapshot {
+        let (_, sources) = self.get("/v1/sources").await;
+        let mut records = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/presence?limit=1000&cursor={c}"),
+                None => "/v1/presence?limit=1000".to_owned(),
+            };
+            let (status, page) = self.get(&path).await;
+            assert_eq!(status, 200);
+            records.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        let metrics = self.client.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let last_seq = metric_value(&metrics, "presence_gateway_store_last_seq");
+        Snapshot { sources, records, last_seq }
+    }
+
+    /// Counter `name` of source `id` in `/v1/sources`.
+    pub async fn counter(&self, id: &str, name: &str) -> u64 {
+        let (_, sources) = self.get("/v1/sources").await;
+        source_counter(&sources, id, name)
+    }
+
+    /// Cancels the shutdown token and waits for `run` to return.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("gateway task").expect("gateway result");
+        }
+    }
+
+    /// The token that stops this gateway.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Takes the task running `run`.
+    pub fn take_task(&mut self) -> JoinHandle<Result<(), presence_gateway::RunError>> {
+        self.task.take().expect("task already taken")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// State that rejected requests must not change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub sources: Value,
+    pub records: Vec<Value>,
+    pub last_seq: Option<f64>,
+}
+
+/// A counter of `/v1/sources` output (`rejected.x` for rejection reasons).
+pub fn source_counter(sources: &Value, id: &str, name: &str) -> u64 {
+    let source = sources["sources"]
+        .as_array()
+        .and_then(|list| list.iter().find(|s| s["id"] == id))
+        .unwrap_or_else(|| panic!("no source {id} in {sources}"));
+    let value = match name.strip_prefix("rejected.") {
+        Some(reason) => &source["counters"]["rejected"][reason],
+        None => &source["counters"][name],
+    };
+    value.as_u64().unwrap_or_else(|| panic!("no counter {name} in {source}"))
+}
+
+/// The value of an unlabelled metric sample, if present.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Asserts a problem document with this status and returns its JSON.
+pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let body: Value = response.json().await.expect("problem JSON");
+    assert_eq!(body["status"], status);
+    assert!(body["type"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    assert!(body["detail"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    body
+}

@@ -1,0 +1,424 @@
+//! Black-box tests of Mitel webhook ingestion: the signed fixture end to end,
+//! key rotation, custom field locations, and every bad input.
+
+mod common;
+
+use common::{assert_problem, fixture, sign, Gateway, MITEL_KEY};
+use serde_json::{json, Value};
+
+const PRINCIPAL: &str = "2f1c9a1e-5a9e-4a57-9d1e-2f6f8f7e9b11";
+
+#[tokio::test]
+async fn signed_fixture_becomes_a_normalized_record() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let body = fixture("mitel-presence.json");
+    let response = gw.post_webhook("mitel", body.clone(), Some(&sign(MITEL_KEY, body.as_bytes()))).await;
+    assert_eq!(response.status(), 204);
+    assert!(response.headers().contains_key("x-request-id"));
+
+    let (status, record) = gw.get(&format!("/v1/presence/mitel/{PRINCIPAL}")).await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["source"], "mitel");
+    assert_eq!(record["principal"], PRINCIPAL);
+    assert_eq!(record["availability"], "busy");
+    assert_eq!(record["activity"], Value::Null);
+    assert_eq!(record["status_text"], "On a call");
+    assert_eq!(record["raw_status"], "Busy");
+    assert_eq!(record["observed_at"], "2025-11-24T16:15:30.123Z");
+    assert_eq!(record["seq"], 1);
+    assert!(record["received_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+
+    assert_eq!(gw.counter("mitel", "received").await, 1);
+    assert_eq!(gw.counter("mitel", "accepted").await, 1);
+    assert_eq!(gw.counter("mitel", "changed").await, 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn uppercase_hex_signature_is_accepted() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let body = fixture("mitel-presence.json");
+    let sig = sign(MITEL_KEY, body.as_bytes()).to_uppercase();
+    assert_eq!(gw.post_webhook("mitel", body, Some(&sig)).await.status(), 204);
+}
+
+#[tokio::test]
+async fn rotated_keys_verify_until_removed() {
+    let old = "old-application-id";
+    let new = "new-application-id";
+    let rotating = format!(
+        r#"
+[[sources]]
+id = "rotating"
+kind = "mitel"
+signing_keys = ["{new}", "{old}"]
+"#
+    );
+    let gw = Gateway::start(&common::mitel_config(&rotating)).await;
+    let body = presence_body("u-rot", "Available", 1_000, "e-1");
+    gw.post_signed("rotating", new, &body).await;
+    let body = presence_body("u-rot", "Away", 2_000, "e-2");
+    gw.post_signed("rotating", old, &body).await;
+    let (_, record) = gw.get("/v1/presence/rotating/u-rot").await;
+    assert_eq!(record["availability"], "away");
+    gw.stop().await;
+
+    // The old key removed from the config: its signatures are rejected.
+    let rotated = format!(
+        r#"
+[[sources]]
+id = "rotating"
+kind = "mitel"
+signing_keys = ["{new}"]
+"#
+    );
+    let gw = Gateway::start(&common::mitel_config(&rotated)).await;
+    let body = presence_body("u-rot", "Busy", 3_000, "e-3");
+    let response = gw.post_webhook("rotating", body.clone(), Some(&sign(old, body.as_bytes()))).await;
+    assert_problem(response, 401).await;
+    assert_eq!(gw.get("/v1/presence/rotating/u-rot").await.0, 404);
+    gw.post_signed("rotating", new, &body).await;
+    assert_eq!(gw.get("/v1/presence/rotating/u-rot").await.1["availability"], "busy");
+}
+
+#[tokio::test]
+async fn custom_field_locations_and_status_map() {
+    let custom = r#"
+[[sources]]
+id = "custom"
+kind = "mitel"
+signing_keys = ["custom-key"]
+[sources.fields]
+principal = "/publisher/principalId"
+status = ["/content/state/code", "/content/presence"]
+activity = "/content/state/activity"
+note = "/content/state/text"
+timestamp = "/notification/createdOn"
+event_id = "/notification/correlationId"
+[sources.status_map]
+OnThePhone = "busy"
+Lunch = "away"
+"#;
+    let gw = Gateway::start(&common::mitel_config(custom)).await;
+    let body = json!({
+        "topic": "platform-api-presence",
+        "subject": "/presentities/ignored",
+        "publisher": {"principalId": "u-custom"},
+        "content": {"state": {"code": "onthephone", "activity": "InAConferenceCall", "text": "with a customer"}},
+        "notification": {"createdOn": "2026-11-24T10:15:30.140Z", "correlationId": "c-1"}
+    })
+    .to_string();
+    gw.post_signed("custom", "custom-key", &body).await;
+    let (status, record) = gw.get("/v1/presence/custom/u-custom").await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["availability"], "busy");
+    assert_eq!(record["raw_status"], "onthephone");
+    assert_eq!(record["activity"], "in_a_conference_call");
+    assert_eq!(record["status_text"], "with a customer");
+    assert_eq!(record["observed_at"], "2026-11-24T10:15:30.140Z");
+
+    // The same correlation id again is a duplicate under the custom event_id.
+    gw.post_signed("custom", "custom-key", &body).await;
+    assert_eq!(gw.counter("custom", "duplicate").await, 1);
+
+    // A word in neither table is unknown, and the raw word is kept.
+    let body = body.replace("onthephone", "Gardening").replace("c-1", "c-2").replace("30.140Z", "31.000Z");
+    gw.post_signed("custom", "custom-key", &body).await;
+    let (_, record) = gw.get("/v1/presence/custom/u-custom").await;
+    assert_eq!(record["availability"], "unknown");
+    assert_eq!(record["raw_status"], "Gardening");
+}
+
+#[tokio::test]
+async fn unchanged_content_refreshes_without_a_new_seq() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Busy", 1_000, "a")).await;
+    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Busy", 2_000, "b")).await;
+    let (_, record) = gw.get("/v1/presence/mitel/u1").await;
+    assert_eq!(record["seq"], 1);
+    assert_eq!(record["observed_at"], "1970-01-01T00:00:02.000Z");
+    assert_eq!(gw.counter("mitel", "accepted").await, 2);
+    assert_eq!(gw.counter("mitel", "changed").await, 1);
+    // Same observed_at, different content: last writer wins.
+    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Away", 2_000, "c")).await;
+    let (_, record) = gw.get("/v1/presence/mitel/u1").await;
+    assert_eq!(record["availability"], "away");
+    assert_eq!(record["seq"], 2);
+}
+
+/// A presence envelope for `principal` with the given status, timestamp and event id.
+fn presence_body(principal: &str, status: &str, timestamp: i64, event_id: &str) -> String {
+    json!({
+        "publicationId": "p",
+        "topic": "platform-api-presence",
+        "method": "PUT",
+        "subject": format!("/presentities/{principal}"),
+        "content": {"eventId": event_id, "timestamp": timestamp, "presence": status, "note": ""},
+    })
+    .to_string()
+}
+
+/// What a bad request sends.
+enum Send {
+    /// This body with this signature header (None: no header).
+    Signed { body: String, signature: Option<String> },
+    /// A body of this size, streamed without Content-Length.
+    Chunked { size: usize },
+    /// A GET instead of a POST.
+    Get,
+    /// To a source that does not exist.
+    UnknownSource,
+}
+
+struct Case {
+    name: &'static str,
+    send: Send,
+    status: u16,
+    /// The `/v1/sources` counter that must grow by one (None: no counter).
+    counter: Option<&'static str>,
+}
+
+fn bad_input_cases() -> Vec<Case> {
+    let body = fixture("mitel-presence.json");
+    let good = sign(MITEL_KEY, body.as_bytes());
+    let signed = |b: &str| Some(sign(MITEL_KEY, b.as_bytes()));
+    let with = |signature: Option<String>| Send::Signed { body: body.clone(), signature };
+    let mut wrong_value = good.clone().into_bytes();
+    wrong_value[10] = if wrong_value[10] == b'a' { b'b' } else { b'a' };
+    let tampered = body.replace("Busy", "Away");
+    let big = format!("{{\"topic\":\"platform-api-presence\",\"pad\":\"{}\"}}", "x".repeat(5000));
+    let invalid_json = "{\"topic\": \"platform-api-presence\",".to_owned();
+    let array = format!("[{body}]");
+    vec![
+        Case { name: "missing header", send: with(None), status: 401, counter: Some("rejected.signature_missing") },
+        Case { name: "empty header", send: with(Some(String::new())), status: 401, counter: Some("rejected.signature_missing") },
+        Case { name: "non-hex", send: with(Some("z".repeat(64))), status: 401, counter: Some("rejected.signature_malformed") },
+        Case { name: "odd length", send: with(Some(good[..63].to_owned())), status: 401, counter: Some("rejected.signature_malformed") },
+        Case { name: "sha256= prefix", send: with(Some(format!("sha256={good}"))), status: 401, counter: Some("rejected.signature_malformed") },
+        // Whitespace around a header value is not part of it (RFC 9110 §5.5), so
+        // only whitespace inside the digest can reach the verifier.
+        Case {
+            name: "whitespace inside",
+            send: with(Some(format!("{} {}", &good[..32], &good[32..]))),
+            status: 401,
+            counter: Some("rejected.signature_malformed"),
+        },
+        Case {
+            name: "base64 digest",
+            send: with(Some("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=".into())),
+            status: 401,
+            counter: Some("rejected.signature_malformed"),
+        },
+        Case {
+            name: "right length wrong value",
+            send: with(Some(String::from_utf8(wrong_value).unwrap())),
+            status: 401,
+            counter: Some("rejected.signature_mismatch"),
+        },
+        Case {
+            name: "signed by another key",
+            send: with(Some(sign("someone-else", body.as_bytes()))),
+            status: 401,
+            counter: Some("rejected.signature_mismatch"),
+        },
+        Case {
+            name: "body changed after signing",
+            send: Send::Signed { body: tampered, signature: Some(good.clone()) },
+            status: 401,
+            counter: Some("rejected.signature_mismatch"),
+        },
+        Case {
+            name: "declared body over the limit",
+            send: Send::Signed { signature: signed(&big), body: big },
+            status: 413,
+            counter: Some("rejected.body_too_large"),
+        },
+        Case { name: "undeclared body over the limit", send: Send::Chunked { size: 5000 }, status: 413, counter: Some("rejected.body_too_large") },
+        Case { name: "unknown source", send: Send::UnknownSource, status: 404, counter: None },
+        Case { name: "GET on the webhook path", send: Send::Get, status: 405, counter: Some("rejected.method_not_allowed") },
+        Case {
+            name: "invalid JSON with a valid signature",
+            send: Send::Signed { signature: signed(&invalid_json), body: invalid_json },
+            status: 400,
+            counter: Some("rejected.bad_payload"),
+        },
+        Case {
+            name: "JSON array with a valid signature",
+            send: Send::Signed { signature: signed(&array), body: array },
+            status: 400,
+            counter: Some("rejected.bad_payload"),
+        },
+    ]
+}
+
+async fn send(gw: &Gateway, send: Send) -> reqwest::Response {
+    match send {
+        Send::Signed { body, signature } => gw.post_webhook("mitel", body, signature.as_deref()).await,
+        Send::Chunked { size } => {
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..size / 500).map(|_| Ok(vec![b' '; 500])).collect();
+            let body = reqwest::Body::wrap_stream(futures_stream(chunks));
+            gw.post_webhook("mitel", body, Some(&"0".repeat(64))).await
+        }
+        Send::Get => gw.client.get(gw.url("/webhooks/mitel")).send().await.expect("GET"),
+        Send::UnknownSource => {
+            let body = fixture("mitel-presence.json");
+            let sig = sign(MITEL_KEY, body.as_bytes());
+            gw.post_webhook("no-such-source", body, Some(&sig)).await
+        }
+    }
+}
+
+/// A stream of ready chunks (reqwest streams need a `Stream`).
+fn futures_stream(
+    chunks: Vec<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + std::marker::Send + Sync + 'static {
+    struct Chunks(std::vec::IntoIter<Result<Vec<u8>, std::io::Error>>);
+    impl futures_core::Stream for Chunks {
+        type Item = Result<Vec<u8>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    Chunks(chunks.into_iter())
+}
+
+/// Increments `counter` in a `/v1/sources` document.
+fn bump(sources: &mut Value, id: &str, counter: &str) {
+    let source = sources["sources"]
+        .as_array_mut()
+        .and_then(|l| l.iter_mut().find(|s| s["id"] == id))
+        .expect("source");
+    let slot = match counter.strip_prefix("rejected.") {
+        Some(reason) => &mut source["counters"]["rejected"][reason],
+        None => &mut source["counters"][counter],
+    };
+    *slot = json!(slot.as_u64().expect("counter") + 1);
+}
+
+#[tokio::test]
+async fn bad_inputs_get_their_status_and_change_nothing_else() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    // Something in the store first, so "unchanged" is not trivially empty.
+    gw.post_signed("mitel", MITEL_KEY, &fixture("mitel-presence.json")).await;
+    for case in bad_input_cases() {
+        let before = gw.snapshot().await;
+        let response = send(&gw, case.send).await;
+        assert_eq!(response.status().as_u16(), case.status, "{}", case.name);
+        let problem = assert_problem(response, case.status).await;
+        let detail = problem["detail"].as_str().unwrap_or("");
+        assert!(!detail.contains(MITEL_KEY), "{}: detail leaks the key", case.name);
+        let after = gw.snapshot().await;
+        let mut expected = before.clone();
+        if let Some(counter) = case.counter {
+            bump(&mut expected.sources, "mitel", counter);
+        }
+        assert_eq!(after.records, before.records, "{}: records changed", case.name);
+        assert_eq!(after.last_seq, before.last_seq, "{}: seq changed", case.name);
+        assert_eq!(after.sources, expected.sources, "{}: counters", case.name);
+    }
+}
+
+#[tokio::test]
+async fn mismatch_detail_never_contains_the_expected_signature() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let body = fixture("mitel-presence.json");
+    let expected = sign(MITEL_KEY, body.as_bytes());
+    let response = gw.post_webhook("mitel", body, Some(&"0".repeat(64))).await;
+    let text = response.text().await.unwrap();
+    assert!(!text.contains(&expected) && !text.contains(&expected.to_uppercase()));
+    assert!(!text.contains(MITEL_KEY));
+}
+
+/// Authentic requests the store does not apply: answered 204, counted, no change.
+#[tokio::test]
+async fn duplicate_stale_and_ignored_events_are_acknowledged_but_not_applied() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let first = presence_body("u1", "Busy", 2_000, "event-1");
+    gw.post_signed("mitel", MITEL_KEY, &first).await;
+    let cases = [
+        ("duplicate (provider retry)", first.clone(), "duplicate"),
+        ("stale (older than stored)", presence_body("u1", "Away", 1_000, "event-0"), "stale"),
+        ("non-presence topic", fixture("mitel-media-call.json"), "ignored"),
+    ];
+    for (name, body, counter) in cases {
+        let before = gw.snapshot().await;
+        gw.post_signed("mitel", MITEL_KEY, &body).await;
+        let after = gw.snapshot().await;
+        assert_eq!(after.records, before.records, "{name}: records changed");
+        assert_eq!(after.last_seq, before.last_seq, "{name}: seq changed");
+        let mut expected = before.sources.clone();
+        bump(&mut expected, "mitel", counter);
+        bump(&mut expected, "mitel", "received");
+        // last_event_at moves for every authentic request.
+        let at = after.sources["sources"][0]["last_event_at"].clone();
+        expected["sources"][0]["last_event_at"] = at;
+        assert_eq!(after.sources, expected, "{name}: counters");
+    }
+    let (_, record) = gw.get("/v1/presence/mitel/u1").await;
+    assert_eq!(record["availability"], "busy");
+}
+
+#[tokio::test]
+async fn content_type_is_not_required() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let body = fixture("mitel-presence.json");
+    let response = gw
+        .client
+        .post(gw.url("/webhooks/mitel"))
+        .header("content-type", "text/plain")
+        .header("x-notify-signature", sign(MITEL_KEY, body.as_bytes()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+}
+
+#[tokio::test]
+async fn allow_ips_rejects_other_callers_before_verification() {
+    let restricted = r#"
+[[sources]]
+id = "restricted"
+kind = "mitel"
+signing_keys = ["k"]
+allow_ips = ["198.51.100.0/24"]
+"#;
+    let gw = Gateway::start(&common::mitel_config(restricted)).await;
+    let body = presence_body("u", "Busy", 1, "e");
+    // Unsigned: 403 still comes first, as the order of checks says.
+    let response = gw.post_webhook("restricted", body, None).await;
+    assert_problem(response, 403).await;
+    assert_eq!(gw.counter("restricted", "rejected.ip_not_allowed").await, 1);
+    assert_eq!(gw.counter("restricted", "rejected.signature_missing").await, 0);
+}
+
+#[tokio::test]
+async fn trusted_proxy_forwarded_address_is_checked_against_allow_ips() {
+    let text = r#"
+[server]
+listen = "127.0.0.1:0"
+trusted_proxies = ["127.0.0.1"]
+
+[[sources]]
+id = "behind-proxy"
+kind = "mitel"
+signing_keys = ["k"]
+allow_ips = ["198.51.100.0/24"]
+"#;
+    let gw = Gateway::start(text).await;
+    let body = presence_body("u", "Busy", 1, "e");
+    let post = |xff: &'static str| {
+        gw.client
+            .post(gw.url("/webhooks/behind-proxy"))
+            .header("x-forwarded-for", xff)
+            .header("x-notify-signature", sign("k", body.as_bytes()))
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(post("198.51.100.20").await.unwrap().status(), 204);
+    // A spoofed left-most hop does not help: the right-most untrusted hop decides.
+    assert_eq!(post("198.51.100.20, 203.0.113.5").await.unwrap().status(), 403);
+}
