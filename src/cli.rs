@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
-use crate::telemetry::{init_logging, LogFormat};
+use crate::telemetry::{LogFormat, init_logging};
 
 /// Receives, verifies and normalizes presence webhooks and serves current presence.
 #[derive(Debug, Parser)]
@@ -61,7 +61,9 @@ pub fn main(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config, cli.log_format),
         Command::CheckConfig => check_config(&cli.config),
-        Command::Healthcheck { addr, timeout } => healthcheck(&cli.config, addr, Duration::from_secs(timeout)),
+        Command::Healthcheck { addr, timeout } => {
+            healthcheck(&cli.config, addr, Duration::from_secs(timeout))
+        }
         Command::Sign { key, file } => sign(&key, file.as_deref()),
     }
 }
@@ -75,7 +77,10 @@ fn serve(path: &Path, format: LogFormat) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -107,7 +112,7 @@ async fn signal_watcher(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {
@@ -133,7 +138,11 @@ fn check_config(path: &Path) -> ExitCode {
                 path.display(),
                 c.sources.len(),
                 if c.sources.len() == 1 { "" } else { "s" },
-                c.sources.iter().map(|s| format!("{} ({})", s.id, s.kind.as_str())).collect::<Vec<_>>().join(", "),
+                c.sources
+                    .iter()
+                    .map(|s| format!("{} ({})", s.id, s.kind.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 c.server.listen
             );
             ExitCode::SUCCESS
@@ -156,7 +165,11 @@ fn probe_addr(path: &Path, addr: Option<String>) -> String {
         .or_else(|| {
             let text = std::fs::read_to_string(path).ok()?;
             let value: toml::Table = toml::from_str(&text).ok()?;
-            value.get("server")?.get("listen")?.as_str().map(str::to_owned)
+            value
+                .get("server")?
+                .get("listen")?
+                .as_str()
+                .map(str::to_owned)
         })
         .unwrap_or_else(|| "0.0.0.0:8080".into());
     match listen.parse::<SocketAddr>() {
@@ -187,16 +200,27 @@ fn probe(addr: &str, timeout: Duration) -> Result<(), String> {
         .next()
         .ok_or("no address")?;
     let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
     let mut head = [0u8; 32];
     let n = stream.read(&mut head).map_err(|e| e.to_string())?;
     let line = String::from_utf8_lossy(&head[..n]);
     if line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200") {
         Ok(())
     } else {
-        Err(format!("unexpected answer: {:?}", line.lines().next().unwrap_or("")))
+        Err(format!(
+            "unexpected answer: {:?}",
+            line.lines().next().unwrap_or("")
+        ))
     }
 }
 
@@ -210,7 +234,10 @@ fn sign(key: &str, file: Option<&Path>) -> ExitCode {
     };
     match body {
         Ok(body) => {
-            println!("{}", crate::verify::hmac_hex::sign_hex(key.as_bytes(), &body));
+            println!(
+                "{}",
+                crate::verify::hmac_hex::sign_hex(key.as_bytes(), &body)
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -305,7 +305,10 @@ impl Config {
         Self::resolve(raw, &lookup)
     }
 
-    fn resolve(raw: RawConfig, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    fn resolve(
+        raw: RawConfig,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         let mut problem = |key: String, message: String| problems.push(Problem { key, message });
 
@@ -331,7 +334,11 @@ impl Config {
                 "must be at most 3600".into(),
             );
         }
-        let trusted_proxies = parse_nets(&raw.server.trusted_proxies, "server.trusted_proxies", &mut problem);
+        let trusted_proxies = parse_nets(
+            &raw.server.trusted_proxies,
+            "server.trusted_proxies",
+            &mut problem,
+        );
 
         if raw.store.history > 10_000_000 {
             problem("store.history".into(), "must be at most 10000000".into());
@@ -345,7 +352,11 @@ impl Config {
             .tokens
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| resolve_secret(t, lookup).map_err(|m| problem(format!("consumers.tokens[{i}]"), m)).ok())
+            .filter_map(|(i, t)| {
+                resolve_secret(t, lookup)
+                    .map_err(|m| problem(format!("consumers.tokens[{i}]"), m))
+                    .ok()
+            })
             .collect();
 
         let mut sources: Vec<SourceConfig> = Vec::with_capacity(raw.sources.len());
@@ -372,7 +383,11 @@ impl Config {
                 .signing_keys
                 .iter()
                 .enumerate()
-                .filter_map(|(i, k)| resolve_secret(k, lookup).map_err(|m| problem(key(&format!("signing_keys[{i}]")), m)).ok())
+                .filter_map(|(i, k)| {
+                    resolve_secret(k, lookup)
+                        .map_err(|m| problem(key(&format!("signing_keys[{i}]")), m))
+                        .ok()
+                })
                 .collect();
             let allow_ips = parse_nets(&s.allow_ips, &key("allow_ips"), &mut problem);
             let status_map = s
@@ -412,7 +427,8 @@ impl Config {
         Ok(Config {
             server: ServerConfig {
                 listen,
-                body_limit_bytes: usize::try_from(raw.server.body_limit_bytes).unwrap_or(usize::MAX),
+                body_limit_bytes: usize::try_from(raw.server.body_limit_bytes)
+                    .unwrap_or(usize::MAX),
                 trusted_proxies,
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
                 max_in_flight: usize::try_from(raw.server.max_in_flight).unwrap_or(usize::MAX),
@@ -457,11 +473,15 @@ fn parse_nets(items: &[String], key: &str, problem: &mut impl FnMut(String, Stri
 
 /// Resolves `env:NAME`, `file:PATH` or a literal. Messages name the variable
 /// or file, never the value.
-fn resolve_secret(reference: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
+fn resolve_secret(
+    reference: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, String> {
     let value = if let Some(name) = reference.strip_prefix("env:") {
         lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?
     } else if let Some(path) = reference.strip_prefix("file:") {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {path}: {e}"))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read secret file {path}: {e}"))?;
         text.strip_suffix('\n')
             .map(|t| t.strip_suffix('\r').unwrap_or(t))
             .unwrap_or(&text)
@@ -480,10 +500,16 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let lookup_env = env.clone();
         Config::parse_with_env(text, Path::new("test.toml"), env, move |name| {
-            lookup_env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            lookup_env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
         })
     }
 
@@ -504,7 +530,10 @@ signing_keys = ["env:KEY", "literal-old-key"]
         assert_eq!(c.sources[0].signing_keys[0].expose(), b"new-key");
         assert_eq!(c.sources[0].signing_keys[1].expose(), b"literal-old-key");
         let shown = format!("{c:?}");
-        assert!(!shown.contains("new-key") && !shown.contains("literal-old-key"), "{shown}");
+        assert!(
+            !shown.contains("new-key") && !shown.contains("literal-old-key"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -540,14 +569,24 @@ signing_keys = ["env:KEY", "literal-old-key"]
 
     #[test]
     fn unknown_keys_are_rejected_with_their_line() {
-        let err = parse("[server]\nlisten = \"0.0.0.0:1\"\nlistn = 3\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("listn") && err.contains("line 3"), "{err}");
-        let err = parse(MINIMAL, &[("KEY", "k"), ("PRESENCE_GATEWAY__SERVER__LISTN", "x")])
+        let err = parse("[server]\nlisten = \"0.0.0.0:1\"\nlistn = 3\n", &[])
             .unwrap_err()
             .to_string();
+        assert!(err.contains("listn") && err.contains("line 3"), "{err}");
+        let err = parse(
+            MINIMAL,
+            &[("KEY", "k"), ("PRESENCE_GATEWAY__SERVER__LISTN", "x")],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("listn"), "{err}");
-        let err = parse("[[sources]]\nid = \"a\"\nkind = \"carrier-pigeon\"\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("carrier-pigeon") && err.contains("line 3"), "{err}");
+        let err = parse("[[sources]]\nid = \"a\"\nkind = \"carrier-pigeon\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("carrier-pigeon") && err.contains("line 3"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -597,7 +636,10 @@ signing_keys = ["k"]
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
         let all = ConfigError::Invalid(problems).to_string();
-        assert!(all.contains("duplicate source id \"a\" (also sources[0])"), "{all}");
+        assert!(
+            all.contains("duplicate source id \"a\" (also sources[0])"),
+            "{all}"
+        );
         assert!(all.contains("MISSING_TOKEN is not set"), "{all}");
     }
 

@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::http::{AppState, StateParts};
-use crate::presence::store::StoreLimits;
 use crate::presence::Store;
+use crate::presence::store::StoreLimits;
 use crate::sources::Sources;
 use crate::telemetry::GlobalStats;
 
@@ -42,13 +42,18 @@ pub enum RunError {
 /// Runs the daemon on `listener` until `shutdown` is cancelled, then drains:
 /// `/readyz` turns 503, the listener closes, in-flight requests get up to
 /// `server.shutdown_grace` to finish, and the function returns.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let sources = Arc::new(Sources::new(&config.sources)?);
     let store = Arc::new(Store::new(
         &sources.ids(),
         StoreLimits {
             history: config.store.history,
-            dedup_window_ms: i64::try_from(config.store.dedup_window.as_millis()).unwrap_or(i64::MAX),
+            dedup_window_ms: i64::try_from(config.store.dedup_window.as_millis())
+                .unwrap_or(i64::MAX),
             dedup_capacity: config.store.dedup_capacity,
         },
     ));
@@ -79,8 +84,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             tracing::info!("shutdown requested: draining");
         }
     };
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(draining);
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(draining);
     state.set_ready(true);
     tracing::info!(
         addr = %local,

@@ -5,8 +5,8 @@
 //! then only read from it and bump atomics, so no lock is taken per request.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use http::HeaderMap;
 use ipnet::IpNet;
@@ -14,9 +14,9 @@ use prometheus_client::metrics::histogram::Histogram;
 
 use crate::config::{SourceConfig, SourceKind};
 use crate::presence::{ApplyOutcome, Millis};
+use crate::providers::Parser;
 use crate::providers::fields::FieldsError;
 use crate::providers::mitel::MitelParser;
-use crate::providers::Parser;
 use crate::verify::{HmacHexVerifier, Verified, VerifyError};
 
 /// Mitel's signature header.
@@ -107,8 +107,8 @@ pub struct SourceStats {
 
 /// Request latency buckets, seconds: 50 µs to 1 s.
 const LATENCY_BUCKETS: [f64; 14] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
 ];
 
 impl Default for SourceStats {
@@ -194,7 +194,11 @@ impl Verifier {
     }
 
     /// Verifies a request's headers and body.
-    pub fn verify<'a>(&self, headers: &HeaderMap, body: &'a [u8]) -> Result<Verified<'a>, VerifyError> {
+    pub fn verify<'a>(
+        &self,
+        headers: &HeaderMap,
+        body: &'a [u8],
+    ) -> Result<Verified<'a>, VerifyError> {
         match self {
             Verifier::HmacHex { header, verifier } => {
                 verifier.verify(headers.get(*header).map(|v| v.as_bytes()), body)
@@ -260,7 +264,11 @@ impl Sources {
         let by_id = list.iter().map(|s| (Arc::clone(&s.id), s.index)).collect();
         let mut sorted: Vec<usize> = (0..list.len()).collect();
         sorted.sort_by(|&a, &b| list[a].id.cmp(&list[b].id));
-        Ok(Sources { list, by_id, sorted })
+        Ok(Sources {
+            list,
+            by_id,
+            sorted,
+        })
     }
 
     /// The source with this id.

@@ -6,14 +6,14 @@
 //! path therefore never touches a metrics registry or a label map.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::presence::{Availability, Store};
@@ -105,7 +105,10 @@ impl Collector for GatewayCollector {
             "outcome",
             |s| {
                 let rejected = Rejection::ALL.iter().map(|&r| s.stats.rejected(r)).sum();
-                vec![("accepted", load(&s.stats.requests_accepted)), ("rejected", rejected)]
+                vec![
+                    ("accepted", load(&s.stats.requests_accepted)),
+                    ("rejected", rejected),
+                ]
             },
         )?;
         self.per_source_counter(
@@ -113,7 +116,12 @@ impl Collector for GatewayCollector {
             "presence_gateway_webhook_rejections",
             "Rejected webhook requests by source and reason.",
             "reason",
-            |s| Rejection::ALL.iter().map(|&r| (r.as_str(), s.stats.rejected(r))).collect(),
+            |s| {
+                Rejection::ALL
+                    .iter()
+                    .map(|&r| (r.as_str(), s.stats.rejected(r)))
+                    .collect()
+            },
         )?;
         self.per_source_counter(
             &mut encoder,
@@ -155,7 +163,8 @@ impl Collector for GatewayCollector {
             let counts = self.store.availability_counts(source.index);
             for a in Availability::ALL {
                 let labels = [("source", &*source.id), ("availability", a.as_str())];
-                ConstGauge::new(counts[a as usize] as i64).encode(records.encode_family(&labels)?)?;
+                ConstGauge::new(counts[a as usize] as i64)
+                    .encode(records.encode_family(&labels)?)?;
             }
         }
 
@@ -174,7 +183,10 @@ impl Collector for GatewayCollector {
             MetricType::Gauge,
         )?;
         for source in self.sources.iter_sorted() {
-            let at = source.stats.last_event_at().map_or(0.0, |m| m.0 as f64 / 1000.0);
+            let at = source
+                .stats
+                .last_event_at()
+                .map_or(0.0, |m| m.0 as f64 / 1000.0);
             ConstGauge::new(at).encode(last_event.encode_family(&[("source", &*source.id)])?)?;
         }
 
@@ -225,7 +237,9 @@ pub enum LogFormat {
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     // A second initialisation (only possible in tests) keeps the first one.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

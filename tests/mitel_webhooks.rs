@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{assert_problem, fixture, sign, Gateway, MITEL_KEY};
-use serde_json::{json, Value};
+use common::{Gateway, MITEL_KEY, assert_problem, fixture, sign};
+use serde_json::{Value, json};
 
 const PRINCIPAL: &str = "2f1c9a1e-5a9e-4a57-9d1e-2f6f8f7e9b11";
 
@@ -12,7 +12,13 @@ const PRINCIPAL: &str = "2f1c9a1e-5a9e-4a57-9d1e-2f6f8f7e9b11";
 async fn signed_fixture_becomes_a_normalized_record() {
     let gw = Gateway::start(&common::mitel_config("")).await;
     let body = fixture("mitel-presence.json");
-    let response = gw.post_webhook("mitel", body.clone(), Some(&sign(MITEL_KEY, body.as_bytes()))).await;
+    let response = gw
+        .post_webhook(
+            "mitel",
+            body.clone(),
+            Some(&sign(MITEL_KEY, body.as_bytes())),
+        )
+        .await;
     assert_eq!(response.status(), 204);
     assert!(response.headers().contains_key("x-request-id"));
 
@@ -26,7 +32,11 @@ async fn signed_fixture_becomes_a_normalized_record() {
     assert_eq!(record["raw_status"], "Busy");
     assert_eq!(record["observed_at"], "2025-11-24T16:15:30.123Z");
     assert_eq!(record["seq"], 1);
-    assert!(record["received_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(
+        record["received_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
 
     assert_eq!(gw.counter("mitel", "received").await, 1);
     assert_eq!(gw.counter("mitel", "accepted").await, 1);
@@ -39,7 +49,10 @@ async fn uppercase_hex_signature_is_accepted() {
     let gw = Gateway::start(&common::mitel_config("")).await;
     let body = fixture("mitel-presence.json");
     let sig = sign(MITEL_KEY, body.as_bytes()).to_uppercase();
-    assert_eq!(gw.post_webhook("mitel", body, Some(&sig)).await.status(), 204);
+    assert_eq!(
+        gw.post_webhook("mitel", body, Some(&sig)).await.status(),
+        204
+    );
 }
 
 #[tokio::test]
@@ -74,11 +87,16 @@ signing_keys = ["{new}"]
     );
     let gw = Gateway::start(&common::mitel_config(&rotated)).await;
     let body = presence_body("u-rot", "Busy", 3_000, "e-3");
-    let response = gw.post_webhook("rotating", body.clone(), Some(&sign(old, body.as_bytes()))).await;
+    let response = gw
+        .post_webhook("rotating", body.clone(), Some(&sign(old, body.as_bytes())))
+        .await;
     assert_problem(response, 401).await;
     assert_eq!(gw.get("/v1/presence/rotating/u-rot").await.0, 404);
     gw.post_signed("rotating", new, &body).await;
-    assert_eq!(gw.get("/v1/presence/rotating/u-rot").await.1["availability"], "busy");
+    assert_eq!(
+        gw.get("/v1/presence/rotating/u-rot").await.1["availability"],
+        "busy"
+    );
 }
 
 #[tokio::test]
@@ -122,7 +140,10 @@ Lunch = "away"
     assert_eq!(gw.counter("custom", "duplicate").await, 1);
 
     // A word in neither table is unknown, and the raw word is kept.
-    let body = body.replace("onthephone", "Gardening").replace("c-1", "c-2").replace("30.140Z", "31.000Z");
+    let body = body
+        .replace("onthephone", "Gardening")
+        .replace("c-1", "c-2")
+        .replace("30.140Z", "31.000Z");
     gw.post_signed("custom", "custom-key", &body).await;
     let (_, record) = gw.get("/v1/presence/custom/u-custom").await;
     assert_eq!(record["availability"], "unknown");
@@ -132,15 +153,18 @@ Lunch = "away"
 #[tokio::test]
 async fn unchanged_content_refreshes_without_a_new_seq() {
     let gw = Gateway::start(&common::mitel_config("")).await;
-    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Busy", 1_000, "a")).await;
-    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Busy", 2_000, "b")).await;
+    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Busy", 1_000, "a"))
+        .await;
+    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Busy", 2_000, "b"))
+        .await;
     let (_, record) = gw.get("/v1/presence/mitel/u1").await;
     assert_eq!(record["seq"], 1);
     assert_eq!(record["observed_at"], "1970-01-01T00:00:02.000Z");
     assert_eq!(gw.counter("mitel", "accepted").await, 2);
     assert_eq!(gw.counter("mitel", "changed").await, 1);
     // Same observed_at, different content: last writer wins.
-    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Away", 2_000, "c")).await;
+    gw.post_signed("mitel", MITEL_KEY, &presence_body("u1", "Away", 2_000, "c"))
+        .await;
     let (_, record) = gw.get("/v1/presence/mitel/u1").await;
     assert_eq!(record["availability"], "away");
     assert_eq!(record["seq"], 2);
@@ -161,7 +185,10 @@ fn presence_body(principal: &str, status: &str, timestamp: i64, event_id: &str) 
 /// What a bad request sends.
 enum Send {
     /// This body with this signature header (None: no header).
-    Signed { body: String, signature: Option<String> },
+    Signed {
+        body: String,
+        signature: Option<String>,
+    },
     /// A body of this size, streamed without Content-Length.
     Chunked { size: usize },
     /// A GET instead of a POST.
@@ -182,19 +209,50 @@ fn bad_input_cases() -> Vec<Case> {
     let body = fixture("mitel-presence.json");
     let good = sign(MITEL_KEY, body.as_bytes());
     let signed = |b: &str| Some(sign(MITEL_KEY, b.as_bytes()));
-    let with = |signature: Option<String>| Send::Signed { body: body.clone(), signature };
+    let with = |signature: Option<String>| Send::Signed {
+        body: body.clone(),
+        signature,
+    };
     let mut wrong_value = good.clone().into_bytes();
     wrong_value[10] = if wrong_value[10] == b'a' { b'b' } else { b'a' };
     let tampered = body.replace("Busy", "Away");
-    let big = format!("{{\"topic\":\"platform-api-presence\",\"pad\":\"{}\"}}", "x".repeat(5000));
+    let big = format!(
+        "{{\"topic\":\"platform-api-presence\",\"pad\":\"{}\"}}",
+        "x".repeat(5000)
+    );
     let invalid_json = "{\"topic\": \"platform-api-presence\",".to_owned();
     let array = format!("[{body}]");
     vec![
-        Case { name: "missing header", send: with(None), status: 401, counter: Some("rejected.signature_missing") },
-        Case { name: "empty header", send: with(Some(String::new())), status: 401, counter: Some("rejected.signature_missing") },
-        Case { name: "non-hex", send: with(Some("z".repeat(64))), status: 401, counter: Some("rejected.signature_malformed") },
-        Case { name: "odd length", send: with(Some(good[..63].to_owned())), status: 401, counter: Some("rejected.signature_malformed") },
-        Case { name: "sha256= prefix", send: with(Some(format!("sha256={good}"))), status: 401, counter: Some("rejected.signature_malformed") },
+        Case {
+            name: "missing header",
+            send: with(None),
+            status: 401,
+            counter: Some("rejected.signature_missing"),
+        },
+        Case {
+            name: "empty header",
+            send: with(Some(String::new())),
+            status: 401,
+            counter: Some("rejected.signature_missing"),
+        },
+        Case {
+            name: "non-hex",
+            send: with(Some("z".repeat(64))),
+            status: 401,
+            counter: Some("rejected.signature_malformed"),
+        },
+        Case {
+            name: "odd length",
+            send: with(Some(good[..63].to_owned())),
+            status: 401,
+            counter: Some("rejected.signature_malformed"),
+        },
+        Case {
+            name: "sha256= prefix",
+            send: with(Some(format!("sha256={good}"))),
+            status: 401,
+            counter: Some("rejected.signature_malformed"),
+        },
         // Whitespace around a header value is not part of it (RFC 9110 §5.5), so
         // only whitespace inside the digest can reach the verifier.
         Case {
@@ -223,28 +281,55 @@ fn bad_input_cases() -> Vec<Case> {
         },
         Case {
             name: "body changed after signing",
-            send: Send::Signed { body: tampered, signature: Some(good.clone()) },
+            send: Send::Signed {
+                body: tampered,
+                signature: Some(good.clone()),
+            },
             status: 401,
             counter: Some("rejected.signature_mismatch"),
         },
         Case {
             name: "declared body over the limit",
-            send: Send::Signed { signature: signed(&big), body: big },
+            send: Send::Signed {
+                signature: signed(&big),
+                body: big,
+            },
             status: 413,
             counter: Some("rejected.body_too_large"),
         },
-        Case { name: "undeclared body over the limit", send: Send::Chunked { size: 5000 }, status: 413, counter: Some("rejected.body_too_large") },
-        Case { name: "unknown source", send: Send::UnknownSource, status: 404, counter: None },
-        Case { name: "GET on the webhook path", send: Send::Get, status: 405, counter: Some("rejected.method_not_allowed") },
+        Case {
+            name: "undeclared body over the limit",
+            send: Send::Chunked { size: 5000 },
+            status: 413,
+            counter: Some("rejected.body_too_large"),
+        },
+        Case {
+            name: "unknown source",
+            send: Send::UnknownSource,
+            status: 404,
+            counter: None,
+        },
+        Case {
+            name: "GET on the webhook path",
+            send: Send::Get,
+            status: 405,
+            counter: Some("rejected.method_not_allowed"),
+        },
         Case {
             name: "invalid JSON with a valid signature",
-            send: Send::Signed { signature: signed(&invalid_json), body: invalid_json },
+            send: Send::Signed {
+                signature: signed(&invalid_json),
+                body: invalid_json,
+            },
             status: 400,
             counter: Some("rejected.bad_payload"),
         },
         Case {
             name: "JSON array with a valid signature",
-            send: Send::Signed { signature: signed(&array), body: array },
+            send: Send::Signed {
+                signature: signed(&array),
+                body: array,
+            },
             status: 400,
             counter: Some("rejected.bad_payload"),
         },
@@ -253,13 +338,21 @@ fn bad_input_cases() -> Vec<Case> {
 
 async fn send(gw: &Gateway, send: Send) -> reqwest::Response {
     match send {
-        Send::Signed { body, signature } => gw.post_webhook("mitel", body, signature.as_deref()).await,
+        Send::Signed { body, signature } => {
+            gw.post_webhook("mitel", body, signature.as_deref()).await
+        }
         Send::Chunked { size } => {
-            let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..size / 500).map(|_| Ok(vec![b' '; 500])).collect();
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                (0..size / 500).map(|_| Ok(vec![b' '; 500])).collect();
             let body = reqwest::Body::wrap_stream(futures_stream(chunks));
             gw.post_webhook("mitel", body, Some(&"0".repeat(64))).await
         }
-        Send::Get => gw.client.get(gw.url("/webhooks/mitel")).send().await.expect("GET"),
+        Send::Get => gw
+            .client
+            .get(gw.url("/webhooks/mitel"))
+            .send()
+            .await
+            .expect("GET"),
         Send::UnknownSource => {
             let body = fixture("mitel-presence.json");
             let sig = sign(MITEL_KEY, body.as_bytes());
@@ -271,7 +364,8 @@ async fn send(gw: &Gateway, send: Send) -> reqwest::Response {
 /// A stream of ready chunks (reqwest streams need a `Stream`).
 fn futures_stream(
     chunks: Vec<Result<Vec<u8>, std::io::Error>>,
-) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + std::marker::Send + Sync + 'static {
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + std::marker::Send + Sync + 'static
+{
     struct Chunks(std::vec::IntoIter<Result<Vec<u8>, std::io::Error>>);
     impl futures_core::Stream for Chunks {
         type Item = Result<Vec<u8>, std::io::Error>;
@@ -302,21 +396,34 @@ fn bump(sources: &mut Value, id: &str, counter: &str) {
 async fn bad_inputs_get_their_status_and_change_nothing_else() {
     let gw = Gateway::start(&common::mitel_config("")).await;
     // Something in the store first, so "unchanged" is not trivially empty.
-    gw.post_signed("mitel", MITEL_KEY, &fixture("mitel-presence.json")).await;
+    gw.post_signed("mitel", MITEL_KEY, &fixture("mitel-presence.json"))
+        .await;
     for case in bad_input_cases() {
         let before = gw.snapshot().await;
         let response = send(&gw, case.send).await;
         assert_eq!(response.status().as_u16(), case.status, "{}", case.name);
         let problem = assert_problem(response, case.status).await;
         let detail = problem["detail"].as_str().unwrap_or("");
-        assert!(!detail.contains(MITEL_KEY), "{}: detail leaks the key", case.name);
+        assert!(
+            !detail.contains(MITEL_KEY),
+            "{}: detail leaks the key",
+            case.name
+        );
         let after = gw.snapshot().await;
         let mut expected = before.clone();
         if let Some(counter) = case.counter {
             bump(&mut expected.sources, "mitel", counter);
         }
-        assert_eq!(after.records, before.records, "{}: records changed", case.name);
-        assert_eq!(after.last_seq, before.last_seq, "{}: seq changed", case.name);
+        assert_eq!(
+            after.records, before.records,
+            "{}: records changed",
+            case.name
+        );
+        assert_eq!(
+            after.last_seq, before.last_seq,
+            "{}: seq changed",
+            case.name
+        );
         assert_eq!(after.sources, expected.sources, "{}: counters", case.name);
     }
 }
@@ -340,8 +447,16 @@ async fn duplicate_stale_and_ignored_events_are_acknowledged_but_not_applied() {
     gw.post_signed("mitel", MITEL_KEY, &first).await;
     let cases = [
         ("duplicate (provider retry)", first.clone(), "duplicate"),
-        ("stale (older than stored)", presence_body("u1", "Away", 1_000, "event-0"), "stale"),
-        ("non-presence topic", fixture("mitel-media-call.json"), "ignored"),
+        (
+            "stale (older than stored)",
+            presence_body("u1", "Away", 1_000, "event-0"),
+            "stale",
+        ),
+        (
+            "non-presence topic",
+            fixture("mitel-media-call.json"),
+            "ignored",
+        ),
     ];
     for (name, body, counter) in cases {
         let before = gw.snapshot().await;
@@ -392,7 +507,10 @@ allow_ips = ["198.51.100.0/24"]
     let response = gw.post_webhook("restricted", body, None).await;
     assert_problem(response, 403).await;
     assert_eq!(gw.counter("restricted", "rejected.ip_not_allowed").await, 1);
-    assert_eq!(gw.counter("restricted", "rejected.signature_missing").await, 0);
+    assert_eq!(
+        gw.counter("restricted", "rejected.signature_missing").await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -420,5 +538,8 @@ allow_ips = ["198.51.100.0/24"]
     };
     assert_eq!(post("198.51.100.20").await.unwrap().status(), 204);
     // A spoofed left-most hop does not help: the right-most untrusted hop decides.
-    assert_eq!(post("198.51.100.20, 203.0.113.5").await.unwrap().status(), 403);
+    assert_eq!(
+        post("198.51.100.20, 203.0.113.5").await.unwrap().status(),
+        403
+    );
 }

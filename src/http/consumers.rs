@@ -3,17 +3,17 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::problem::Problem;
 use super::AppState;
+use super::problem::Problem;
 use crate::presence::{Availability, Cursor, Millis, PresenceRecord};
 use crate::sources::{Rejection, Source};
 
@@ -24,7 +24,11 @@ const MAX_LIMIT: usize = 1000;
 const MAX_QUERY_PRINCIPALS: usize = 1000;
 
 /// Rejects requests without a valid bearer token (when tokens are configured).
-pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     if state.consumer_auth().is_open() {
         return next.run(request).await;
     }
@@ -63,7 +67,11 @@ pub async fn get_one(
         .store()
         .get(src.index, &principal)
         .map(Json)
-        .ok_or_else(|| Problem::not_found(format!("no presence for {principal:?} in source {source:?}")))
+        .ok_or_else(|| {
+            Problem::not_found(format!(
+                "no presence for {principal:?} in source {source:?}"
+            ))
+        })
 }
 
 /// Query of `GET /v1/presence`.
@@ -109,7 +117,10 @@ pub async fn list(
             .ok()
             .filter(|n| (1..=MAX_LIMIT).contains(n))
             .ok_or_else(|| {
-                Problem::bad_request("bad-query", format!("limit must be an integer from 1 to {MAX_LIMIT}"))
+                Problem::bad_request(
+                    "bad-query",
+                    format!("limit must be an integer from 1 to {MAX_LIMIT}"),
+                )
             })?,
     };
     let from = match q.cursor.as_deref() {
@@ -138,9 +149,18 @@ fn decode_cursor(state: &AppState, text: &str, sources: &[usize]) -> Result<Curs
         .map_err(|_| invalid())?;
     let raw = String::from_utf8(raw).map_err(|_| invalid())?;
     let mut parts = raw.rsplitn(3, '/');
-    let index = parts.next().and_then(|s| s.parse().ok()).ok_or_else(invalid)?;
-    let shard = parts.next().and_then(|s| s.parse().ok()).ok_or_else(invalid)?;
-    let source = parts.next().and_then(|id| state.sources().get(id)).ok_or_else(invalid)?;
+    let index = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(invalid)?;
+    let shard = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(invalid)?;
+    let source = parts
+        .next()
+        .and_then(|id| state.sources().get(id))
+        .ok_or_else(invalid)?;
     if !sources.contains(&source.index) {
         return Err(invalid());
     }
@@ -164,7 +184,10 @@ pub struct QueryResult {
 }
 
 /// `POST /v1/presence/query` `{"principals": [...], "source": "..."}`.
-pub async fn query(State(state): State<AppState>, body: Bytes) -> Result<Json<QueryResult>, Problem> {
+pub async fn query(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<QueryResult>, Problem> {
     let q: QueryBody = serde_json::from_slice(&body).map_err(|e| {
         Problem::bad_request(
             "bad-query",
@@ -237,7 +260,10 @@ pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
                     duplicate: st.duplicate.load(Relaxed),
                     stale: st.stale.load(Relaxed),
                     ignored: st.ignored.load(Relaxed),
-                    rejected: Rejection::ALL.iter().map(|&r| (r.as_str(), st.rejected(r))).collect(),
+                    rejected: Rejection::ALL
+                        .iter()
+                        .map(|&r| (r.as_str(), st.rejected(r)))
+                        .collect(),
                 },
                 subscriptions: Vec::new(),
             }

@@ -7,19 +7,21 @@ pub mod ops;
 pub mod problem;
 pub mod webhooks;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use axum::Router;
 use axum::http::{HeaderName, Request};
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
-use axum::Router;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 use crate::config::Secret;
@@ -47,7 +49,10 @@ impl std::fmt::Debug for ConsumerAuth {
 impl ConsumerAuth {
     pub fn new(tokens: &[Secret]) -> Self {
         ConsumerAuth {
-            digests: tokens.iter().map(|t| Sha256::digest(t.expose()).into()).collect(),
+            digests: tokens
+                .iter()
+                .map(|t| Sha256::digest(t.expose()).into())
+                .collect(),
         }
     }
 

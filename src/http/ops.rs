@@ -1,13 +1,13 @@
 //! Operations endpoints: liveness, readiness and metrics.
 
-use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::problem::Problem;
 use super::AppState;
+use super::problem::Problem;
 
 /// The OpenMetrics text media type, which Prometheus negotiates.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -39,5 +39,90 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             tracing::error!(error = %e, "rendering metrics failed");
             Problem::internal().into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use crate::http::{AppState, StateParts, router};
+    use crate::presence::Store;
+    use crate::presence::store::StoreLimits;
+    use crate::sources::Sources;
+
+    fn state() -> AppState {
+        let text = "[[sources]]\nid = \"m\"\nkind = \"mitel\"\nsigning_keys = [\"k\"]\n";
+        let config =
+            crate::Config::parse_with_env(text, std::path::Path::new("t.toml"), Vec::new(), |_| {
+                None
+            })
+            .unwrap();
+        let sources = Arc::new(Sources::new(&config.sources).unwrap());
+        let limits = StoreLimits {
+            history: 0,
+            dedup_window_ms: 0,
+            dedup_capacity: 1,
+        };
+        AppState::new(StateParts {
+            store: Arc::new(Store::new(&sources.ids(), limits)),
+            sources,
+            global: Arc::default(),
+            consumer_tokens: Vec::new(),
+            max_in_flight: 1,
+            body_limit: 1024,
+            trusted_proxies: Vec::new(),
+        })
+    }
+
+    async fn readyz(state: &AppState) -> StatusCode {
+        let request = Request::get("/readyz").body(Body::empty()).unwrap();
+        router(state.clone())
+            .oneshot(request)
+            .await
+            .unwrap()
+            .status()
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_ready_flag() {
+        let state = state();
+        assert_eq!(
+            readyz(&state).await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting"
+        );
+        state.set_ready(true);
+        assert_eq!(readyz(&state).await, StatusCode::OK);
+        state.set_ready(false);
+        assert_eq!(
+            readyz(&state).await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining"
+        );
+    }
+
+    #[tokio::test]
+    async fn overload_is_503_with_retry_after_and_counted() {
+        let state = state();
+        let _held = state.in_flight().try_acquire().unwrap();
+        let mut request = Request::post("/webhooks/m").body(Body::from("{}")).unwrap();
+        let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let response = router(state.clone()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let source = state.sources().get("m").unwrap();
+        assert_eq!(
+            source.stats.rejected(crate::sources::Rejection::Overloaded),
+            1
+        );
+        assert!(state.store().is_empty());
     }
 }

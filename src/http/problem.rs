@@ -4,7 +4,7 @@
 //! expected signature or a token; internal errors get a generic detail and
 //! the cause goes to the log.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -80,7 +80,11 @@ impl Problem {
     }
 
     /// 503 with `Retry-After`.
-    pub fn unavailable(slug: &'static str, detail: impl Into<String>, retry_after_secs: u32) -> Self {
+    pub fn unavailable(
+        slug: &'static str,
+        detail: impl Into<String>,
+        retry_after_secs: u32,
+    ) -> Self {
         let mut p = Self::new(StatusCode::SERVICE_UNAVAILABLE, slug, detail);
         p.retry_after_secs = Some(retry_after_secs);
         p

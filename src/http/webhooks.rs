@@ -11,15 +11,15 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, HeaderMap, Method, Request, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 
+use super::AppState;
 use super::client_addr::client_addr;
 use super::problem::Problem;
-use super::AppState;
 use crate::presence::Millis;
 use crate::sources::{Rejection, Source};
 
@@ -39,7 +39,12 @@ struct Rejected {
 }
 
 impl Rejected {
-    fn new(reason: Rejection, status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+    fn new(
+        reason: Rejection,
+        status: StatusCode,
+        slug: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
         Rejected {
             reason,
             problem: Problem::new(status, slug, detail),
@@ -56,12 +61,18 @@ pub async fn receive(
 ) -> Response {
     let started = Instant::now();
     let Some(source) = state.sources().get(&source_id) else {
-        state.global().unknown_source.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state
+            .global()
+            .unknown_source
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(source = %source_id.escape_debug(), "webhook for unknown source");
         return Problem::not_found(format!("no source with id {:?}", source_id)).into_response();
     };
     let result = handle(&state, source, peer, request).await;
-    source.stats.latency.observe(started.elapsed().as_secs_f64());
+    source
+        .stats
+        .latency
+        .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(response) => response,
         Err(rejected) => {
@@ -216,7 +227,10 @@ async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, Rejected> {
             Rejection::BadPayload,
             StatusCode::REQUEST_TIMEOUT,
             "body-timeout",
-            format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+            format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
         )),
     }
 }
@@ -238,6 +252,9 @@ fn verify_detail(source: &Source, reason: Rejection) -> String {
             format!("the {header} header is not in the expected format")
         }
         Rejection::SignatureExpired => format!("the {header} proof is outside its validity window"),
-        _ => format!("the {header} header does not match any key of source {:?}", &*source.id),
+        _ => format!(
+            "the {header} header does not match any key of source {:?}",
+            &*source.id
+        ),
     }
 }

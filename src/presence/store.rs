@@ -17,9 +17,9 @@ use std::sync::Arc;
 use indexmap::IndexMap;
 use parking_lot::{Mutex, RwLock};
 
+use super::PresenceUpdate;
 use super::changes::ChangeLog;
 use super::model::{Availability, Millis, Presence, PresenceRecord};
-use super::PresenceUpdate;
 
 /// Shards per source: a power of two, enough to keep two to a few dozen cores
 /// from queueing on one lock.
@@ -57,9 +57,12 @@ pub struct Store {
     hash_b: RandomState,
 }
 
+/// One shard: principals in insertion order.
+type Shard = RwLock<IndexMap<Arc<str>, Presence>>;
+
 struct SourceStore {
     id: Arc<str>,
-    shards: Box<[RwLock<IndexMap<Arc<str>, Presence>>]>,
+    shards: Box<[Shard]>,
     dedup: Mutex<Dedup>,
 }
 
@@ -371,14 +374,26 @@ mod tests {
     fn applies_refreshes_and_rejects_stale() {
         let s = store();
         let now = Millis(10_000);
-        assert_eq!(s.apply(0, &update("p", Availability::Busy, 100), now), ApplyOutcome::Changed(1));
-        assert_eq!(s.apply(0, &update("p", Availability::Busy, 200), now), ApplyOutcome::Refreshed);
+        assert_eq!(
+            s.apply(0, &update("p", Availability::Busy, 100), now),
+            ApplyOutcome::Changed(1)
+        );
+        assert_eq!(
+            s.apply(0, &update("p", Availability::Busy, 200), now),
+            ApplyOutcome::Refreshed
+        );
         assert_eq!(s.get(0, "p").unwrap().observed_at, Millis(200));
         assert_eq!(s.get(0, "p").unwrap().seq, 1);
-        assert_eq!(s.apply(0, &update("p", Availability::Away, 150), now), ApplyOutcome::Stale);
+        assert_eq!(
+            s.apply(0, &update("p", Availability::Away, 150), now),
+            ApplyOutcome::Stale
+        );
         assert_eq!(s.get(0, "p").unwrap().availability, Availability::Busy);
         // Same observed_at, different content: last writer wins.
-        assert_eq!(s.apply(0, &update("p", Availability::Away, 200), now), ApplyOutcome::Changed(2));
+        assert_eq!(
+            s.apply(0, &update("p", Availability::Away, 200), now),
+            ApplyOutcome::Changed(2)
+        );
         assert_eq!(s.get(0, "p").unwrap().seq, 2);
         assert!(s.get(1, "p").is_none());
         assert_eq!(s.changes().last_seq(), 2);
@@ -438,7 +453,11 @@ mod tests {
     fn exact_page_boundary_has_no_next_cursor() {
         let s = store();
         for i in 0..4 {
-            s.apply(0, &update(&format!("p{i}"), Availability::Busy, 1), Millis(0));
+            s.apply(
+                0,
+                &update(&format!("p{i}"), Availability::Busy, 1),
+                Millis(0),
+            );
         }
         let page = s.page(&[0], None, 4, |_| true);
         assert_eq!(page.items.len(), 4);

@@ -11,8 +11,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// Most pointers one [`PointerSet`] can hold (the width of its bit masks).
@@ -146,7 +146,9 @@ impl PointerSet {
     }
 
     fn matching_key(&self, mask: u32, depth: usize, key: &str) -> u32 {
-        self.select(mask, |p| p.segments.get(depth).is_some_and(|s| &*s.key == key))
+        self.select(mask, |p| {
+            p.segments.get(depth).is_some_and(|s| &*s.key == key)
+        })
     }
 
     fn matching_index(&self, mask: u32, depth: usize, index: usize) -> u32 {
@@ -400,7 +402,14 @@ mod tests {
 
     #[test]
     fn finds_nested_values_and_array_elements() {
-        let s = set(&["/a/b", "/list/1/x", "/missing", "/a/b/deeper", "/esc~1aped", "/n"]);
+        let s = set(&[
+            "/a/b",
+            "/list/1/x",
+            "/missing",
+            "/a/b/deeper",
+            "/esc~1aped",
+            "/n",
+        ]);
         let json = r#"{"a":{"b":"v\"q"},"list":[{"x":1},{"x":"two"}],"esc/aped":true,"n":null}"#;
         let f = extract(&s, json).unwrap();
         assert_eq!(as_str(f.get(0).unwrap()).unwrap(), "v\"q");
@@ -432,7 +441,10 @@ mod tests {
     fn strings_borrow_unless_escaped() {
         let s = set(&["/a", "/b"]);
         let f = extract(&s, r#"{"a":"plain","b":"t\u00e9"}"#).unwrap();
-        assert!(matches!(as_str(f.get(0).unwrap()), Some(Cow::Borrowed("plain"))));
+        assert!(matches!(
+            as_str(f.get(0).unwrap()),
+            Some(Cow::Borrowed("plain"))
+        ));
         assert_eq!(as_str(f.get(1).unwrap()).unwrap(), "té");
         assert_eq!(as_text(f.get(0).unwrap()).unwrap(), "plain");
     }

@@ -10,9 +10,9 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::ParseError;
 use super::extract::{self, Found, JsonPointer, PointerError, PointerSet, TooManyPointers};
 use super::status::StatusMap;
-use super::ParseError;
 use crate::presence::{Millis, PresenceUpdate};
 
 /// `[sources.fields]`: per-field JSON pointer overrides.
@@ -161,7 +161,9 @@ impl Fields {
                 };
                 converted.map_or(a, Cow::Owned)
             });
-        let status_text = self.text("note", &self.note, found)?.filter(|n| !n.is_empty());
+        let status_text = self
+            .text("note", &self.note, found)?
+            .filter(|n| !n.is_empty());
         let observed_at = match first(found, &self.timestamp) {
             None => None,
             Some((i, raw)) => Some(parse_time(raw).ok_or_else(|| ParseError::Invalid {
@@ -190,11 +192,13 @@ impl Fields {
     ) -> Result<Option<Cow<'de, str>>, ParseError> {
         match first(found, pointers) {
             None => Ok(None),
-            Some((i, raw)) => extract::as_text(raw).map(Some).ok_or_else(|| ParseError::Invalid {
-                field,
-                pointer: self.pointer_text(i),
-                problem: "not a string",
-            }),
+            Some((i, raw)) => extract::as_text(raw)
+                .map(Some)
+                .ok_or_else(|| ParseError::Invalid {
+                    field,
+                    pointer: self.pointer_text(i),
+                    problem: "not a string",
+                }),
         }
     }
 

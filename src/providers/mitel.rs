@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use super::fields::{Defaults, FieldOverrides, Fields, FieldsError};
 use super::status::{BuiltinTable, StatusMap};
-use super::{body_text, ParseError, Parsed};
+use super::{ParseError, Parsed, body_text};
 use crate::presence::Availability;
 use crate::verify::Verified;
 
@@ -20,7 +20,11 @@ pub const PRESENCE_TOPIC: &str = "platform-api-presence";
 /// Default field locations (PROVIDERS.md, Mitel section).
 pub const DEFAULTS: Defaults = Defaults {
     principal: &["/subject", "/content/principalId"],
-    status: &["/content/presence", "/content/availability", "/content/status"],
+    status: &[
+        "/content/presence",
+        "/content/availability",
+        "/content/status",
+    ],
     activity: &["/content/activity"],
     note: &["/content/note", "/content/statusMessage"],
     timestamp: &["/content/timestamp"],
@@ -117,7 +121,11 @@ mod tests {
     const MEDIA: &str = include_str!("../../tests/fixtures/mitel-media-call.json");
 
     fn parser(overrides: FieldOverrides, custom: &[(&str, Availability)]) -> MitelParser {
-        MitelParser::new(&overrides, StatusMap::new(STATUS_WORDS, custom.iter().copied())).unwrap()
+        MitelParser::new(
+            &overrides,
+            StatusMap::new(STATUS_WORDS, custom.iter().copied()),
+        )
+        .unwrap()
     }
 
     fn parse<'a>(p: &MitelParser, body: &'a str) -> Result<Parsed<'a>, ParseError> {
@@ -135,8 +143,14 @@ mod tests {
         assert_eq!(u.status_text.as_deref(), Some("On a call"));
         assert_eq!(u.raw_status.as_deref(), Some("Busy"));
         assert_eq!(u.observed_at, Some(Millis(1_764_000_930_123)));
-        assert_eq!(u.event_id.as_deref(), Some("0b7c2d44-8f1a-4e3b-a6d2-93c1e5f7b208"));
-        assert!(matches!(u.principal, Cow::Borrowed(_)), "no copy of the principal");
+        assert_eq!(
+            u.event_id.as_deref(),
+            Some("0b7c2d44-8f1a-4e3b-a6d2-93c1e5f7b208")
+        );
+        assert!(
+            matches!(u.principal, Cow::Borrowed(_)),
+            "no copy of the principal"
+        );
     }
 
     #[test]
@@ -173,7 +187,10 @@ mod tests {
         assert_eq!(u.principal, "u2");
         assert_eq!(u.availability, Availability::Busy);
         assert_eq!(u.activity.as_deref(), Some("in_a_call"));
-        assert_eq!(u.observed_at, Millis::parse_rfc3339("2026-11-24T10:15:30.140Z"));
+        assert_eq!(
+            u.observed_at,
+            Millis::parse_rfc3339("2026-11-24T10:15:30.140Z")
+        );
     }
 
     #[test]
@@ -184,10 +201,22 @@ mod tests {
             ("{", "not valid JSON"),
             ("nope", "not valid JSON"),
             (r#"{"subject":"/presentities/u"}"#, "no topic"),
-            (r#"{"topic":"platform-api-presence","content":{"presence":"Busy"}}"#, "no principal"),
-            (r#"{"topic":"platform-api-presence","subject":"/presentities/u"}"#, "no status found at /content/presence, /content/availability, /content/status"),
-            (r#"{"topic":"platform-api-presence","subject":"/presentities/u","content":{"presence":"Busy","timestamp":"yesterday"}}"#, "timestamp at /content/timestamp"),
-            (r#"{"topic":"platform-api-presence","subject":"/presentities/u","content":{"presence":{"x":1}}}"#, "status at /content/presence is not a string"),
+            (
+                r#"{"topic":"platform-api-presence","content":{"presence":"Busy"}}"#,
+                "no principal",
+            ),
+            (
+                r#"{"topic":"platform-api-presence","subject":"/presentities/u"}"#,
+                "no status found at /content/presence, /content/availability, /content/status",
+            ),
+            (
+                r#"{"topic":"platform-api-presence","subject":"/presentities/u","content":{"presence":"Busy","timestamp":"yesterday"}}"#,
+                "timestamp at /content/timestamp",
+            ),
+            (
+                r#"{"topic":"platform-api-presence","subject":"/presentities/u","content":{"presence":{"x":1}}}"#,
+                "status at /content/presence is not a string",
+            ),
         ];
         for (body, message) in cases {
             let err = parse(&p, body).unwrap_err().to_string();

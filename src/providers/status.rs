@@ -5,8 +5,8 @@
 //! (`DoNotDisturb`, `do-not-disturb`); anything else is `unknown`, and the
 //! record keeps the raw word. Matching is ASCII case-insensitive.
 
-use crate::presence::model::snake_case;
 use crate::presence::Availability;
+use crate::presence::model::snake_case;
 
 /// A provider's built-in words.
 pub type BuiltinTable = &'static [(&'static str, Availability)];
@@ -33,10 +33,18 @@ impl StatusMap {
     /// The availability a raw word stands for.
     pub fn map(&self, raw: &str) -> Availability {
         let raw = raw.trim();
-        if let Some((_, a)) = self.custom.iter().find(|(k, _)| k.eq_ignore_ascii_case(raw)) {
+        if let Some((_, a)) = self
+            .custom
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(raw))
+        {
             return *a;
         }
-        if let Some((_, a)) = self.builtin.iter().find(|(k, _)| k.eq_ignore_ascii_case(raw)) {
+        if let Some((_, a)) = self
+            .builtin
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(raw))
+        {
             return *a;
         }
         Availability::from_name(&snake_case(raw)).unwrap_or(Availability::Unknown)
@@ -53,10 +61,17 @@ mod tests {
     fn custom_then_builtin_then_model_names() {
         let m = StatusMap::new(
             TABLE,
-            [("OnThePhone", Availability::Busy), ("dnd", Availability::Away)],
+            [
+                ("OnThePhone", Availability::Busy),
+                ("dnd", Availability::Away),
+            ],
         );
         assert_eq!(m.map("onthephone"), Availability::Busy);
-        assert_eq!(m.map("DND"), Availability::Away, "custom overrides built-in");
+        assert_eq!(
+            m.map("DND"),
+            Availability::Away,
+            "custom overrides built-in"
+        );
         assert_eq!(m.map("DoNotDisturb"), Availability::DoNotDisturb);
         assert_eq!(m.map("be-right-back"), Availability::BeRightBack);
         assert_eq!(m.map(" Busy "), Availability::Busy);

@@ -112,14 +112,29 @@ mod tests {
         assert_eq!(v.verify(None, body).unwrap_err(), VerifyError::Missing);
         assert_eq!(v.verify(Some(b""), body).unwrap_err(), VerifyError::Missing);
         let prefixed = format!("sha256={sig}");
-        assert_eq!(v.verify(Some(prefixed.as_bytes()), body).unwrap_err(), VerifyError::Malformed);
+        assert_eq!(
+            v.verify(Some(prefixed.as_bytes()), body).unwrap_err(),
+            VerifyError::Malformed
+        );
         let spaced = format!(" {}", &sig[1..]);
-        assert_eq!(v.verify(Some(spaced.as_bytes()), body).unwrap_err(), VerifyError::Malformed);
-        assert_eq!(v.verify(Some(&sig.as_bytes()[1..]), body).unwrap_err(), VerifyError::Malformed);
+        assert_eq!(
+            v.verify(Some(spaced.as_bytes()), body).unwrap_err(),
+            VerifyError::Malformed
+        );
+        assert_eq!(
+            v.verify(Some(&sig.as_bytes()[1..]), body).unwrap_err(),
+            VerifyError::Malformed
+        );
         let mut wrong = sig.clone().into_bytes();
         wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
-        assert_eq!(v.verify(Some(&wrong), body).unwrap_err(), VerifyError::Mismatch);
-        assert_eq!(v.verify(Some(sig.as_bytes()), b"{ }").unwrap_err(), VerifyError::Mismatch);
+        assert_eq!(
+            v.verify(Some(&wrong), body).unwrap_err(),
+            VerifyError::Mismatch
+        );
+        assert_eq!(
+            v.verify(Some(sig.as_bytes()), b"{ }").unwrap_err(),
+            VerifyError::Mismatch
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub const TOKEN: &str = "test-consumer-token";
 
 /// A fixture file's text.
 pub fn fixture(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -79,8 +81,16 @@ impl Gateway {
     }
 
     /// Posts `body` to `/webhooks/{source}` with the given signature header.
-    pub async fn post_webhook(&self, source: &str, body: impl Into<reqwest::Body>, signature: Option<&str>) -> reqwest::Response {
-        let mut request = self.client.post(self.url(&format!("/webhooks/{source}"))).body(body);
+    pub async fn post_webhook(
+        &self,
+        source: &str,
+        body: impl Into<reqwest::Body>,
+        signature: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url(&format!("/webhooks/{source}")))
+            .body(body);
         if let Some(sig) = signature {
             request = request.header("x-notify-signature", sig);
         }
@@ -89,7 +99,9 @@ impl Gateway {
 
     /// Posts `body` signed with `key`, and asserts 204.
     pub async fn post_signed(&self, source: &str, key: &str, body: &str) {
-        let response = self.post_webhook(source, body.to_owned(), Some(&sign(key, body.as_bytes()))).await;
+        let response = self
+            .post_webhook(source, body.to_owned(), Some(&sign(key, body.as_bytes())))
+            .await;
         let status = response.status();
         assert_eq!(status, 204, "{}", response.text().await.unwrap_or_default());
     }
@@ -140,9 +152,21 @@ impl Gateway {
                 None => break,
             }
         }
-        let metrics = self.client.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let metrics = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
         let last_seq = metric_value(&metrics, "presence_gateway_store_last_seq");
-        Snapshot { sources, records, last_seq }
+        Snapshot {
+            sources,
+            records,
+            last_seq,
+        }
     }
 
     /// Counter `name` of source `id` in `/v1/sources`.
@@ -194,24 +218,45 @@ pub fn source_counter(sources: &Value, id: &str, name: &str) -> u64 {
         Some(reason) => &source["counters"]["rejected"][reason],
         None => &source["counters"][name],
     };
-    value.as_u64().unwrap_or_else(|| panic!("no counter {name} in {source}"))
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {source}"))
 }
 
 /// The value of an unlabelled metric sample, if present.
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Asserts a problem document with this status and returns its JSON.
 pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status().as_u16(), status, "status");
-    let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let content_type = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     assert_eq!(content_type, "application/problem+json");
     let body: Value = response.json().await.expect("problem JSON");
     assert_eq!(body["status"], status);
-    assert!(body["type"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
-    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
-    assert!(body["detail"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    assert!(
+        body["type"].as_str().is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["title"].as_str().is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
     body
 }

@@ -1,0 +1,203 @@
+//! Operations: health, readiness, metrics, request ids, the shipped config
+//! files, and the command-line subcommands.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Gateway, MITEL_KEY, fixture, sign};
+use presence_gateway::Config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_presence-gateway");
+
+fn root(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let response = gw.client.get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let response = gw.client.get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn request_ids_are_generated_or_propagated() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let response = gw.client.get(gw.url("/healthz")).send().await.unwrap();
+    let generated = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(!generated.is_empty());
+    let response = gw.client.get(gw.url("/healthz")).send().await.unwrap();
+    assert_ne!(
+        response.headers()["x-request-id"].to_str().unwrap(),
+        generated
+    );
+    let response = gw
+        .client
+        .get(gw.url("/healthz"))
+        .header("x-request-id", "from-proxy-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "from-proxy-42");
+    // Error answers carry it too.
+    let response = gw
+        .client
+        .post(gw.url("/webhooks/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn metrics_expose_requests_rejections_store_and_latency() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let body = fixture("mitel-presence.json");
+    gw.post_signed("mitel", MITEL_KEY, &body).await;
+    gw.post_webhook("mitel", body.clone(), Some(&"0".repeat(64)))
+        .await;
+    gw.post_webhook("mitel", body.clone(), None).await;
+    gw.post_webhook("unknown", body, None).await;
+
+    let response = gw.client.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text().await.unwrap();
+    for line in [
+        "presence_gateway_webhook_requests_total{source=\"mitel\",outcome=\"accepted\"} 1",
+        "presence_gateway_webhook_requests_total{source=\"mitel\",outcome=\"rejected\"} 2",
+        "presence_gateway_webhook_rejections_total{source=\"mitel\",reason=\"signature_mismatch\"} 1",
+        "presence_gateway_verification_failures_total{source=\"mitel\",reason=\"mismatch\"} 1",
+        "presence_gateway_verification_failures_total{source=\"mitel\",reason=\"missing\"} 1",
+        "presence_gateway_events_total{source=\"mitel\",result=\"changed\"} 1",
+        "presence_gateway_store_records{source=\"mitel\",availability=\"busy\"} 1",
+        "presence_gateway_store_last_seq 1",
+        "presence_gateway_webhook_request_duration_seconds_count{source=\"mitel\"} 3",
+        "presence_gateway_unknown_source_requests_total 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(text.ends_with("# EOF\n"));
+    assert!(!text.contains(MITEL_KEY));
+}
+
+#[test]
+fn shipped_config_files_parse() {
+    // example.toml documents every key; it reads its secrets from the environment.
+    let vars = |name: &str| match name {
+        "PG_CONSUMER_TOKEN" => Some("t".to_owned()),
+        "MITEL_APPLICATION_ID" => Some("k".to_owned()),
+        _ => None,
+    };
+    let example = Config::load_with_env(&root("config/example.toml"), Vec::new(), vars)
+        .expect("example.toml");
+    assert_eq!(example.sources.len(), 1);
+    assert_eq!(example.server.body_limit_bytes, 262_144);
+    // The development default needs nothing at all.
+    let dev = Config::load_with_env(&root("config/presence-gateway.toml"), Vec::new(), |_| None)
+        .expect("dev config");
+    assert_eq!(
+        dev.sources[0].signing_keys[0].expose(),
+        MITEL_KEY.as_bytes()
+    );
+}
+
+#[test]
+fn check_config_accepts_good_files_and_names_bad_keys() {
+    let ok = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(root("config/presence-gateway.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok"));
+
+    let dir = std::env::temp_dir().join(format!("pg-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[sources]]\nid = \"x\"\nkind = \"mitel\"\nsigning_keys = []\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sources[0].signing_keys"), "{stderr}");
+
+    std::fs::write(&bad, "[server]\nlisten = \"0.0.0.0:1\"\nbody_limit = 5\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("body_limit"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_subcommand_probes_healthz() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let addr = gw.addr.to_string();
+    let ok = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["healthcheck", "--addr", &addr])
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(ok.success());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let failed = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["healthcheck", "--timeout", "1", "--addr", &closed_addr])
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!failed.success());
+}
+
+#[test]
+fn sign_subcommand_matches_the_verifier() {
+    let file = root("tests/fixtures/mitel-presence.json");
+    let out = Command::new(BIN)
+        .args(["sign", "--key", MITEL_KEY])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let expected = sign(MITEL_KEY, &std::fs::read(&file).unwrap());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
+}
