@@ -64,6 +64,21 @@ impl Rejection {
         }
     }
 
+    /// The problem `type` suffix (kebab-case) of this rejection.
+    pub const fn slug(self) -> &'static str {
+        match self {
+            Rejection::MethodNotAllowed => "method-not-allowed",
+            Rejection::BodyTooLarge => "body-too-large",
+            Rejection::IpNotAllowed => "ip-not-allowed",
+            Rejection::SignatureMissing => "signature-missing",
+            Rejection::SignatureMalformed => "signature-malformed",
+            Rejection::SignatureMismatch => "signature-mismatch",
+            Rejection::SignatureExpired => "signature-expired",
+            Rejection::BadPayload => "bad-payload",
+            Rejection::Overloaded => "overloaded",
+        }
+    }
+
     /// The verification failure this rejection stands for, if it is one.
     pub const fn verify_error(self) -> Option<VerifyError> {
         match self {

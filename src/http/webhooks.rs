@@ -134,7 +134,7 @@ async fn handle(
         Rejected::new(
             reason,
             StatusCode::UNAUTHORIZED,
-            reason.as_str(),
+            reason.slug(),
             verify_detail(source, reason),
         )
     })?;
