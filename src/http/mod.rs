@@ -219,8 +219,10 @@ pub fn router(state: AppState) -> Router {
                         .get(&REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("");
-                    // The path only: query strings may carry tokens.
-                    tracing::info_span!(
+                    // The path only: query strings may carry tokens. DEBUG so
+                    // that at the default level the hot path builds no span;
+                    // events that matter carry the request id themselves.
+                    tracing::debug_span!(
                         "request",
                         method = %request.method(),
                         path = %request.uri().path(),

@@ -7,7 +7,7 @@
 //! counter. Stale and duplicate events are answered like accepted ones so
 //! that providers do not retry them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -17,9 +17,9 @@ use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 
-use super::AppState;
 use super::client_addr::client_addr;
 use super::problem::Problem;
+use super::{AppState, REQUEST_ID};
 use crate::presence::Millis;
 use crate::sources::{Rejection, Source};
 
@@ -60,15 +60,29 @@ pub async fn receive(
     request: Request<Body>,
 ) -> Response {
     let started = Instant::now();
+    let request_id = request.headers().get(&REQUEST_ID).cloned();
+    let request_id = || {
+        request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
     let Some(source) = state.sources().get(&source_id) else {
         state
             .global()
             .unknown_source
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(source = %source_id.escape_debug(), "webhook for unknown source");
+        tracing::info!(
+            source = %source_id.escape_debug(),
+            request_id = request_id(),
+            "webhook for unknown source"
+        );
         return Problem::not_found(format!("no source with id {:?}", source_id)).into_response();
     };
-    let result = handle(&state, source, peer, request).await;
+    // Derived once: used for allow_ips and for the log line of a rejection.
+    let client = client_addr(peer.ip(), request.headers(), state.trusted_proxies());
+    let result = handle(&state, source, client, request).await;
     source
         .stats
         .latency
@@ -79,6 +93,8 @@ pub async fn receive(
             source.stats.reject(rejected.reason);
             tracing::info!(
                 source = %source.id,
+                request_id = request_id(),
+                client = %client,
                 reason = rejected.reason.as_str(),
                 status = rejected.problem.status().as_u16(),
                 "webhook rejected"
@@ -91,7 +107,7 @@ pub async fn receive(
 async fn handle(
     state: &AppState,
     source: &Source,
-    peer: SocketAddr,
+    client: IpAddr,
     request: Request<Body>,
 ) -> Result<Response, Rejected> {
     if request.method() != Method::POST {
@@ -116,16 +132,13 @@ async fn handle(
         drain(body).await;
         return Err(too_large(limit));
     }
-    if !source.allow_ips.is_empty() {
-        let client = client_addr(peer.ip(), &parts.headers, state.trusted_proxies());
-        if !source.allow_ips.iter().any(|net| net.contains(&client)) {
-            return Err(Rejected::new(
-                Rejection::IpNotAllowed,
-                StatusCode::FORBIDDEN,
-                "ip-not-allowed",
-                format!("{client} is not in this source's allow_ips"),
-            ));
-        }
+    if !source.allow_ips.is_empty() && !source.allow_ips.iter().any(|net| net.contains(&client)) {
+        return Err(Rejected::new(
+            Rejection::IpNotAllowed,
+            StatusCode::FORBIDDEN,
+            "ip-not-allowed",
+            format!("{client} is not in this source's allow_ips"),
+        ));
     }
     let body = read_body(body, limit).await?;
 
