@@ -37,6 +37,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// What `verify` should return for a case.
+type Expected = Result<(), VerifyError>;
+
 fn allocations_during(f: impl FnOnce()) -> usize {
     let before = ALLOCATIONS.with(Cell::get);
     f();
@@ -52,7 +55,7 @@ fn verifier_does_not_allocate_per_request() {
         let good = sign_hex(keys[1].as_bytes(), &body);
         let upper = good.to_uppercase();
         let wrong = "0".repeat(64);
-        let cases: [(Option<&[u8]>, Result<(), VerifyError>); 6] = [
+        let cases: [(Option<&[u8]>, Expected); 6] = [
             (Some(good.as_bytes()), Ok(())),
             (Some(upper.as_bytes()), Ok(())),
             (Some(wrong.as_bytes()), Err(VerifyError::Mismatch)),
