@@ -1,8 +1,11 @@
 //! The in-memory presence store: current presence per `(source, principal)`.
 //!
-//! Each source has a fixed number of shards, each an insertion-ordered map
+//! Each source has a fixed number of shards, each an insertion-ordered table
 //! behind its own `RwLock`, so writers for different principals rarely meet and
-//! pages can be read in a stable order with an O(limit) cursor. Locks are held
+//! pages can be read in a stable order with an O(limit) cursor. A shard is a
+//! `Vec` of entries plus a hash index of `u32` positions: the same idea as an
+//! `IndexMap`, without a stored hash per entry and without reserving entry
+//! space ahead of the index, which keeps a record near 100 bytes. Locks are held
 //! only for map operations: never across an `.await`, never while parsing.
 //!
 //! Applying an update decides, in this order: duplicate (provider event id seen
@@ -14,7 +17,7 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
-use indexmap::IndexMap;
+use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
 use super::PresenceUpdate;
@@ -57,8 +60,38 @@ pub struct Store {
     hash_b: RandomState,
 }
 
-/// One shard: principals in insertion order.
-type Shard = RwLock<IndexMap<Arc<str>, Presence>>;
+/// The principals of one shard, in insertion order.
+#[derive(Default)]
+struct ShardMap {
+    /// Positions in `entries`, by principal hash.
+    index: HashTable<u32>,
+    entries: Vec<(Arc<str>, Presence)>,
+}
+
+impl ShardMap {
+    fn find(&self, hash: u64, principal: &str) -> Option<usize> {
+        self.index
+            .find(hash, |&i| &*self.entries[i as usize].0 == principal)
+            .map(|&i| i as usize)
+    }
+
+    fn push(&mut self, hash: u64, principal: Arc<str>, presence: Presence, hasher: &RandomState) {
+        // u32 positions: four billion principals per shard is not a limit
+        // a single process reaches.
+        let position = self.entries.len() as u32;
+        self.entries.push((principal, presence));
+        let entries = &self.entries;
+        self.index.insert_unique(hash, position, |&i| {
+            hasher.hash_one(&*entries[i as usize].0)
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+type Shard = RwLock<ShardMap>;
 
 struct SourceStore {
     id: Arc<str>,
@@ -89,7 +122,7 @@ impl Store {
             .iter()
             .map(|id| SourceStore {
                 id: Arc::clone(id),
-                shards: (0..SHARDS).map(|_| RwLock::new(IndexMap::new())).collect(),
+                shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
                 dedup: Mutex::new(Dedup::new(limits.dedup_capacity)),
             })
             .collect();
@@ -112,8 +145,11 @@ impl Store {
         self.sources.len()
     }
 
-    fn shard_of(&self, principal: &str) -> usize {
-        (self.hash_a.hash_one(principal) as usize) & (SHARDS - 1)
+    /// The principal's hash and shard. The shard comes from bits 32..36,
+    /// which the hash table uses for neither its bucket nor its tag bits.
+    fn locate(&self, principal: &str) -> (u64, usize) {
+        let hash = self.hash_a.hash_one(principal);
+        (hash, ((hash >> 32) as usize) & (SHARDS - 1))
     }
 
     /// Applies one update for the source with index `source`.
@@ -139,38 +175,8 @@ impl Store {
         let activity = update.activity.as_deref();
         let status_text = update.status_text.as_deref();
         let raw_status = update.raw_status.as_deref();
-
-        let mut shard = src.shards[self.shard_of(&update.principal)].write();
-        if let Some((_, key, current)) = shard.get_full_mut(update.principal.as_ref()) {
-            if observed_at < current.observed_at {
-                return ApplyOutcome::Stale;
-            }
-            if current.same_content(update.availability, activity, status_text) {
-                current.observed_at = observed_at;
-                current.received_at = received_at;
-                if current.raw_status.as_deref() != raw_status {
-                    current.raw_status = raw_status.map(Box::from);
-                }
-                return ApplyOutcome::Refreshed;
-            }
-            let key = Arc::clone(key);
-            *current = Presence {
-                availability: update.availability,
-                activity: activity.map(Box::from),
-                status_text: status_text.map(Box::from),
-                raw_status: raw_status.map(Box::from),
-                observed_at,
-                received_at,
-                seq: 0,
-            };
-            let seq = self
-                .changes
-                .commit(|seq| PresenceRecord::new(&src.id, &key, current).with_seq(seq));
-            current.seq = seq;
-            return ApplyOutcome::Changed(seq);
-        }
-        let key: Arc<str> = Arc::from(update.principal.as_ref());
-        let mut presence = Presence {
+        // Built only once the update is known to change something.
+        let fresh = || Presence {
             availability: update.availability,
             activity: activity.map(Box::from),
             status_text: status_text.map(Box::from),
@@ -179,19 +185,49 @@ impl Store {
             received_at,
             seq: 0,
         };
+
+        let (hash, shard_no) = self.locate(&update.principal);
+        let mut shard = src.shards[shard_no].write();
+        let (key, presence) = match shard.find(hash, &update.principal) {
+            Some(position) => {
+                let (key, current) = &mut shard.entries[position];
+                if observed_at < current.observed_at {
+                    return ApplyOutcome::Stale;
+                }
+                if current.same_content(update.availability, activity, status_text) {
+                    current.observed_at = observed_at;
+                    current.received_at = received_at;
+                    if current.raw_status.as_deref() != raw_status {
+                        current.raw_status = raw_status.map(Box::from);
+                    }
+                    return ApplyOutcome::Refreshed;
+                }
+                *current = fresh();
+                (&*key, current)
+            }
+            None => {
+                let key: Arc<str> = Arc::from(update.principal.as_ref());
+                shard.push(hash, key, fresh(), &self.hash_a);
+                let (key, presence) = shard
+                    .entries
+                    .last_mut()
+                    .unwrap_or_else(|| unreachable!("just pushed"));
+                (&*key, presence)
+            }
+        };
         let seq = self
             .changes
-            .commit(|seq| PresenceRecord::new(&src.id, &key, &presence).with_seq(seq));
+            .commit(|seq| PresenceRecord::new(&src.id, key, presence).with_seq(seq));
         presence.seq = seq;
-        shard.insert(key, presence);
         ApplyOutcome::Changed(seq)
     }
 
     /// The record of one principal, if any.
     pub fn get(&self, source: usize, principal: &str) -> Option<PresenceRecord> {
         let src = self.sources.get(source)?;
-        let shard = src.shards[self.shard_of(principal)].read();
-        let (_, key, presence) = shard.get_full(principal)?;
+        let (hash, shard_no) = self.locate(principal);
+        let shard = src.shards[shard_no].read();
+        let (key, presence) = &shard.entries[shard.find(hash, principal)?];
         Some(PresenceRecord::new(&src.id, key, presence))
     }
 
@@ -245,7 +281,7 @@ impl Store {
                 } else {
                     0
                 };
-                while let Some((key, presence)) = shard.get_index(index) {
+                while let Some((key, presence)) = shard.entries.get(index) {
                     index += 1;
                     if !filter(presence) {
                         continue;
@@ -290,7 +326,7 @@ impl Store {
         let mut counts = [0u64; Availability::ALL.len()];
         if let Some(src) = self.sources.get(source) {
             for shard in src.shards.iter() {
-                for presence in shard.read().values() {
+                for (_, presence) in &shard.read().entries {
                     counts[presence.availability as usize] += 1;
                 }
             }
