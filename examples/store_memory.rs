@@ -7,8 +7,8 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
 
 use presence_gateway::presence::store::StoreLimits;
 use presence_gateway::presence::{Availability, Millis, PresenceUpdate, Store};
@@ -30,7 +30,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -92,7 +95,10 @@ fn main() {
     };
     assert_eq!(store.len(0), n as usize);
     let per = live / n as f64;
-    println!("principals: {n} (ids of {ID_LEN} bytes), records: {}", store.len(0));
+    println!(
+        "principals: {n} (ids of {ID_LEN} bytes), records: {}",
+        store.len(0)
+    );
     println!(
         "allocated: {:.1} MiB = {per:.1} bytes per principal, {:.1} beyond the id's own {ID_LEN} bytes",
         live / 1_048_576.0,

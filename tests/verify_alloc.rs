@@ -69,7 +69,10 @@ fn verifier_does_not_allocate_per_request() {
                 result = Some(verifier.verify(header, &body).map(|_| ()));
             });
             assert_eq!(result, Some(expected), "size {size}");
-            assert_eq!(count, 0, "size {size}, case {expected:?}: {count} allocations");
+            assert_eq!(
+                count, 0,
+                "size {size}, case {expected:?}: {count} allocations"
+            );
         }
     }
     // The counter works: a real allocation is seen.
