@@ -13,7 +13,7 @@
 //! refresh (nothing a consumer sees changed), or change (new `seq`, published
 //! through the [`ChangeLog`]).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
@@ -53,7 +53,6 @@ pub struct StoreLimits {
 pub struct Store {
     sources: Box<[SourceStore]>,
     changes: ChangeLog,
-    limits: StoreLimits,
     /// Keys for shard selection and event-id digests: unpredictable per process,
     /// so nobody can aim many principals at one shard or forge digest collisions.
     hash_a: RandomState,
@@ -123,13 +122,12 @@ impl Store {
             .map(|id| SourceStore {
                 id: Arc::clone(id),
                 shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-                dedup: Mutex::new(Dedup::new(limits.dedup_capacity)),
+                dedup: Mutex::new(Dedup::new(limits.dedup_window_ms, limits.dedup_capacity)),
             })
             .collect();
         Store {
             sources,
             changes: ChangeLog::new(limits.history),
-            limits,
             hash_a: RandomState::new(),
             hash_b: RandomState::new(),
         }
@@ -166,8 +164,7 @@ impl Store {
         if let Some(event_id) = update.event_id.as_deref() {
             let digest = (u128::from(self.hash_a.hash_one(event_id)) << 64)
                 | u128::from(self.hash_b.hash_one(event_id));
-            let expires = received_at.0.saturating_add(self.limits.dedup_window_ms);
-            if src.dedup.lock().seen(digest, received_at.0, expires) {
+            if src.dedup.lock().seen(digest, received_at.0) {
                 return ApplyOutcome::Duplicate;
             }
         }
@@ -335,45 +332,72 @@ impl Store {
     }
 }
 
-/// Event ids seen within the window, by keyed 128-bit digest, oldest first.
+/// Event ids seen recently, by keyed 128-bit digest, in two generations.
 ///
-/// Bounded twice: by time (entries expire after the window) and by count
-/// (`capacity`, oldest evicted first), so a burst cannot grow it without limit.
+/// Ids go into `current`; when it is a window old (or holds half the
+/// capacity) it becomes `previous` and the old `previous` is dropped whole.
+/// An id is therefore remembered for at least one window and at most two,
+/// with no per-entry expiry bookkeeping: one hash probe per generation, and
+/// memory bounded by `capacity` whatever the burst.
 struct Dedup {
-    seen: HashSet<u128>,
-    order: VecDeque<(i64, u128)>,
+    current: HashSet<u128, BuildDigest>,
+    previous: HashSet<u128, BuildDigest>,
+    /// When `current` was started, epoch ms.
+    started: i64,
+    window: i64,
     capacity: usize,
 }
 
 impl Dedup {
-    fn new(capacity: usize) -> Self {
+    fn new(window: i64, capacity: usize) -> Self {
         Dedup {
-            seen: HashSet::new(),
-            order: VecDeque::new(),
-            capacity: capacity.max(1),
+            current: HashSet::default(),
+            previous: HashSet::default(),
+            started: i64::MIN,
+            window: window.max(0),
+            capacity: capacity.max(2),
         }
     }
 
-    /// Records `digest` until `expires`; returns whether it was already there.
-    fn seen(&mut self, digest: u128, now: i64, expires: i64) -> bool {
-        while let Some(&(at, old)) = self.order.front() {
-            if at > now {
-                break;
+    /// Records `digest` seen at `now`; returns whether it was already there.
+    fn seen(&mut self, digest: u128, now: i64) -> bool {
+        let age = now.saturating_sub(self.started);
+        if age >= self.window || self.current.len() >= self.capacity / 2 {
+            let keep_previous = age < self.window.saturating_mul(2);
+            let next =
+                HashSet::with_capacity_and_hasher(self.current.len(), BuildDigest::default());
+            self.previous = std::mem::replace(&mut self.current, next);
+            if !keep_previous {
+                self.previous.clear();
             }
-            self.order.pop_front();
-            self.seen.remove(&old);
+            self.started = now;
         }
-        if self.seen.contains(&digest) {
+        if self.previous.contains(&digest) {
             return true;
         }
-        if self.order.len() >= self.capacity {
-            if let Some((_, oldest)) = self.order.pop_front() {
-                self.seen.remove(&oldest);
-            }
+        !self.current.insert(digest)
+    }
+}
+
+/// The digests are already keyed hashes: use their low bits as they are
+/// instead of hashing them again.
+type BuildDigest = std::hash::BuildHasherDefault<DigestHasher>;
+
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for u128 keys; a plain fold keeps it correct anyway.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
-        self.seen.insert(digest);
-        self.order.push_back((expires, digest));
-        false
+    }
+    fn write_u128(&mut self, value: u128) {
+        self.0 = value as u64;
     }
 }
 
@@ -436,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn duplicates_are_detected_within_the_window_only() {
+    fn duplicates_are_detected_within_the_window() {
         let s = store();
         let mut u = update("p", Availability::Busy, 100);
         u.event_id = Some(Cow::Borrowed("e1"));
@@ -444,18 +468,36 @@ mod tests {
         assert_eq!(s.apply(0, &u, Millis(500)), ApplyOutcome::Duplicate);
         // Another source has its own ids.
         assert_eq!(s.apply(1, &u, Millis(500)), ApplyOutcome::Changed(2));
-        // After the window the id is forgotten; the same content is a refresh.
-        assert_eq!(s.apply(0, &u, Millis(1_001)), ApplyOutcome::Refreshed);
+        // Still remembered at the end of the window.
+        assert_eq!(s.apply(0, &u, Millis(999)), ApplyOutcome::Duplicate);
+        // Two windows later the id is forgotten; the same content is a refresh.
+        assert_eq!(s.apply(0, &u, Millis(2_001)), ApplyOutcome::Refreshed);
     }
 
     #[test]
-    fn dedup_capacity_evicts_oldest_first() {
-        let mut d = Dedup::new(2);
-        assert!(!d.seen(1, 0, 100));
-        assert!(!d.seen(2, 0, 100));
-        assert!(!d.seen(3, 0, 100));
-        assert!(!d.seen(1, 0, 100), "1 was evicted to make room");
-        assert!(d.seen(3, 0, 100));
+    fn dedup_remembers_for_one_to_two_windows() {
+        let mut d = Dedup::new(100, 1_000);
+        assert!(!d.seen(1, 0));
+        assert!(d.seen(1, 99));
+        // Rotated at 100: still remembered (previous generation).
+        assert!(!d.seen(2, 100));
+        assert!(d.seen(1, 150));
+        // Rotated at 200: 1 is dropped with its generation, 2 is kept.
+        assert!(!d.seen(3, 200));
+        assert!(!d.seen(1, 201));
+        assert!(d.seen(2, 202));
+        // A long quiet spell forgets everything.
+        assert!(!d.seen(2, 10_000));
+    }
+
+    #[test]
+    fn dedup_capacity_bounds_memory() {
+        let mut d = Dedup::new(1_000_000, 4);
+        for digest in 0..10u128 {
+            assert!(!d.seen(digest, 0));
+        }
+        assert!(d.current.len() + d.previous.len() <= 4);
+        assert!(d.seen(9, 0), "the newest are kept");
     }
 
     #[test]
