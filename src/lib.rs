@@ -19,6 +19,7 @@ pub mod verify;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::ServiceExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -11,13 +11,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axum::Router;
+use std::convert::Infallible;
+
+use axum::body::Body;
 use axum::http::{HeaderName, Request};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
+use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -174,14 +178,43 @@ impl MakeId {
 
 impl MakeRequestId for MakeId {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        use std::io::Write as _;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:08x}-{:012x}", self.prefix, n);
-        id.parse().ok().map(RequestId::new)
+        // Formatted on the stack: one allocation (the header value) per id.
+        let mut buf = [0u8; 21];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        write!(cursor, "{:08x}-{:012x}", self.prefix, n & 0xffff_ffff_ffff).ok()?;
+        let len = cursor.position() as usize;
+        axum::http::HeaderValue::from_bytes(&buf[..len])
+            .ok()
+            .map(RequestId::new)
     }
 }
 
-/// The whole router with its layers.
-pub fn router(state: AppState) -> Router {
+/// The span of one request: method, path (never the query, which may carry
+/// tokens) and request id. DEBUG, so that at the default level the hot path
+/// builds no span; log events that matter carry the request id themselves.
+fn request_span(request: &Request<Body>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id = %id,
+    )
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    Problem::internal().into_response()
+}
+
+/// The routes, without the cross-cutting layers.
+fn routes(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/presence", get(consumers::list))
         .route("/presence/query", post(consumers::query))
@@ -207,33 +240,36 @@ pub fn router(state: AppState) -> Router {
             .into_response()
         })
         .with_state(state)
-        .layer(CatchPanicLayer::custom(|_| {
-            tracing::error!("request handler panicked");
-            Problem::internal().into_response()
-        }))
+}
+
+/// The whole application: routes wrapped in request ids, tracing and panic
+/// catching.
+///
+/// The layers wrap the router from outside, composed as one static tower
+/// stack, instead of `Router::layer`: that would box the service and the
+/// response body again for every layer on every request, which cost more
+/// than verifying and parsing a webhook.
+pub fn router(
+    state: AppState,
+) -> impl Service<Request<Body>, Response = Response, Error = Infallible, Future: Send>
++ Clone
++ Send
++ Sync
++ 'static {
+    ServiceBuilder::new()
+        .map_response(|response: Response<_>| response.map(Body::new))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeId::new()))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|request: &Request<_>| {
-                    let id = request
-                        .headers()
-                        .get(&REQUEST_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    // The path only: query strings may carry tokens. DEBUG so
-                    // that at the default level the hot path builds no span;
-                    // events that matter carry the request id themselves.
-                    tracing::debug_span!(
-                        "request",
-                        method = %request.method(),
-                        path = %request.uri().path(),
-                        request_id = %id,
-                    )
-                })
+                .make_span_with(request_span as fn(&Request<Body>) -> tracing::Span)
                 .on_request(())
                 .on_response(
                     tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG),
                 ),
         )
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeId::new()))
+        .layer(CatchPanicLayer::custom(
+            panic_response as fn(Box<dyn std::any::Any + Send + 'static>) -> Response,
+        ))
+        .service(routes(state))
 }
