@@ -135,7 +135,8 @@ fn envelope(n: u64, principals: u64) -> String {
             r#"{{"publicationId":"{n:08x}-2f7d-4d0a-9b43-5f2e8c1d7a10","topic":"platform-api-presence","method":"PUT","#,
             r#""subject":"/presentities/{principal}","content":{{"eventId":"{n:08x}-8f1a-4e3b-a6d2-93c1e5f7b208","#,
             r#""timestamp":{ts},"presence":"{status}","note":""}},"publisher":{{"accountId":"acc-10042"}},"#,
-            r#""subscription":{{"subscriptionId":"5c2e7a90-1d3f-4b8e-8c6a-7e9f0a1b2c3d"}}}}"#
+            r#""subscription":{{"subscriptionId":"5c2e7a90-1d3f-4b8e-8c6a-7e9f0a1b2c3d"}},"#,
+            r#""notification":{{"createdOn":"2026-11-24T10:15:30.140Z"}}}}"#
         ),
         n = n,
         principal = principal,

@@ -100,37 +100,13 @@ signing_keys = ["k"]
 #[tokio::test]
 async fn unknown_principal_or_source_is_404() {
     let gw = gateway_with(1).await;
-    let response = gw
-        .client
-        .get(gw.url("/v1/presence/mitel/nobody"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.get_raw("/v1/presence/mitel/nobody").await;
     assert_problem(response, 404).await;
-    let response = gw
-        .client
-        .get(gw.url("/v1/presence/nosource/user-000"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.get_raw("/v1/presence/nosource/user-000").await;
     assert_problem(response, 404).await;
-    let response = gw
-        .client
-        .get(gw.url("/v1/presence?source=nosource"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.get_raw("/v1/presence?source=nosource").await;
     assert_problem(response, 404).await;
-    let response = gw
-        .client
-        .get(gw.url("/v1/nothing-here"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.get_raw("/v1/nothing-here").await;
     assert_problem(response, 404).await;
 }
 
@@ -221,25 +197,15 @@ async fn bad_list_parameters_are_400() {
         "cursor=bm9wZQ",
         "colour=red",
     ] {
-        let response = gw
-            .client
-            .get(gw.url(&format!("/v1/presence?{query}")))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.get_raw(&format!("/v1/presence?{query}")).await;
         assert_problem(response, 400).await;
     }
     // A cursor of another listing (another source) is refused too.
     let (_, page) = gw.get("/v1/presence?source=mitel&limit=1").await;
     let cursor = page["next_cursor"].as_str().unwrap();
     let response = gw
-        .client
-        .get(gw.url(&format!("/v1/presence?source=other&cursor={cursor}")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+        .get_raw(&format!("/v1/presence?source=other&cursor={cursor}"))
+        .await;
     assert_problem(response, 400).await;
 }
 

@@ -178,16 +178,24 @@ impl MakeId {
 
 impl MakeRequestId for MakeId {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        use std::io::Write as _;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        // Formatted on the stack: one allocation (the header value) per id.
-        let mut buf = [0u8; 21];
-        let mut cursor = std::io::Cursor::new(&mut buf[..]);
-        write!(cursor, "{:08x}-{:012x}", self.prefix, n & 0xffff_ffff_ffff).ok()?;
-        let len = cursor.position() as usize;
-        axum::http::HeaderValue::from_bytes(&buf[..len])
+        // `pppppppp-nnnnnnnnnnnn`, hex, built on the stack (this runs for
+        // every request; `format!` cost more than the rest of the layer).
+        let mut buf = [b'-'; 21];
+        write_hex(&mut buf[..8], u64::from(self.prefix));
+        write_hex(&mut buf[9..], n);
+        axum::http::HeaderValue::from_bytes(&buf)
             .ok()
             .map(RequestId::new)
+    }
+}
+
+/// Writes the low `out.len()` hex digits of `value` into `out`.
+fn write_hex(out: &mut [u8], mut value: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
     }
 }
 
@@ -272,4 +280,28 @@ pub fn router(
             panic_response as fn(Box<dyn std::any::Any + Send + 'static>) -> Response,
         ))
         .service(routes(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_fixed_width_hex_and_unique() {
+        let mut make = MakeId::new();
+        let request = Request::new(());
+        let a = make.make_request_id(&request).unwrap();
+        let b = make.make_request_id(&request).unwrap();
+        let a = a.header_value().to_str().unwrap().to_owned();
+        let b = b.header_value().to_str().unwrap();
+        assert_eq!(a.len(), 21);
+        assert_eq!(&a[8..9], "-");
+        assert!(
+            a.bytes()
+                .enumerate()
+                .all(|(i, c)| i == 8 || c.is_ascii_hexdigit())
+        );
+        assert_ne!(a, b);
+        assert!(a.ends_with("000000000000") && b.ends_with("000000000001"));
+    }
 }

@@ -106,15 +106,19 @@ impl Gateway {
         assert_eq!(status, 204, "{}", response.text().await.unwrap_or_default());
     }
 
-    /// GET with the consumer token; returns status and JSON (Null if none).
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
+    /// GET with the consumer token; the raw response.
+    pub async fn get_raw(&self, path: &str) -> reqwest::Response {
+        self.client
             .get(self.url(path))
             .bearer_auth(TOKEN)
             .send()
             .await
-            .expect("GET");
+            .expect("GET")
+    }
+
+    /// GET with the consumer token; returns status and JSON (Null if none).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.get_raw(path).await;
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
