@@ -7,7 +7,9 @@
 //! counter. Stale and duplicate events are answered like accepted ones so
 //! that providers do not retry them.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -224,7 +226,18 @@ async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, Rejected> {
         }
         Ok(first.unwrap_or_else(|| Bytes::from(joined)))
     };
-    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+    // A webhook body usually arrives with the headers, so the first poll
+    // completes it; only a body still in transit gets a timer (registering
+    // one per request is measurable on the hot path).
+    let outcome = {
+        let mut read = std::pin::pin!(read);
+        let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        match first {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => tokio::time::timeout(BODY_TIMEOUT, read).await,
+        }
+    };
+    match outcome {
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(ReadError::TooLarge)) => {
             drain(body).await;
