@@ -4,7 +4,7 @@
 //! Loading happens in three steps. The file is parsed strictly with `toml`
 //! first, so syntax errors, unknown keys and wrong types are reported with
 //! their line. Then the `config` crate layers `PRESENCE_GATEWAY__SECTION__KEY`
-//! environment variables over it. Finally [`Config::resolve`] resolves secret
+//! environment variables over it. Finally `Config::resolve` resolves secret
 //! references (`env:NAME`, `file:PATH`, literal) once, into [`Secret`]s, and
 //! checks every value, collecting all problems rather than stopping at the
 //! first. Nothing here logs, and no error message contains a secret's value.

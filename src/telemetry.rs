@@ -1,6 +1,7 @@
 //! Metrics and logs.
 //!
-//! Counters live as atomics next to what they count ([`SourceStats`]); this
+//! Counters live as atomics next to what they count
+//! ([`SourceStats`](crate::sources::SourceStats)); this
 //! module only renders them in the Prometheus/OpenMetrics text format when
 //! `/metrics` is scraped, through a `prometheus_client` collector. The hot
 //! path therefore never touches a metrics registry or a label map.
