@@ -3,17 +3,18 @@
 //!
 //! Provider field locations are partly undocumented, so every field is a list
 //! of configurable pointers. Building a `serde_json::Value` tree for each
-//! webhook would allocate for every key of the payload; instead this walks the
-//! document once, descends only into keys some pointer needs, skips the rest
-//! with `IgnoredAny`, and returns the wanted values as borrowed `&RawValue`s.
-//! The whole document is still validated as JSON.
+//! webhook would allocate for every key of the payload; instead a small
+//! validating scanner walks the bytes once, descends only into keys some
+//! pointer needs, skips the rest, and returns the wanted values as borrowed
+//! slices of JSON text ([`Raw`]). The whole document is still validated
+//! (RFC 8259 grammar, nesting at most 128 deep, like serde_json); when it is
+//! not valid, serde_json is asked for the error message. The scanner never
+//! allocates. Property tests check it against serde_json.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::value::RawValue;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, Visitor};
 
 /// Most pointers one [`PointerSet`] can hold (the width of its bit masks).
 pub const MAX_POINTERS: usize = 32;
@@ -173,20 +174,31 @@ impl PointerSet {
     }
 }
 
+/// One value's JSON text, borrowed from the document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Raw<'de>(&'de str);
+
+impl<'de> Raw<'de> {
+    /// The JSON text of the value (no surrounding whitespace).
+    pub fn get(self) -> &'de str {
+        self.0
+    }
+}
+
 /// The values found for a [`PointerSet`], borrowed from the document.
 #[derive(Clone, Copy, Debug)]
 pub struct Found<'de> {
-    values: [Option<&'de RawValue>; MAX_POINTERS],
+    values: [Option<Raw<'de>>; MAX_POINTERS],
 }
 
 impl<'de> Found<'de> {
     /// The value of pointer `i`; `None` when absent or JSON `null`.
-    pub fn get(&self, i: usize) -> Option<&'de RawValue> {
+    pub fn get(&self, i: usize) -> Option<Raw<'de>> {
         self.values
             .get(i)
             .copied()
             .flatten()
-            .filter(|raw| raw.get() != "null")
+            .filter(|raw| raw.0 != "null")
     }
 }
 
@@ -194,45 +206,53 @@ impl<'de> Found<'de> {
 ///
 /// Fails when `json` is not one complete, valid JSON document.
 pub fn extract<'de>(set: &PointerSet, json: &'de str) -> Result<Found<'de>, serde_json::Error> {
-    let mut found = Found {
-        values: [None; MAX_POINTERS],
-    };
-    let mut de = serde_json::Deserializer::from_str(json);
-    Level {
+    let mut scanner = Scanner {
+        text: json,
+        bytes: json.as_bytes(),
+        at: 0,
         set,
-        depth: 0,
-        mask: set.all(),
-        out: &mut found.values,
+        found: Found {
+            values: [None; MAX_POINTERS],
+        },
+    };
+    match scanner.document() {
+        Ok(()) => Ok(scanner.found),
+        Err(Invalid::TooDeep) => Err(de::Error::custom(format_args!(
+            "JSON nested deeper than {MAX_DEPTH} levels"
+        ))),
+        // Let serde_json describe the problem (line and column).
+        Err(Invalid::Syntax) => match serde_json::from_str::<IgnoredAny>(json) {
+            Err(e) => Err(e),
+            Ok(_) => Err(de::Error::custom("invalid JSON")),
+        },
     }
-    .deserialize(&mut de)?;
-    de.end()?;
-    Ok(found)
 }
 
 /// The JSON string in `raw`, unescaped (borrowed when it has no escapes);
 /// `None` when `raw` is not a string.
-pub fn as_str<'de>(raw: &'de RawValue) -> Option<Cow<'de, str>> {
-    if !raw.get().starts_with('"') {
-        return None;
+pub fn as_str(raw: Raw<'_>) -> Option<Cow<'_, str>> {
+    let text = raw.0;
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(Cow::Borrowed(inner));
     }
-    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let mut de = serde_json::Deserializer::from_str(text);
     StrSeed.deserialize(&mut de).ok()
 }
 
 /// A string, or a number or boolean as written: for ids and labels that some
 /// providers send as numbers.
-pub fn as_text<'de>(raw: &'de RawValue) -> Option<Cow<'de, str>> {
-    let text = raw.get();
-    match text.as_bytes().first() {
+pub fn as_text(raw: Raw<'_>) -> Option<Cow<'_, str>> {
+    match raw.0.as_bytes().first() {
         Some(b'"') => as_str(raw),
         Some(b'{' | b'[') | None => None,
-        Some(_) => Some(Cow::Borrowed(text)),
+        Some(_) => Some(Cow::Borrowed(raw.0)),
     }
 }
 
 /// A JSON number as `i64` (fractions truncated); `None` otherwise.
-pub fn as_i64(raw: &RawValue) -> Option<i64> {
-    let text = raw.get();
+pub fn as_i64(raw: Raw<'_>) -> Option<i64> {
+    let text = raw.0;
     text.parse::<i64>().ok().or_else(|| {
         text.parse::<f64>()
             .ok()
@@ -241,122 +261,238 @@ pub fn as_i64(raw: &RawValue) -> Option<i64> {
     })
 }
 
-struct Level<'s, 'de> {
-    set: &'s PointerSet,
-    depth: usize,
-    mask: u32,
-    out: &'s mut [Option<&'de RawValue>; MAX_POINTERS],
+/// Deepest nesting accepted, as serde_json's default recursion limit.
+const MAX_DEPTH: usize = 128;
+
+/// Not valid JSON; the position is recovered by asking serde_json.
+#[derive(Debug, PartialEq, Eq)]
+enum Invalid {
+    Syntax,
+    /// Deeper than [`MAX_DEPTH`]: valid JSON, but refused (the scanner is
+    /// recursive, and no provider nests this deep).
+    TooDeep,
 }
 
-impl<'de> DeserializeSeed<'de> for Level<'_, 'de> {
-    type Value = ();
+struct Scanner<'s, 'de> {
+    text: &'de str,
+    bytes: &'de [u8],
+    at: usize,
+    set: &'s PointerSet,
+    found: Found<'de>,
+}
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        let ends_here = self.set.ending_at(self.mask, self.depth);
-        if ends_here == 0 {
-            return deserializer.deserialize_any(self);
+impl<'de> Scanner<'_, 'de> {
+    fn document(&mut self) -> Result<(), Invalid> {
+        self.value(0, self.set.all())?;
+        self.whitespace();
+        if self.at == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(Invalid::Syntax)
         }
-        let raw = <&'de RawValue>::deserialize(deserializer)?;
-        let mut bits = ends_here;
+    }
+
+    fn whitespace(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.bytes.get(self.at) {
+            self.at += 1;
+        }
+    }
+
+    fn peek(&self) -> Result<u8, Invalid> {
+        self.bytes.get(self.at).copied().ok_or(Invalid::Syntax)
+    }
+
+    /// One value at `depth`, for the pointers in `mask`.
+    fn value(&mut self, depth: usize, mask: u32) -> Result<(), Invalid> {
+        self.whitespace();
+        let start = self.at;
+        let ends = if mask == 0 {
+            0
+        } else {
+            self.set.ending_at(mask, depth)
+        };
+        let deeper = mask & !ends;
+        match self.peek()? {
+            b'{' => self.object(depth, deeper)?,
+            b'[' => self.array(depth, deeper)?,
+            b'"' => {
+                self.string()?;
+            }
+            b't' => self.literal(b"true")?,
+            b'f' => self.literal(b"false")?,
+            b'n' => self.literal(b"null")?,
+            b'-' | b'0'..=b'9' => self.number()?,
+            _ => return Err(Invalid::Syntax),
+        }
+        let mut bits = ends;
         while bits != 0 {
             let i = bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            self.out[i] = Some(raw);
-        }
-        let deeper = self.mask & !ends_here;
-        if deeper != 0 {
-            // One pointer is a prefix of another: walk the captured value again.
-            let mut de = serde_json::Deserializer::from_str(raw.get());
-            Level {
-                set: self.set,
-                depth: self.depth,
-                mask: deeper,
-                out: self.out,
-            }
-            .deserialize(&mut de)
-            .map_err(de::Error::custom)?;
+            self.found.values[i] = Some(Raw(&self.text[start..self.at]));
         }
         Ok(())
     }
-}
 
-impl<'de> Visitor<'de> for Level<'_, 'de> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Level {
-            set,
-            depth,
-            mask,
-            out,
-        } = self;
-        while let Some(key) = map.next_key_seed(StrSeed)? {
-            let sub = set.matching_key(mask, depth, &key);
-            if sub == 0 {
-                map.next_value::<IgnoredAny>()?;
+    fn object(&mut self, depth: usize, mask: u32) -> Result<(), Invalid> {
+        if depth >= MAX_DEPTH {
+            return Err(Invalid::TooDeep);
+        }
+        self.at += 1;
+        self.whitespace();
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Ok(());
+        }
+        loop {
+            self.whitespace();
+            if self.peek()? != b'"' {
+                return Err(Invalid::Syntax);
+            }
+            let key_start = self.at;
+            let escaped = self.string()?;
+            let sub = if mask == 0 {
+                0
+            } else if escaped {
+                let key = as_str(Raw(&self.text[key_start..self.at])).ok_or(Invalid::Syntax)?;
+                self.set.matching_key(mask, depth, &key)
             } else {
-                map.next_value_seed(Level {
-                    set,
-                    depth: depth + 1,
-                    mask: sub,
-                    out: &mut *out,
-                })?;
+                self.set
+                    .matching_key(mask, depth, &self.text[key_start + 1..self.at - 1])
+            };
+            self.whitespace();
+            if self.peek()? != b':' {
+                return Err(Invalid::Syntax);
+            }
+            self.at += 1;
+            self.value(depth + 1, sub)?;
+            self.whitespace();
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Ok(());
+                }
+                _ => return Err(Invalid::Syntax),
             }
         }
-        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let Level {
-            set,
-            depth,
-            mask,
-            out,
-        } = self;
+    fn array(&mut self, depth: usize, mask: u32) -> Result<(), Invalid> {
+        if depth >= MAX_DEPTH {
+            return Err(Invalid::TooDeep);
+        }
+        self.at += 1;
+        self.whitespace();
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Ok(());
+        }
         let mut index = 0;
         loop {
-            let sub = set.matching_index(mask, depth, index);
-            let more = if sub == 0 {
-                seq.next_element::<IgnoredAny>()?.is_some()
+            let sub = if mask == 0 {
+                0
             } else {
-                seq.next_element_seed(Level {
-                    set,
-                    depth: depth + 1,
-                    mask: sub,
-                    out: &mut *out,
-                })?
-                .is_some()
+                self.set.matching_index(mask, depth, index)
             };
-            if !more {
-                return Ok(());
+            self.value(depth + 1, sub)?;
+            self.whitespace();
+            match self.peek()? {
+                b',' => self.at += 1,
+                b']' => {
+                    self.at += 1;
+                    return Ok(());
+                }
+                _ => return Err(Invalid::Syntax),
             }
             index += 1;
         }
     }
 
-    // Scalars where a pointer wanted to descend further: the pointer simply
-    // does not resolve.
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+    /// A string starting at its opening quote; returns whether it had escapes.
+    fn string(&mut self) -> Result<bool, Invalid> {
+        self.at += 1;
+        let mut escaped = false;
+        loop {
+            let rest = &self.bytes[self.at..];
+            let stop = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .ok_or(Invalid::Syntax)?;
+            self.at += stop;
+            match rest[stop] {
+                b'"' => {
+                    self.at += 1;
+                    return Ok(escaped);
+                }
+                b'\\' => {
+                    escaped = true;
+                    self.at += 1;
+                    match self.peek()? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.at += 1,
+                        b'u' => {
+                            // Like serde_json when it skips a string: four hex
+                            // digits; surrogate pairing is checked only when a
+                            // string is actually decoded.
+                            let hex = self
+                                .bytes
+                                .get(self.at + 1..self.at + 5)
+                                .ok_or(Invalid::Syntax)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return Err(Invalid::Syntax);
+                            }
+                            self.at += 5;
+                        }
+                        _ => return Err(Invalid::Syntax),
+                    }
+                }
+                // A raw control character inside a string.
+                _ => return Err(Invalid::Syntax),
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), Invalid> {
+        if self.bytes[self.at..].starts_with(word) {
+            self.at += word.len();
+            Ok(())
+        } else {
+            Err(Invalid::Syntax)
+        }
+    }
+
+    fn number(&mut self) -> Result<(), Invalid> {
+        if self.peek()? == b'-' {
+            self.at += 1;
+        }
+        match self.peek()? {
+            b'0' => self.at += 1,
+            b'1'..=b'9' => self.digits(),
+            _ => return Err(Invalid::Syntax),
+        }
+        if self.bytes.get(self.at) == Some(&b'.') {
+            self.at += 1;
+            if !self.peek()?.is_ascii_digit() {
+                return Err(Invalid::Syntax);
+            }
+            self.digits();
+        }
+        if let Some(b'e' | b'E') = self.bytes.get(self.at) {
+            self.at += 1;
+            if let Some(b'+' | b'-') = self.bytes.get(self.at) {
+                self.at += 1;
+            }
+            if !self.peek()?.is_ascii_digit() {
+                return Err(Invalid::Syntax);
+            }
+            self.digits();
+        }
         Ok(())
     }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
+
+    fn digits(&mut self) {
+        while self.bytes.get(self.at).is_some_and(u8::is_ascii_digit) {
+            self.at += 1;
+        }
     }
 }
 
@@ -469,6 +605,76 @@ mod tests {
             let expected = value.pointer(&pointer).filter(|v| !v.is_null());
             let got = found.get(0).map(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).unwrap());
             prop_assert_eq!(got.as_ref(), expected);
+        }
+    }
+
+    /// Valid documents with one byte replaced, inserted or removed: the
+    /// scanner accepts exactly what serde_json accepts.
+    #[test]
+    fn validity_agrees_with_serde_json_on_edge_cases() {
+        let cases = [
+            "",
+            " ",
+            "{}",
+            "[]",
+            "{,}",
+            "[1,]",
+            "[,1]",
+            "{\"a\":1,}",
+            "{\"a\" 1}",
+            "{\"a\":}",
+            "01",
+            "-",
+            "-0",
+            "1.",
+            "1.5e",
+            "1e+",
+            "1E-7",
+            "tru",
+            "nul",
+            "\"\\x\"",
+            "\"\\u12G4\"",
+            "\"\\u0041\"",
+            "\"a\tb\"",
+            "\"\u{1}\"",
+            "[[[]]]",
+            "{\"a\":{\"b\":[true,false,null]}}",
+            "1 2",
+            "\"unterminated",
+            "{\"a\":1}}",
+            " [1] ",
+        ];
+        for text in cases {
+            let ours = extract(&set(&["/a"]), text).is_ok();
+            let theirs = serde_json::from_str::<IgnoredAny>(text).is_ok();
+            assert_eq!(ours, theirs, "{text:?}");
+        }
+        // Nesting: 128 levels are fine; deeper is refused with its own message
+        // (serde_json would skip any depth when ignoring a value).
+        let deep_ok = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        assert!(extract(&set(&["/a"]), &deep_ok).is_ok());
+        let too_deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
+        let err = extract(&set(&["/a"]), &too_deep).unwrap_err().to_string();
+        assert!(err.contains("deeper than 128"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn validity_agrees_with_serde_json(value in arb_json(), at in any::<prop::sample::Index>(),
+                                           byte in prop::sample::select(b"{}[],:\"\\ -+.0123456789eEtrufalsn\x01x".to_vec()),
+                                           edit in 0u8..3) {
+            let mut bytes = serde_json::to_string(&value).unwrap().into_bytes();
+            let i = at.index(bytes.len() + 1);
+            match edit {
+                0 if i < bytes.len() => bytes[i] = byte,
+                1 => bytes.insert(i, byte),
+                _ if i < bytes.len() => { bytes.remove(i); }
+                _ => {}
+            }
+            let Ok(text) = String::from_utf8(bytes) else { return Ok(()); };
+            let ours = extract(&set(&["/a", "/0/b"]), &text).is_ok();
+            let theirs = serde_json::from_str::<IgnoredAny>(&text).is_ok();
+            prop_assert_eq!(ours, theirs, "{:?}", text);
         }
     }
 

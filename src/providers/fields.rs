@@ -8,10 +8,9 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::ParseError;
-use super::extract::{self, Found, JsonPointer, PointerError, PointerSet, TooManyPointers};
+use super::extract::{self, Found, JsonPointer, PointerError, PointerSet, Raw, TooManyPointers};
 use super::status::StatusMap;
 use crate::presence::{Millis, PresenceUpdate};
 
@@ -229,14 +228,14 @@ impl Fields {
     }
 }
 
-fn first<'de>(found: &Found<'de>, pointers: &[usize]) -> Option<(usize, &'de RawValue)> {
+fn first<'de>(found: &Found<'de>, pointers: &[usize]) -> Option<(usize, Raw<'de>)> {
     pointers
         .iter()
         .find_map(|&i| found.get(i).map(|raw| (i, raw)))
 }
 
 /// A provider timestamp: epoch milliseconds (number or digit string) or RFC 3339.
-fn parse_time(raw: &RawValue) -> Option<Millis> {
+fn parse_time(raw: Raw<'_>) -> Option<Millis> {
     if let Some(ms) = extract::as_i64(raw) {
         return Some(Millis(ms));
     }
