@@ -261,6 +261,38 @@ pub fn as_i64(raw: Raw<'_>) -> Option<i64> {
     })
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The first position from `at` holding `"`, `\\` or a control character
+/// (or the end). Eight bytes at a time: for each byte, `x - 1` borrows into
+/// the high bit only when `x` is zero (or, for the control test, below 0x20),
+/// and the lowest flagged byte of a word is always a true match.
+fn skip_plain(bytes: &[u8], mut at: usize) -> usize {
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let backslash = w ^ (ONES * u64::from(b'\\'));
+        let found = ((quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (w.wrapping_sub(ONES * 0x20) & !w))
+            & HIGHS;
+        if found != 0 {
+            return at + (found.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    while let Some(&b) = bytes.get(at) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        at += 1;
+    }
+    at
+}
+
 /// Deepest nesting accepted, as serde_json's default recursion limit.
 const MAX_DEPTH: usize = 128;
 
@@ -413,13 +445,8 @@ impl<'de> Scanner<'_, 'de> {
         self.at += 1;
         let mut escaped = false;
         loop {
-            let rest = &self.bytes[self.at..];
-            let stop = rest
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-                .ok_or(Invalid::Syntax)?;
-            self.at += stop;
-            match rest[stop] {
+            self.at = skip_plain(self.bytes, self.at);
+            match self.peek()? {
                 b'"' => {
                     self.at += 1;
                     return Ok(escaped);
@@ -583,6 +610,27 @@ mod tests {
         ));
         assert_eq!(as_str(f.get(1).unwrap()).unwrap(), "té");
         assert_eq!(as_text(f.get(0).unwrap()).unwrap(), "plain");
+    }
+
+    #[test]
+    fn skip_plain_finds_the_first_stop_byte() {
+        for text in [
+            "",
+            "abc",
+            "abcdefgh\"",
+            "abcdefghijklmnop\\x",
+            "ab\u{1}cdefghij\"",
+            "\u{7f}\u{80}\u{ff}ééééé\"x",
+        ] {
+            let bytes = text.as_bytes();
+            let expected = bytes
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .unwrap_or(bytes.len());
+            for start in 0..=expected {
+                assert_eq!(skip_plain(bytes, start), expected, "{text:?} from {start}");
+            }
+        }
     }
 
     #[test]
