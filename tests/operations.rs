@@ -134,28 +134,21 @@ fn check_config_accepts_good_files_and_names_bad_keys() {
     let dir = std::env::temp_dir().join(format!("pg-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[[sources]]\nid = \"x\"\nkind = \"mitel\"\nsigning_keys = []\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Writes `text` to the bad file and runs check-config on it.
+    let check = |text: &str| {
+        std::fs::write(&bad, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = check("[[sources]]\nid = \"x\"\nkind = \"mitel\"\nsigning_keys = []\n");
     assert!(stderr.contains("sources[0].signing_keys"), "{stderr}");
 
-    std::fs::write(&bad, "[server]\nlisten = \"0.0.0.0:1\"\nbody_limit = 5\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = check("[server]\nlisten = \"0.0.0.0:1\"\nbody_limit = 5\n");
     assert!(
         stderr.contains("line 3") && stderr.contains("body_limit"),
         "{stderr}"
