@@ -140,12 +140,16 @@ pub fn snake_case(word: &str) -> Cow<'_, str> {
 }
 
 /// The state kept for one `(source, principal)`; the key lives in the store.
+///
+/// The texts are shared (`Arc<str>`): the store hands out one copy per
+/// distinct short word (`Busy`, `in_a_call`, ...), so a record costs no
+/// allocation of its own for them, and a change record shares them too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Presence {
     pub availability: Availability,
-    pub activity: Option<Box<str>>,
-    pub status_text: Option<Box<str>>,
-    pub raw_status: Option<Box<str>>,
+    pub activity: Option<Arc<str>>,
+    pub status_text: Option<Arc<str>>,
+    pub raw_status: Option<Arc<str>>,
     pub observed_at: Millis,
     pub received_at: Millis,
     pub seq: u64,
@@ -172,9 +176,9 @@ pub struct PresenceRecord {
     pub source: Arc<str>,
     pub principal: Arc<str>,
     pub availability: Availability,
-    pub activity: Option<Box<str>>,
-    pub status_text: Option<Box<str>>,
-    pub raw_status: Option<Box<str>>,
+    pub activity: Option<Arc<str>>,
+    pub status_text: Option<Arc<str>>,
+    pub raw_status: Option<Arc<str>>,
     pub observed_at: Millis,
     pub received_at: Millis,
     pub seq: u64,

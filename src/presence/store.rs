@@ -14,8 +14,10 @@
 //! through the [`ChangeLog`]).
 
 use std::collections::HashSet;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use foldhash::quality::RandomState;
 
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
@@ -65,6 +67,53 @@ struct ShardMap {
     /// Positions in `entries`, by principal hash.
     index: HashTable<u32>,
     entries: Vec<(Arc<str>, Presence)>,
+    /// The shard's shared texts (see [`Words`]).
+    words: Words,
+}
+
+/// Shared copies of the short texts records hold (status words, activities,
+/// common notes), so that storing `Busy` for the millionth principal, or
+/// publishing its change, allocates nothing.
+///
+/// Bounded: at most [`Words::MAX`] texts of at most [`Words::MAX_LEN`] bytes
+/// per shard; past that, texts get their own copy as usual. Kept per shard,
+/// under the shard's lock, so there is no extra lock and no reference-count
+/// traffic between shards.
+#[derive(Default)]
+struct Words {
+    table: HashTable<Arc<str>>,
+}
+
+impl Words {
+    const MAX: usize = 256;
+    const MAX_LEN: usize = 64;
+
+    /// `want` as a shared text: `have` when it is the same text, else the
+    /// shard's copy (made on first use while there is room).
+    fn share(
+        &mut self,
+        have: Option<&Arc<str>>,
+        want: Option<&str>,
+        hasher: &RandomState,
+    ) -> Option<Arc<str>> {
+        let want = want?;
+        if let Some(have) = have.filter(|h| ***h == *want) {
+            return Some(Arc::clone(have));
+        }
+        if want.len() > Self::MAX_LEN {
+            return Some(Arc::from(want));
+        }
+        let hash = hasher.hash_one(want);
+        if let Some(word) = self.table.find(hash, |w| **w == *want) {
+            return Some(Arc::clone(word));
+        }
+        let word: Arc<str> = Arc::from(want);
+        if self.table.len() < Self::MAX {
+            self.table
+                .insert_unique(hash, Arc::clone(&word), |w| hasher.hash_one(&**w));
+        }
+        Some(word)
+    }
 }
 
 impl ShardMap {
@@ -128,8 +177,8 @@ impl Store {
         Store {
             sources,
             changes: ChangeLog::new(limits.history),
-            hash_a: RandomState::new(),
-            hash_b: RandomState::new(),
+            hash_a: RandomState::default(),
+            hash_b: RandomState::default(),
         }
     }
 
@@ -172,39 +221,49 @@ impl Store {
         let activity = update.activity.as_deref();
         let status_text = update.status_text.as_deref();
         let raw_status = update.raw_status.as_deref();
-        // Built only once the update is known to change something.
-        let fresh = || Presence {
-            availability: update.availability,
-            activity: activity.map(Box::from),
-            status_text: status_text.map(Box::from),
-            raw_status: raw_status.map(Box::from),
-            observed_at,
-            received_at,
-            seq: 0,
-        };
 
         let (hash, shard_no) = self.locate(&update.principal);
-        let mut shard = src.shards[shard_no].write();
-        let (key, presence) = match shard.find(hash, &update.principal) {
+        let mut guard = src.shards[shard_no].write();
+        let shard = &mut *guard;
+        let found = shard.find(hash, &update.principal);
+        let words = &mut shard.words;
+        let hasher = &self.hash_a;
+        let (key, presence) = match found {
             Some(position) => {
                 let (key, current) = &mut shard.entries[position];
                 if observed_at < current.observed_at {
                     return ApplyOutcome::Stale;
                 }
+                let raw_status = words.share(current.raw_status.as_ref(), raw_status, hasher);
                 if current.same_content(update.availability, activity, status_text) {
                     current.observed_at = observed_at;
                     current.received_at = received_at;
-                    if current.raw_status.as_deref() != raw_status {
-                        current.raw_status = raw_status.map(Box::from);
-                    }
+                    current.raw_status = raw_status;
                     return ApplyOutcome::Refreshed;
                 }
-                *current = fresh();
+                *current = Presence {
+                    availability: update.availability,
+                    activity: words.share(current.activity.as_ref(), activity, hasher),
+                    status_text: words.share(current.status_text.as_ref(), status_text, hasher),
+                    raw_status,
+                    observed_at,
+                    received_at,
+                    seq: 0,
+                };
                 (&*key, current)
             }
             None => {
+                let presence = Presence {
+                    availability: update.availability,
+                    activity: words.share(None, activity, hasher),
+                    status_text: words.share(None, status_text, hasher),
+                    raw_status: words.share(None, raw_status, hasher),
+                    observed_at,
+                    received_at,
+                    seq: 0,
+                };
                 let key: Arc<str> = Arc::from(update.principal.as_ref());
-                shard.push(hash, key, fresh(), &self.hash_a);
+                shard.push(hash, key, presence, &self.hash_a);
                 let (key, presence) = shard
                     .entries
                     .last_mut()
@@ -488,6 +547,46 @@ mod tests {
         assert!(d.seen(2, 202));
         // A long quiet spell forgets everything.
         assert!(!d.seen(2, 10_000));
+    }
+
+    #[test]
+    fn records_share_short_texts_and_copy_long_ones() {
+        let s = store();
+        let now = Millis(10_000);
+        let long = "x".repeat(Words::MAX_LEN + 1);
+        for (i, p) in ["p1", "p2"].into_iter().enumerate() {
+            let mut u = update(p, Availability::Busy, 100 + i as i64);
+            u.raw_status = Some(Cow::Borrowed("Busy"));
+            u.status_text = Some(Cow::Borrowed(&long));
+            s.apply(0, &u, now);
+        }
+        let (a, b) = (s.get(0, "p1").unwrap(), s.get(0, "p2").unwrap());
+        let (ra, rb) = (a.raw_status.unwrap(), b.raw_status.unwrap());
+        assert_eq!(&*ra, "Busy");
+        // Shared within a shard; each of the 16 shards has its own copy.
+        let same_shard = s.locate("p1").1 == s.locate("p2").1;
+        assert_eq!(Arc::ptr_eq(&ra, &rb), same_shard);
+        let (la, lb) = (a.status_text.unwrap(), b.status_text.unwrap());
+        assert_eq!(*la, *long);
+        assert!(!Arc::ptr_eq(&la, &lb));
+    }
+
+    #[test]
+    fn shared_texts_are_bounded_per_shard() {
+        let mut words = Words::default();
+        let hasher = RandomState::default();
+        for i in 0..Words::MAX + 10 {
+            let text = format!("note {i}");
+            assert_eq!(
+                words.share(None, Some(&text), &hasher).as_deref(),
+                Some(&*text)
+            );
+        }
+        assert_eq!(words.table.len(), Words::MAX);
+        let first = words.share(None, Some("note 0"), &hasher).unwrap();
+        let again = words.share(None, Some("note 0"), &hasher).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(words.share(Some(&first), None, &hasher), None);
     }
 
     #[test]
