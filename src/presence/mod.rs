@@ -5,7 +5,9 @@
 //! [`changes::ChangeLog`]. Nothing here knows about HTTP or about providers.
 
 pub mod changes;
+mod dedup;
 pub mod model;
+mod shard;
 pub mod store;
 
 use std::borrow::Cow;

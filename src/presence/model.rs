@@ -185,11 +185,11 @@ pub struct PresenceRecord {
 }
 
 impl PresenceRecord {
-    pub fn new(source: &Arc<str>, principal: &Arc<str>, presence: &Presence) -> Self {
+    pub fn new(source: &Arc<str>, principal: &str, presence: &Presence) -> Self {
         let p = presence.clone();
         PresenceRecord {
             source: Arc::clone(source),
-            principal: Arc::clone(principal),
+            principal: Arc::from(principal),
             availability: p.availability,
             activity: p.activity,
             status_text: p.status_text,

@@ -2,29 +2,26 @@
 //!
 //! Each source has a fixed number of shards, each an insertion-ordered table
 //! behind its own `RwLock`, so writers for different principals rarely meet and
-//! pages can be read in a stable order with an O(limit) cursor. A shard is a
-//! `Vec` of entries plus a hash index of `u32` positions: the same idea as an
-//! `IndexMap`, without a stored hash per entry and without reserving entry
-//! space ahead of the index, which keeps a record near 100 bytes. Locks are held
-//! only for map operations: never across an `.await`, never while parsing.
+//! pages can be read in a stable order with an O(limit) cursor (the layout is
+//! in [`super::shard`]). Locks are held only for map operations: never across
+//! an `.await`, never while parsing.
 //!
 //! Applying an update decides, in this order: duplicate (provider event id seen
 //! within the dedup window), stale (older `observed_at` than stored), silent
 //! refresh (nothing a consumer sees changed), or change (new `seq`, published
 //! through the [`ChangeLog`]).
 
-use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use foldhash::quality::RandomState;
-
-use hashbrown::HashTable;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 
 use super::PresenceUpdate;
 use super::changes::ChangeLog;
+use super::dedup::Dedup;
 use super::model::{Availability, Millis, Presence, PresenceRecord};
+use super::shard::Shard;
 
 /// Shards per source: a power of two, enough to keep two to a few dozen cores
 /// from queueing on one lock.
@@ -61,90 +58,10 @@ pub struct Store {
     hash_b: RandomState,
 }
 
-/// The principals of one shard, in insertion order.
-#[derive(Default)]
-struct ShardMap {
-    /// Positions in `entries`, by principal hash.
-    index: HashTable<u32>,
-    entries: Vec<(Arc<str>, Presence)>,
-    /// The shard's shared texts (see [`Words`]).
-    words: Words,
-}
-
-/// Shared copies of the short texts records hold (status words, activities,
-/// common notes), so that storing `Busy` for the millionth principal, or
-/// publishing its change, allocates nothing.
-///
-/// Bounded: at most [`Words::MAX`] texts of at most [`Words::MAX_LEN`] bytes
-/// per shard; past that, texts get their own copy as usual. Kept per shard,
-/// under the shard's lock, so there is no extra lock and no reference-count
-/// traffic between shards.
-#[derive(Default)]
-struct Words {
-    table: HashTable<Arc<str>>,
-}
-
-impl Words {
-    const MAX: usize = 256;
-    const MAX_LEN: usize = 64;
-
-    /// `want` as a shared text: `have` when it is the same text, else the
-    /// shard's copy (made on first use while there is room).
-    fn share(
-        &mut self,
-        have: Option<&Arc<str>>,
-        want: Option<&str>,
-        hasher: &RandomState,
-    ) -> Option<Arc<str>> {
-        let want = want?;
-        if let Some(have) = have.filter(|h| ***h == *want) {
-            return Some(Arc::clone(have));
-        }
-        if want.len() > Self::MAX_LEN {
-            return Some(Arc::from(want));
-        }
-        let hash = hasher.hash_one(want);
-        if let Some(word) = self.table.find(hash, |w| **w == *want) {
-            return Some(Arc::clone(word));
-        }
-        let word: Arc<str> = Arc::from(want);
-        if self.table.len() < Self::MAX {
-            self.table
-                .insert_unique(hash, Arc::clone(&word), |w| hasher.hash_one(&**w));
-        }
-        Some(word)
-    }
-}
-
-impl ShardMap {
-    fn find(&self, hash: u64, principal: &str) -> Option<usize> {
-        self.index
-            .find(hash, |&i| &*self.entries[i as usize].0 == principal)
-            .map(|&i| i as usize)
-    }
-
-    fn push(&mut self, hash: u64, principal: Arc<str>, presence: Presence, hasher: &RandomState) {
-        // u32 positions: four billion principals per shard is not a limit
-        // a single process reaches.
-        let position = self.entries.len() as u32;
-        self.entries.push((principal, presence));
-        let entries = &self.entries;
-        self.index.insert_unique(hash, position, |&i| {
-            hasher.hash_one(&*entries[i as usize].0)
-        });
-    }
-
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
-}
-
-type Shard = RwLock<ShardMap>;
-
 struct SourceStore {
     id: Arc<str>,
-    shards: Box<[Shard]>,
-    dedup: Mutex<Dedup>,
+    shards: Box<[RwLock<Shard>]>,
+    dedup: Dedup,
 }
 
 /// A position in the stable listing order: source (by index), shard, entry.
@@ -171,7 +88,7 @@ impl Store {
             .map(|id| SourceStore {
                 id: Arc::clone(id),
                 shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-                dedup: Mutex::new(Dedup::new(limits.dedup_window_ms, limits.dedup_capacity)),
+                dedup: Dedup::new(limits.dedup_window_ms, limits.dedup_capacity),
             })
             .collect();
         Store {
@@ -192,11 +109,12 @@ impl Store {
         self.sources.len()
     }
 
-    /// The principal's hash and shard. The shard comes from bits 32..36,
-    /// which the hash table uses for neither its bucket nor its tag bits.
+    /// The principal's hash and shard. The shard comes from the top bits;
+    /// the shard's index uses the low bits for the slot and the high half
+    /// as its tag.
     fn locate(&self, principal: &str) -> (u64, usize) {
         let hash = self.hash_a.hash_one(principal);
-        (hash, ((hash >> 32) as usize) & (SHARDS - 1))
+        (hash, (hash >> (64 - SHARDS.trailing_zeros())) as usize)
     }
 
     /// Applies one update for the source with index `source`.
@@ -210,27 +128,32 @@ impl Store {
         received_at: Millis,
     ) -> ApplyOutcome {
         let src = &self.sources[source];
-        if let Some(event_id) = update.event_id.as_deref() {
-            let digest = (u128::from(self.hash_a.hash_one(event_id)) << 64)
-                | u128::from(self.hash_b.hash_one(event_id));
-            if src.dedup.lock().seen(digest, received_at.0) {
-                return ApplyOutcome::Duplicate;
-            }
-        }
         let observed_at = update.observed_at.unwrap_or(received_at);
         let activity = update.activity.as_deref();
         let status_text = update.status_text.as_deref();
         let raw_status = update.raw_status.as_deref();
+        let event_digest = update
+            .event_id
+            .as_deref()
+            .map(|id| (self.hash_a.hash_one(id), self.hash_b.hash_one(id)));
 
         let (hash, shard_no) = self.locate(&update.principal);
         let mut guard = src.shards[shard_no].write();
         let shard = &mut *guard;
+        // Under the shard lock, so retries of one principal's event are
+        // decided one after the other; the dedup probe and the index probe
+        // are independent loads, which the CPU overlaps.
         let found = shard.find(hash, &update.principal);
+        if let Some((bucket, fingerprint)) = event_digest {
+            if src.dedup.seen(bucket, fingerprint, received_at.0) {
+                return ApplyOutcome::Duplicate;
+            }
+        }
         let words = &mut shard.words;
         let hasher = &self.hash_a;
-        let (key, presence) = match found {
+        let position = match found {
             Some(position) => {
-                let (key, current) = &mut shard.entries[position];
+                let current = &mut shard.entries[position].presence;
                 if observed_at < current.observed_at {
                     return ApplyOutcome::Stale;
                 }
@@ -250,7 +173,7 @@ impl Store {
                     received_at,
                     seq: 0,
                 };
-                (&*key, current)
+                position
             }
             None => {
                 let presence = Presence {
@@ -262,19 +185,14 @@ impl Store {
                     received_at,
                     seq: 0,
                 };
-                let key: Arc<str> = Arc::from(update.principal.as_ref());
-                shard.push(hash, key, presence, &self.hash_a);
-                let (key, presence) = shard
-                    .entries
-                    .last_mut()
-                    .unwrap_or_else(|| unreachable!("just pushed"));
-                (&*key, presence)
+                shard.push(hash, &update.principal, presence, hasher)
             }
         };
-        let seq = self
-            .changes
-            .commit(|seq| PresenceRecord::new(&src.id, key, presence).with_seq(seq));
-        presence.seq = seq;
+        let entry = &mut shard.entries[position];
+        let seq = self.changes.commit(|seq| {
+            PresenceRecord::new(&src.id, &update.principal, &entry.presence).with_seq(seq)
+        });
+        entry.presence.seq = seq;
         ApplyOutcome::Changed(seq)
     }
 
@@ -283,8 +201,8 @@ impl Store {
         let src = self.sources.get(source)?;
         let (hash, shard_no) = self.locate(principal);
         let shard = src.shards[shard_no].read();
-        let (key, presence) = &shard.entries[shard.find(hash, principal)?];
-        Some(PresenceRecord::new(&src.id, key, presence))
+        let entry = &shard.entries[shard.find(hash, principal)?];
+        Some(PresenceRecord::new(&src.id, principal, &entry.presence))
     }
 
     /// Number of records of one source.
@@ -337,12 +255,16 @@ impl Store {
                 } else {
                     0
                 };
-                while let Some((key, presence)) = shard.entries.get(index) {
+                while let Some(entry) = shard.entries.get(index) {
                     index += 1;
-                    if !filter(presence) {
+                    if !filter(&entry.presence) {
                         continue;
                     }
-                    items.push(PresenceRecord::new(&src.id, key, presence));
+                    items.push(PresenceRecord::new(
+                        &src.id,
+                        entry.key.as_str(),
+                        &entry.presence,
+                    ));
                     if items.len() == limit {
                         let next = Cursor {
                             source,
@@ -382,81 +304,12 @@ impl Store {
         let mut counts = [0u64; Availability::ALL.len()];
         if let Some(src) = self.sources.get(source) {
             for shard in src.shards.iter() {
-                for (_, presence) in &shard.read().entries {
-                    counts[presence.availability as usize] += 1;
+                for entry in &shard.read().entries {
+                    counts[entry.presence.availability as usize] += 1;
                 }
             }
         }
         counts
-    }
-}
-
-/// Event ids seen recently, by keyed 128-bit digest, in two generations.
-///
-/// Ids go into `current`; when it is a window old (or holds half the
-/// capacity) it becomes `previous` and the old `previous` is dropped whole.
-/// An id is therefore remembered for at least one window and at most two,
-/// with no per-entry expiry bookkeeping: one hash probe per generation, and
-/// memory bounded by `capacity` whatever the burst.
-struct Dedup {
-    current: HashSet<u128, BuildDigest>,
-    previous: HashSet<u128, BuildDigest>,
-    /// When `current` was started, epoch ms.
-    started: i64,
-    window: i64,
-    capacity: usize,
-}
-
-impl Dedup {
-    fn new(window: i64, capacity: usize) -> Self {
-        Dedup {
-            current: HashSet::default(),
-            previous: HashSet::default(),
-            started: i64::MIN,
-            window: window.max(0),
-            capacity: capacity.max(2),
-        }
-    }
-
-    /// Records `digest` seen at `now`; returns whether it was already there.
-    fn seen(&mut self, digest: u128, now: i64) -> bool {
-        let age = now.saturating_sub(self.started);
-        if age >= self.window || self.current.len() >= self.capacity / 2 {
-            let keep_previous = age < self.window.saturating_mul(2);
-            let next =
-                HashSet::with_capacity_and_hasher(self.current.len(), BuildDigest::default());
-            self.previous = std::mem::replace(&mut self.current, next);
-            if !keep_previous {
-                self.previous.clear();
-            }
-            self.started = now;
-        }
-        if self.previous.contains(&digest) {
-            return true;
-        }
-        !self.current.insert(digest)
-    }
-}
-
-/// The digests are already keyed hashes: use their low bits as they are
-/// instead of hashing them again.
-type BuildDigest = std::hash::BuildHasherDefault<DigestHasher>;
-
-#[derive(Default)]
-struct DigestHasher(u64);
-
-impl std::hash::Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Not reached for u128 keys; a plain fold keeps it correct anyway.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, value: u128) {
-        self.0 = value as u64;
     }
 }
 
@@ -534,26 +387,10 @@ mod tests {
     }
 
     #[test]
-    fn dedup_remembers_for_one_to_two_windows() {
-        let mut d = Dedup::new(100, 1_000);
-        assert!(!d.seen(1, 0));
-        assert!(d.seen(1, 99));
-        // Rotated at 100: still remembered (previous generation).
-        assert!(!d.seen(2, 100));
-        assert!(d.seen(1, 150));
-        // Rotated at 200: 1 is dropped with its generation, 2 is kept.
-        assert!(!d.seen(3, 200));
-        assert!(!d.seen(1, 201));
-        assert!(d.seen(2, 202));
-        // A long quiet spell forgets everything.
-        assert!(!d.seen(2, 10_000));
-    }
-
-    #[test]
     fn records_share_short_texts_and_copy_long_ones() {
         let s = store();
         let now = Millis(10_000);
-        let long = "x".repeat(Words::MAX_LEN + 1);
+        let long = "x".repeat(crate::presence::shard::Words::MAX_LEN + 1);
         for (i, p) in ["p1", "p2"].into_iter().enumerate() {
             let mut u = update(p, Availability::Busy, 100 + i as i64);
             u.raw_status = Some(Cow::Borrowed("Busy"));
@@ -569,34 +406,6 @@ mod tests {
         let (la, lb) = (a.status_text.unwrap(), b.status_text.unwrap());
         assert_eq!(*la, *long);
         assert!(!Arc::ptr_eq(&la, &lb));
-    }
-
-    #[test]
-    fn shared_texts_are_bounded_per_shard() {
-        let mut words = Words::default();
-        let hasher = RandomState::default();
-        for i in 0..Words::MAX + 10 {
-            let text = format!("note {i}");
-            assert_eq!(
-                words.share(None, Some(&text), &hasher).as_deref(),
-                Some(&*text)
-            );
-        }
-        assert_eq!(words.table.len(), Words::MAX);
-        let first = words.share(None, Some("note 0"), &hasher).unwrap();
-        let again = words.share(None, Some("note 0"), &hasher).unwrap();
-        assert!(Arc::ptr_eq(&first, &again));
-        assert_eq!(words.share(Some(&first), None, &hasher), None);
-    }
-
-    #[test]
-    fn dedup_capacity_bounds_memory() {
-        let mut d = Dedup::new(1_000_000, 4);
-        for digest in 0..10u128 {
-            assert!(!d.seen(digest, 0));
-        }
-        assert!(d.current.len() + d.previous.len() <= 4);
-        assert!(d.seen(9, 0), "the newest are kept");
     }
 
     #[test]
