@@ -141,11 +141,14 @@ impl Store {
         let mut guard = src.shards[shard_no].write();
         let shard = &mut *guard;
         // Under the shard lock, so retries of one principal's event are
-        // decided one after the other; the dedup probe and the index probe
-        // are independent loads, which the CPU overlaps.
+        // decided one after the other. The dedup bucket is read first and
+        // checked after the index lookup: two independent cache misses,
+        // which the CPU then waits for together.
+        let probe =
+            event_digest.map(|(bucket, fingerprint)| (src.dedup.probe(bucket), fingerprint));
         let found = shard.find(hash, &update.principal);
-        if let Some((bucket, fingerprint)) = event_digest {
-            if src.dedup.seen(bucket, fingerprint, received_at.0) {
+        if let Some((probe, fingerprint)) = probe {
+            if probe.seen(&src.dedup, fingerprint, received_at.0) {
                 return ApplyOutcome::Duplicate;
             }
         }
