@@ -13,7 +13,7 @@ pub mod store;
 use std::borrow::Cow;
 
 pub use changes::ChangeLog;
-pub use model::{Availability, Millis, Presence, PresenceRecord};
+pub use model::{Availability, CallState, Millis, Presence, PresenceRecord};
 pub use store::{ApplyOutcome, Cursor, Page, Store};
 
 /// One normalized presence change for one principal, as a provider parsed it.
@@ -32,4 +32,16 @@ pub struct PresenceUpdate<'a> {
     /// The provider's event id (Mitel `eventId`, `webhook-id`, ...), the key
     /// for duplicate detection.
     pub event_id: Option<Cow<'a, str>>,
+}
+
+/// A change in one of a principal's calls, as a provider parsed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallUpdate<'a> {
+    pub principal: Cow<'a, str>,
+    /// The provider's id of the call (the same for both parties).
+    pub call_id: Cow<'a, str>,
+    /// The call's new state, or `None` when it ended.
+    pub state: Option<CallState>,
+    /// The provider's own timestamp, when it sends one.
+    pub observed_at: Option<Millis>,
 }

@@ -153,6 +153,42 @@ pub struct Presence {
     pub observed_at: Millis,
     pub received_at: Millis,
     pub seq: u64,
+    /// The principal's active calls, when it has any.
+    pub calls: Option<Box<Calls>>,
+    /// Whether a presence event has set this record (a record can start with
+    /// a call); only then is an older presence event stale.
+    pub reported: bool,
+}
+
+/// Active calls of one principal. While there is one, the record's activity
+/// is the state of the most recently started call; when the last one ends,
+/// the activity returns to `previous`, the latest activity presence events
+/// reported (kept up to date during the call).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Calls {
+    /// Keyed digests of the provider's call ids, oldest first, with each
+    /// call's state.
+    pub active: Vec<(u64, CallState)>,
+    pub previous: Option<Arc<str>>,
+}
+
+/// The state of one call of a principal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallState {
+    Ringing,
+    Connected,
+    Held,
+}
+
+impl CallState {
+    /// The activity a principal has while this is its latest call.
+    pub const fn activity(self) -> &'static str {
+        match self {
+            CallState::Ringing => "ringing",
+            CallState::Connected => "in_a_call",
+            CallState::Held => "on_hold",
+        }
+    }
 }
 
 impl Presence {
@@ -186,17 +222,16 @@ pub struct PresenceRecord {
 
 impl PresenceRecord {
     pub fn new(source: &Arc<str>, principal: &str, presence: &Presence) -> Self {
-        let p = presence.clone();
         PresenceRecord {
             source: Arc::clone(source),
             principal: Arc::from(principal),
-            availability: p.availability,
-            activity: p.activity,
-            status_text: p.status_text,
-            raw_status: p.raw_status,
-            observed_at: p.observed_at,
-            received_at: p.received_at,
-            seq: p.seq,
+            availability: presence.availability,
+            activity: presence.activity.clone(),
+            status_text: presence.status_text.clone(),
+            raw_status: presence.raw_status.clone(),
+            observed_at: presence.observed_at,
+            received_at: presence.received_at,
+            seq: presence.seq,
         }
     }
 

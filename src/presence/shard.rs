@@ -226,6 +226,8 @@ mod tests {
             observed_at: Millis(0),
             received_at: Millis(0),
             seq: 0,
+            calls: None,
+            reported: true,
         }
     }
 

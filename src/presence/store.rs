@@ -17,11 +17,12 @@ use std::sync::Arc;
 use foldhash::quality::RandomState;
 use parking_lot::RwLock;
 
-use super::PresenceUpdate;
 use super::changes::ChangeLog;
 use super::dedup::Dedup;
+use super::model::Calls;
 use super::model::{Availability, Millis, Presence, PresenceRecord};
 use super::shard::Shard;
+use super::{CallUpdate, PresenceUpdate};
 
 /// Shards per source: a power of two, enough to keep two to a few dozen cores
 /// from queueing on one lock.
@@ -157,25 +158,37 @@ impl Store {
         let position = match found {
             Some(position) => {
                 let current = &mut shard.entries[position].presence;
-                if observed_at < current.observed_at {
+                // Only presence events order presence events: a record made
+                // by a call has nothing to be stale against yet.
+                if current.reported && observed_at < current.observed_at {
                     return ApplyOutcome::Stale;
                 }
                 let raw_status = words.share(current.raw_status.as_ref(), raw_status, hasher);
-                if current.same_content(update.availability, activity, status_text) {
+                // During a call the record shows the call; the reported
+                // activity is what it returns to afterwards.
+                let shown_activity = match current.calls.as_deref_mut() {
+                    Some(calls) => {
+                        calls.previous = words.share(calls.previous.as_ref(), activity, hasher);
+                        current.activity.clone()
+                    }
+                    None => words.share(current.activity.as_ref(), activity, hasher),
+                };
+                if current.same_content(update.availability, shown_activity.as_deref(), status_text)
+                {
                     current.observed_at = observed_at;
                     current.received_at = received_at;
                     current.raw_status = raw_status;
+                    current.reported = true;
                     return ApplyOutcome::Refreshed;
                 }
-                *current = Presence {
-                    availability: update.availability,
-                    activity: words.share(current.activity.as_ref(), activity, hasher),
-                    status_text: words.share(current.status_text.as_ref(), status_text, hasher),
-                    raw_status,
-                    observed_at,
-                    received_at,
-                    seq: 0,
-                };
+                current.availability = update.availability;
+                current.activity = shown_activity;
+                current.status_text =
+                    words.share(current.status_text.as_ref(), status_text, hasher);
+                current.raw_status = raw_status;
+                current.observed_at = observed_at;
+                current.received_at = received_at;
+                current.reported = true;
                 position
             }
             None => {
@@ -187,15 +200,103 @@ impl Store {
                     observed_at,
                     received_at,
                     seq: 0,
+                    calls: None,
+                    reported: true,
                 };
                 shard.push(hash, &update.principal, presence, hasher)
             }
         };
-        let entry = &mut shard.entries[position];
-        let seq = self.changes.commit(|seq| {
-            PresenceRecord::new(&src.id, &update.principal, &entry.presence).with_seq(seq)
+        self.publish(
+            &src.id,
+            &mut shard.entries[position].presence,
+            &update.principal,
+        )
+    }
+
+    /// Applies a change of one of a principal's calls (see
+    /// [`super::model::Calls`]): a principal with an active call shows the
+    /// latest call's state as its activity, and returns to its previous
+    /// activity when its last call ends.
+    ///
+    /// Providers post call objects more than once (both parties, geo
+    /// duplicates, updates of a known call); applying the same state twice
+    /// changes nothing, so no event id is needed. A principal first seen in
+    /// a call gets a record with availability `unknown`. Call events are not
+    /// checked for staleness and do not move `observed_at`, which orders
+    /// presence events only.
+    pub fn apply_call(
+        &self,
+        source: usize,
+        update: &CallUpdate<'_>,
+        received_at: Millis,
+    ) -> ApplyOutcome {
+        let src = &self.sources[source];
+        let call = self.hash_b.hash_one(&*update.call_id);
+        let observed_at = update.observed_at.unwrap_or(received_at);
+        let (hash, shard_no) = self.locate(&update.principal);
+        let mut guard = src.shards[shard_no].write();
+        let shard = &mut *guard;
+        let position = match (shard.find(hash, &update.principal), update.state) {
+            (Some(position), _) => position,
+            // The end of a call never seen: nothing to show.
+            (None, None) => return ApplyOutcome::Refreshed,
+            (None, Some(_)) => {
+                let presence = Presence {
+                    availability: Availability::Unknown,
+                    activity: None,
+                    status_text: None,
+                    raw_status: None,
+                    observed_at,
+                    received_at,
+                    seq: 0,
+                    calls: None,
+                    reported: false,
+                };
+                shard.push(hash, &update.principal, presence, &self.hash_a)
+            }
+        };
+        let words = &mut shard.words;
+        let current = &mut shard.entries[position].presence;
+        let calls = current.calls.get_or_insert_with(|| {
+            Box::new(Calls {
+                active: Vec::new(),
+                previous: current.activity.clone(),
+            })
         });
-        entry.presence.seq = seq;
+        let known = calls.active.iter().position(|(id, _)| *id == call);
+        match (known, update.state) {
+            (Some(i), Some(state)) => calls.active[i].1 = state,
+            (None, Some(state)) => calls.active.push((call, state)),
+            (Some(i), None) => {
+                calls.active.remove(i);
+            }
+            (None, None) => {}
+        }
+        let shown = match calls.active.last() {
+            Some((_, state)) => words.share(
+                current.activity.as_ref(),
+                Some(state.activity()),
+                &self.hash_a,
+            ),
+            None => calls.previous.take(),
+        };
+        if calls.active.is_empty() {
+            current.calls = None;
+        }
+        current.received_at = received_at;
+        if current.activity == shown {
+            return ApplyOutcome::Refreshed;
+        }
+        current.activity = shown;
+        self.publish(&src.id, current, &update.principal)
+    }
+
+    /// Gives a changed record its `seq` and publishes it.
+    fn publish(&self, source: &Arc<str>, presence: &mut Presence, principal: &str) -> ApplyOutcome {
+        let seq = self
+            .changes
+            .commit(|seq| PresenceRecord::new(source, principal, presence).with_seq(seq));
+        presence.seq = seq;
         ApplyOutcome::Changed(seq)
     }
 
@@ -319,6 +420,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::presence::CallState;
     use std::borrow::Cow;
 
     fn limits() -> StoreLimits {
@@ -387,6 +489,91 @@ mod tests {
         assert_eq!(s.apply(0, &u, Millis(999)), ApplyOutcome::Duplicate);
         // Two windows later the id is forgotten; the same content is a refresh.
         assert_eq!(s.apply(0, &u, Millis(2_001)), ApplyOutcome::Refreshed);
+    }
+
+    fn call<'a>(principal: &'a str, id: &'a str, state: Option<CallState>) -> CallUpdate<'a> {
+        CallUpdate {
+            principal: Cow::Borrowed(principal),
+            call_id: Cow::Borrowed(id),
+            state,
+            observed_at: None,
+        }
+    }
+
+    #[test]
+    fn calls_set_the_activity_until_the_last_one_ends() {
+        let s = store();
+        let now = Millis(10_000);
+        let mut u = update("p", Availability::Available, 100);
+        u.activity = Some(Cow::Borrowed("in_a_meeting"));
+        assert_eq!(s.apply(0, &u, now), ApplyOutcome::Changed(1));
+        let activity = |s: &Store| s.get(0, "p").unwrap().activity.map(|a| a.to_string());
+
+        let connected = Some(CallState::Connected);
+        assert_eq!(
+            s.apply_call(0, &call("p", "c1", connected), now),
+            ApplyOutcome::Changed(2)
+        );
+        assert_eq!(activity(&s).as_deref(), Some("in_a_call"));
+        // The same call again (other party's post, geo duplicate): nothing.
+        assert_eq!(
+            s.apply_call(0, &call("p", "c1", connected), now),
+            ApplyOutcome::Refreshed
+        );
+        // A second call that rings, then is held.
+        assert_eq!(
+            s.apply_call(0, &call("p", "c2", Some(CallState::Ringing)), now),
+            ApplyOutcome::Changed(3)
+        );
+        assert_eq!(
+            s.apply_call(0, &call("p", "c2", Some(CallState::Held)), now),
+            ApplyOutcome::Changed(4)
+        );
+        assert_eq!(activity(&s).as_deref(), Some("on_hold"));
+        // Presence during the call changes availability and what the
+        // activity returns to, not the shown activity.
+        let mut during = update("p", Availability::Busy, 200);
+        during.activity = Some(Cow::Borrowed("presenting"));
+        assert_eq!(s.apply(0, &during, now), ApplyOutcome::Changed(5));
+        assert_eq!(activity(&s).as_deref(), Some("on_hold"));
+        // The held call ends: back to the first call.
+        assert_eq!(
+            s.apply_call(0, &call("p", "c2", None), now),
+            ApplyOutcome::Changed(6)
+        );
+        assert_eq!(activity(&s).as_deref(), Some("in_a_call"));
+        // The last call ends: back to the latest reported activity.
+        assert_eq!(
+            s.apply_call(0, &call("p", "c1", None), now),
+            ApplyOutcome::Changed(7)
+        );
+        assert_eq!(activity(&s).as_deref(), Some("presenting"));
+        assert_eq!(s.get(0, "p").unwrap().availability, Availability::Busy);
+        // Ending it again, or a call never seen, changes nothing.
+        assert_eq!(
+            s.apply_call(0, &call("p", "c1", None), now),
+            ApplyOutcome::Refreshed
+        );
+        assert_eq!(
+            s.apply_call(0, &call("q", "c9", None), now),
+            ApplyOutcome::Refreshed
+        );
+        assert!(s.get(0, "q").is_none());
+    }
+
+    #[test]
+    fn a_call_for_an_unknown_principal_creates_an_unknown_record() {
+        let s = store();
+        let out = s.apply_call(0, &call("new", "c1", Some(CallState::Connected)), Millis(5));
+        assert_eq!(out, ApplyOutcome::Changed(1));
+        let r = s.get(0, "new").unwrap();
+        assert_eq!(r.availability, Availability::Unknown);
+        assert_eq!(r.activity.as_deref(), Some("in_a_call"));
+        assert_eq!(
+            s.apply_call(0, &call("new", "c1", None), Millis(6)),
+            ApplyOutcome::Changed(2)
+        );
+        assert_eq!(s.get(0, "new").unwrap().activity, None);
     }
 
     #[test]

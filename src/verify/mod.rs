@@ -5,8 +5,10 @@
 //! a body reaches a provider's parser, so an unverified body cannot be parsed
 //! by accident.
 
+pub mod correlation;
 pub mod hmac_hex;
 
+pub use correlation::CorrelationIds;
 pub use hmac_hex::HmacHexVerifier;
 
 /// Why a request failed verification. Carries no data, so it cannot leak a
