@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use crate::presence::Availability;
 use crate::providers::mitel::MitelParser;
+use crate::providers::netsapiens::{CallFieldOverrides, Model, NetSapiensParser};
 use crate::providers::{FieldOverrides, StatusMap};
 
 /// Prefix of environment overrides: `PRESENCE_GATEWAY__SERVER__LISTEN`.
@@ -100,6 +101,8 @@ pub struct ConsumersConfig {
 pub enum SourceKind {
     /// Mitel CloudLink webhooks signed with `x-notify-signature`.
     Mitel,
+    /// NetSapiens v2 event posts authenticated by `X-Correlation-ID`.
+    Netsapiens,
 }
 
 impl SourceKind {
@@ -107,6 +110,7 @@ impl SourceKind {
     pub const fn as_str(self) -> &'static str {
         match self {
             SourceKind::Mitel => "mitel",
+            SourceKind::Netsapiens => "netsapiens",
         }
     }
 }
@@ -120,6 +124,15 @@ pub struct SourceConfig {
     pub allow_ips: Vec<IpNet>,
     pub fields: FieldOverrides,
     pub status_map: Vec<(String, Availability)>,
+    /// NetSapiens: subscription ids that authenticate posts, with the model
+    /// of each subscription.
+    pub correlation_ids: Vec<(Secret, Model)>,
+    /// NetSapiens: the model of posts whose subscription does not say.
+    pub model: Model,
+    /// NetSapiens: the zone of `YYYY-MM-DD HH:MM:SS` times.
+    pub timezone: jiff::tz::TimeZone,
+    /// NetSapiens: where the fields of `call` objects are.
+    pub call_fields: CallFieldOverrides,
 }
 
 impl SourceConfig {
@@ -127,6 +140,7 @@ impl SourceConfig {
     pub fn status_map(&self) -> StatusMap {
         let builtin = match self.kind {
             SourceKind::Mitel => crate::providers::mitel::STATUS_WORDS,
+            SourceKind::Netsapiens => crate::providers::netsapiens::STATUS_WORDS,
         };
         StatusMap::new(
             builtin,
@@ -247,6 +261,21 @@ struct RawSource {
     fields: FieldOverrides,
     #[serde(default)]
     status_map: BTreeMap<String, String>,
+    #[serde(default)]
+    correlation_ids: Vec<RawCorrelationId>,
+    model: Option<String>,
+    timezone: Option<String>,
+    #[serde(default)]
+    call_fields: CallFieldOverrides,
+}
+
+/// A NetSapiens subscription id: just the id (the source's `model`), or
+/// `{ id = "...", model = "call" }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCorrelationId {
+    Id(String),
+    WithModel { id: String, model: String },
 }
 
 // ---- loading -----------------------------------------------------------------
@@ -373,12 +402,77 @@ impl Config {
                     format!("duplicate source id {:?} (also sources[{first}])", s.id),
                 );
             }
-            if s.kind == SourceKind::Mitel && s.signing_keys.is_empty() {
-                problem(
-                    key("signing_keys"),
-                    "must list at least one key (the subscription's applicationId)".into(),
-                );
+            let only = |field: &str, kind: SourceKind| {
+                format!("{field} is only for kind = \"{}\"", kind.as_str())
+            };
+            match s.kind {
+                SourceKind::Mitel => {
+                    if s.signing_keys.is_empty() {
+                        problem(
+                            key("signing_keys"),
+                            "must list at least one key (the subscription's applicationId)".into(),
+                        );
+                    }
+                    let netsapiens_only = [
+                        ("correlation_ids", !s.correlation_ids.is_empty()),
+                        ("model", s.model.is_some()),
+                        ("timezone", s.timezone.is_some()),
+                        (
+                            "call_fields",
+                            s.call_fields != CallFieldOverrides::default(),
+                        ),
+                        ("fields.domain", s.fields.domain.is_some()),
+                    ];
+                    for (field, set) in netsapiens_only {
+                        if set {
+                            problem(key(field), only(field, SourceKind::Netsapiens));
+                        }
+                    }
+                }
+                SourceKind::Netsapiens => {
+                    if s.correlation_ids.is_empty() {
+                        problem(
+                            key("correlation_ids"),
+                            "must list at least one subscription id".into(),
+                        );
+                    }
+                    if !s.signing_keys.is_empty() {
+                        problem(key("signing_keys"), only("signing_keys", SourceKind::Mitel));
+                    }
+                }
             }
+            let model = match s.model.as_deref().map(model_named).transpose() {
+                Ok(model) => model.unwrap_or(Model::Presence),
+                Err(m) => {
+                    problem(key("model"), m);
+                    Model::Presence
+                }
+            };
+            let mut correlation_ids = Vec::with_capacity(s.correlation_ids.len());
+            for (i, entry) in s.correlation_ids.iter().enumerate() {
+                let field = key(&format!("correlation_ids[{i}]"));
+                let (reference, id_model) = match entry {
+                    RawCorrelationId::Id(id) => (id, model),
+                    RawCorrelationId::WithModel { id, model: name } => match model_named(name) {
+                        Ok(m) => (id, m),
+                        Err(m) => {
+                            problem(format!("{field}.model"), m);
+                            (id, model)
+                        }
+                    },
+                };
+                match resolve_secret(reference, lookup) {
+                    Ok(secret) => correlation_ids.push((secret, id_model)),
+                    Err(m) => problem(field, m),
+                }
+            }
+            let timezone = match s.timezone.as_deref() {
+                None | Some("UTC") => jiff::tz::TimeZone::UTC,
+                Some(name) => jiff::tz::TimeZone::get(name).unwrap_or_else(|e| {
+                    problem(key("timezone"), format!("{name:?}: {e}"));
+                    jiff::tz::TimeZone::UTC
+                }),
+            };
             let signing_keys = s
                 .signing_keys
                 .iter()
@@ -414,8 +508,24 @@ impl Config {
                 allow_ips,
                 fields: s.fields,
                 status_map,
+                correlation_ids,
+                model,
+                timezone,
+                call_fields: s.call_fields,
             };
-            if let Err(e) = MitelParser::new(&source.fields, source.status_map()) {
+            let compiled = match source.kind {
+                SourceKind::Mitel => {
+                    MitelParser::new(&source.fields, source.status_map()).map(drop)
+                }
+                SourceKind::Netsapiens => NetSapiensParser::new(
+                    &source.fields,
+                    &source.call_fields,
+                    source.status_map(),
+                    source.timezone.clone(),
+                )
+                .map(drop),
+            };
+            if let Err(e) = compiled {
                 problem(key("fields"), e.to_string());
             }
             sources.push(source);
@@ -442,6 +552,15 @@ impl Config {
             sources,
         })
     }
+}
+
+fn model_named(name: &str) -> Result<Model, String> {
+    Model::from_name(name).ok_or_else(|| {
+        format!(
+            "{name:?} is not a NetSapiens model (one of: {})",
+            Model::NAMES.join(", ")
+        )
+    })
 }
 
 fn valid_id(id: &str) -> bool {
@@ -641,6 +760,81 @@ signing_keys = ["k"]
             "{all}"
         );
         assert!(all.contains("MISSING_TOKEN is not set"), "{all}");
+    }
+
+    #[test]
+    fn netsapiens_sources_with_models_per_subscription() {
+        let text = r#"
+[[sources]]
+id = "ns"
+kind = "netsapiens"
+model = "agent"
+timezone = "UTC"
+correlation_ids = ["env:NS_SUB", { id = "sub-calls", model = "call" }]
+call_fields = { remove = "/removed" }
+fields = { domain = "/realm" }
+"#;
+        let c = parse(text, &[("NS_SUB", "sub-presence")]).unwrap();
+        let s = &c.sources[0];
+        assert_eq!(s.kind, SourceKind::Netsapiens);
+        assert_eq!(s.model, Model::Agent);
+        let ids: Vec<(&[u8], Model)> = s
+            .correlation_ids
+            .iter()
+            .map(|(id, m)| (id.expose(), *m))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                (&b"sub-presence"[..], Model::Agent),
+                (&b"sub-calls"[..], Model::Call)
+            ]
+        );
+        assert!(
+            !format!("{s:?}").contains("sub-presence"),
+            "ids are secrets"
+        );
+    }
+
+    #[test]
+    fn netsapiens_and_mitel_keys_do_not_mix() {
+        let text = r#"
+[[sources]]
+id = "ns"
+kind = "netsapiens"
+signing_keys = ["k"]
+model = "presences"
+timezone = "Mars/Olympus_Mons"
+correlation_ids = [{ id = "x", model = "nope" }]
+
+[[sources]]
+id = "ns2"
+kind = "netsapiens"
+
+[[sources]]
+id = "m"
+kind = "mitel"
+signing_keys = ["k"]
+correlation_ids = ["x"]
+model = "presence"
+fields = { domain = "/d" }
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, &[]) else {
+            panic!("expected validation problems");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "sources[0].signing_keys",
+            "sources[0].model",
+            "sources[0].timezone",
+            "sources[0].correlation_ids[0].model",
+            "sources[1].correlation_ids",
+            "sources[2].correlation_ids",
+            "sources[2].model",
+            "sources[2].fields.domain",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
     }
 
     #[test]

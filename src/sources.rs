@@ -17,10 +17,14 @@ use crate::presence::{ApplyOutcome, Millis};
 use crate::providers::Parser;
 use crate::providers::fields::FieldsError;
 use crate::providers::mitel::MitelParser;
-use crate::verify::{HmacHexVerifier, Verified, VerifyError};
+use crate::providers::netsapiens::{Model, NetSapiensParser};
+use crate::verify::{CorrelationIds, HmacHexVerifier, Verified, VerifyError};
 
 /// Mitel's signature header.
 pub const MITEL_SIGNATURE: &str = "x-notify-signature";
+
+/// NetSapiens' subscription id header.
+pub const NETSAPIENS_CORRELATION: &str = "x-correlation-id";
 
 /// Why a webhook request was rejected; one counter each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,25 +202,34 @@ pub enum Verifier {
         header: &'static str,
         verifier: HmacHexVerifier,
     },
+    /// A subscription id in the named header; each id knows its model.
+    Correlation {
+        header: &'static str,
+        ids: Arc<CorrelationIds<Model>>,
+    },
 }
 
 impl Verifier {
     /// The header that carries the proof.
     pub fn header(&self) -> &'static str {
         match self {
-            Verifier::HmacHex { header, .. } => header,
+            Verifier::HmacHex { header, .. } | Verifier::Correlation { header, .. } => header,
         }
     }
 
-    /// Verifies a request's headers and body.
+    /// Verifies a request's headers and body. Returns the verified body and,
+    /// for correlation ids, the model of the subscription the id names.
     pub fn verify<'a>(
         &self,
         headers: &HeaderMap,
         body: &'a [u8],
-    ) -> Result<Verified<'a>, VerifyError> {
+    ) -> Result<(Verified<'a>, Option<Model>), VerifyError> {
+        let presented = headers.get(self.header()).map(|v| v.as_bytes());
         match self {
-            Verifier::HmacHex { header, verifier } => {
-                verifier.verify(headers.get(*header).map(|v| v.as_bytes()), body)
+            Verifier::HmacHex { verifier, .. } => Ok((verifier.verify(presented, body)?, None)),
+            Verifier::Correlation { ids, .. } => {
+                let (verified, model) = ids.verify(presented, body)?;
+                Ok((verified, Some(model)))
             }
         }
     }
@@ -246,6 +259,27 @@ impl Source {
                 },
                 Parser::Mitel(MitelParser::new(&config.fields, config.status_map())?),
             ),
+            SourceKind::Netsapiens => {
+                let ids = CorrelationIds::new();
+                for (id, model) in &config.correlation_ids {
+                    ids.insert(id.expose(), *model);
+                }
+                (
+                    Verifier::Correlation {
+                        header: NETSAPIENS_CORRELATION,
+                        ids: Arc::new(ids),
+                    },
+                    Parser::NetSapiens {
+                        parser: NetSapiensParser::new(
+                            &config.fields,
+                            &config.call_fields,
+                            config.status_map(),
+                            config.timezone.clone(),
+                        )?,
+                        model: config.model,
+                    },
+                )
+            }
         };
         Ok(Source {
             id: Arc::from(config.id.as_str()),

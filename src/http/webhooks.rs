@@ -23,7 +23,7 @@ use super::client_addr::client_addr;
 use super::problem::Problem;
 use super::{AppState, REQUEST_ID};
 use crate::presence::Millis;
-use crate::sources::{Rejection, Source};
+use crate::sources::{Rejection, Source, Verifier};
 
 /// How long a caller has to deliver its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,7 +144,7 @@ async fn handle(
     }
     let body = read_body(body, limit).await?;
 
-    let verified = source.verifier.verify(&parts.headers, &body).map_err(|e| {
+    let (verified, model) = source.verifier.verify(&parts.headers, &body).map_err(|e| {
         let reason = Rejection::from(e);
         Rejected::new(
             reason,
@@ -153,7 +153,7 @@ async fn handle(
             verify_detail(source, reason),
         )
     })?;
-    let parsed = source.parser.parse(verified).map_err(|e| {
+    let parsed = source.parser.parse(verified, model).map_err(|e| {
         Rejected::new(
             Rejection::BadPayload,
             StatusCode::BAD_REQUEST,
@@ -168,6 +168,11 @@ async fn handle(
         let outcome = state.store().apply(source.index, update, received_at);
         source.stats.applied(outcome);
         tracing::debug!(source = %source.id, principal = %update.principal, ?outcome, "event applied");
+    }
+    for call in &parsed.calls {
+        let outcome = state.store().apply_call(source.index, call, received_at);
+        source.stats.applied(outcome);
+        tracing::debug!(source = %source.id, principal = %call.principal, ?outcome, "call event applied");
     }
     if parsed.ignored > 0 {
         source.stats.ignored(parsed.ignored);
@@ -278,9 +283,15 @@ fn verify_detail(source: &Source, reason: Rejection) -> String {
             format!("the {header} header is not in the expected format")
         }
         Rejection::SignatureExpired => format!("the {header} proof is outside its validity window"),
-        _ => format!(
-            "the {header} header does not match any key of source {:?}",
-            &*source.id
-        ),
+        _ => match source.verifier {
+            Verifier::HmacHex { .. } => format!(
+                "the {header} header does not match any key of source {:?}",
+                &*source.id
+            ),
+            Verifier::Correlation { .. } => format!(
+                "the {header} header does not name a subscription of source {:?}",
+                &*source.id
+            ),
+        },
     }
 }

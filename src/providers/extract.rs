@@ -208,6 +208,12 @@ impl<'de> Raw<'de> {
     pub fn get(self) -> &'de str {
         self.0
     }
+
+    /// A value from JSON text, for tests of code that reads values.
+    #[cfg(test)]
+    pub(crate) fn for_tests(json: &'de str) -> Self {
+        Raw(json)
+    }
 }
 
 /// The values found for a [`PointerSet`], borrowed from the document.

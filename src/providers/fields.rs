@@ -24,6 +24,8 @@ pub struct FieldOverrides {
     pub note: Option<OneOrMany>,
     pub timestamp: Option<OneOrMany>,
     pub event_id: Option<OneOrMany>,
+    /// NetSapiens: the domain appended to the principal (`user@domain`).
+    pub domain: Option<OneOrMany>,
 }
 
 /// A pointer or a list of pointers tried in order.
@@ -78,49 +80,65 @@ pub struct Fields {
     note: Vec<usize>,
     timestamp: Vec<usize>,
     event_id: Vec<usize>,
+    /// Zone of timestamps written without one (`YYYY-MM-DD HH:MM:SS`).
+    timezone: jiff::tz::TimeZone,
 }
 
 impl Fields {
     /// Compiles the defaults with the source's overrides.
     pub fn compile(defaults: &Defaults, overrides: &FieldOverrides) -> Result<Self, FieldsError> {
-        let mut set = PointerSet::default();
-        let mut field = |name: &'static str,
-                         default: &'static [&'static str],
-                         custom: &Option<OneOrMany>|
-         -> Result<Vec<usize>, FieldsError> {
-            let texts: Vec<&str> = match custom {
-                Some(c) => c.as_slice().iter().map(String::as_str).collect(),
-                None => default.to_vec(),
-            };
-            if custom.is_some() && texts.is_empty() {
-                return Err(FieldsError::Empty { field: name });
-            }
-            texts
-                .into_iter()
-                .map(|t| {
-                    let p = JsonPointer::parse(t).map_err(|source| FieldsError::Pointer {
-                        field: name,
-                        source,
-                    })?;
-                    Ok(set.add(p)?)
-                })
-                .collect()
+        let mut fields = Fields {
+            set: PointerSet::default(),
+            principal: Vec::new(),
+            status: Vec::new(),
+            activity: Vec::new(),
+            note: Vec::new(),
+            timestamp: Vec::new(),
+            event_id: Vec::new(),
+            timezone: jiff::tz::TimeZone::UTC,
         };
-        let principal = field("principal", defaults.principal, &overrides.principal)?;
-        let status = field("status", defaults.status, &overrides.status)?;
-        let activity = field("activity", defaults.activity, &overrides.activity)?;
-        let note = field("note", defaults.note, &overrides.note)?;
-        let timestamp = field("timestamp", defaults.timestamp, &overrides.timestamp)?;
-        let event_id = field("event_id", defaults.event_id, &overrides.event_id)?;
-        Ok(Fields {
-            set,
-            principal,
-            status,
-            activity,
-            note,
-            timestamp,
-            event_id,
-        })
+        let o = overrides;
+        fields.principal =
+            fields.add_list("principal", defaults.principal, o.principal.as_ref())?;
+        fields.status = fields.add_list("status", defaults.status, o.status.as_ref())?;
+        fields.activity = fields.add_list("activity", defaults.activity, o.activity.as_ref())?;
+        fields.note = fields.add_list("note", defaults.note, o.note.as_ref())?;
+        fields.timestamp =
+            fields.add_list("timestamp", defaults.timestamp, o.timestamp.as_ref())?;
+        fields.event_id = fields.add_list("event_id", defaults.event_id, o.event_id.as_ref())?;
+        Ok(fields)
+    }
+
+    /// Adds one more field: its default pointers, or the configured ones.
+    /// Returns the pointers' indexes, in the order they are tried.
+    pub fn add_list(
+        &mut self,
+        name: &'static str,
+        default: &'static [&'static str],
+        custom: Option<&OneOrMany>,
+    ) -> Result<Vec<usize>, FieldsError> {
+        let texts: Vec<&str> = match custom {
+            Some(c) => c.as_slice().iter().map(String::as_str).collect(),
+            None => default.to_vec(),
+        };
+        if custom.is_some() && texts.is_empty() {
+            return Err(FieldsError::Empty { field: name });
+        }
+        texts
+            .into_iter()
+            .map(|t| {
+                let p = JsonPointer::parse(t).map_err(|source| FieldsError::Pointer {
+                    field: name,
+                    source,
+                })?;
+                Ok(self.set.add(p)?)
+            })
+            .collect()
+    }
+
+    /// Sets the zone of timestamps that are written without one.
+    pub fn set_timezone(&mut self, timezone: jiff::tz::TimeZone) {
+        self.timezone = timezone;
     }
 
     /// Adds a pointer the provider itself needs (e.g. Mitel's `/topic`).
@@ -135,6 +153,11 @@ impl Fields {
     /// Walks one JSON document for every configured pointer.
     pub fn extract<'de>(&self, json: &'de str) -> Result<Found<'de>, ParseError> {
         Ok(extract::extract(&self.set, json)?)
+    }
+
+    /// Whether none of the status pointers has a value.
+    pub fn status_absent(&self, found: &Found<'_>) -> bool {
+        first(found, &self.status).is_none()
     }
 
     /// The first present value among the principal pointers.
@@ -163,14 +186,7 @@ impl Fields {
         let status_text = self
             .text("note", &self.note, found)?
             .filter(|n| !n.is_empty());
-        let observed_at = match first(found, &self.timestamp) {
-            None => None,
-            Some((i, raw)) => Some(parse_time(raw).ok_or_else(|| ParseError::Invalid {
-                field: "timestamp",
-                pointer: self.pointer_text(i),
-                problem: "not epoch milliseconds or an RFC 3339 time",
-            })?),
-        };
+        let observed_at = self.time("timestamp", &self.timestamp, found)?;
         let event_id = self.text("event_id", &self.event_id, found)?;
         Ok(PresenceUpdate {
             principal,
@@ -183,7 +199,31 @@ impl Fields {
         })
     }
 
-    fn text<'de>(
+    /// The first present value among `pointers` as a time: epoch
+    /// milliseconds, RFC 3339, or `YYYY-MM-DD HH:MM:SS` in the source's zone.
+    pub fn time(
+        &self,
+        field: &'static str,
+        pointers: &[usize],
+        found: &Found<'_>,
+    ) -> Result<Option<Millis>, ParseError> {
+        match first(found, pointers) {
+            None => Ok(None),
+            Some((i, raw)) => {
+                parse_time(raw, &self.timezone)
+                    .map(Some)
+                    .ok_or_else(|| ParseError::Invalid {
+                        field,
+                        pointer: self.pointer_text(i),
+                        problem: "not epoch milliseconds, an RFC 3339 time or YYYY-MM-DD HH:MM:SS",
+                    })
+            }
+        }
+    }
+
+    /// The first present value among `pointers` as text (a string, or a
+    /// number or boolean as written); an error when it is an object or array.
+    pub fn text<'de>(
         &self,
         field: &'static str,
         pointers: &[usize],
@@ -201,7 +241,8 @@ impl Fields {
         }
     }
 
-    fn required_text<'de>(
+    /// Like [`Fields::text`], but absent or blank is an error.
+    pub fn required_text<'de>(
         &self,
         field: &'static str,
         pointers: &[usize],
@@ -234,14 +275,54 @@ fn first<'de>(found: &Found<'de>, pointers: &[usize]) -> Option<(usize, Raw<'de>
         .find_map(|&i| found.get(i).map(|raw| (i, raw)))
 }
 
-/// A provider timestamp: epoch milliseconds (number or digit string) or RFC 3339.
-fn parse_time(raw: Raw<'_>) -> Option<Millis> {
+/// A provider timestamp: epoch milliseconds (number or digit string), RFC
+/// 3339, or `YYYY-MM-DD HH:MM:SS` (NetSapiens) in `zone`.
+fn parse_time(raw: Raw<'_>, zone: &jiff::tz::TimeZone) -> Option<Millis> {
     if let Some(ms) = extract::as_i64(raw) {
         return Some(Millis(ms));
     }
     let text = extract::as_str(raw)?;
-    text.parse::<i64>()
-        .ok()
-        .map(Millis)
-        .or_else(|| Millis::parse_rfc3339(&text))
+    if let Ok(ms) = text.parse::<i64>() {
+        return Some(Millis(ms));
+    }
+    if let Some(ms) = Millis::parse_rfc3339(&text) {
+        return Some(ms);
+    }
+    let civil = jiff::civil::DateTime::strptime("%Y-%m-%d %H:%M:%S", text.as_ref()).ok()?;
+    let at = zone.to_timestamp(civil).ok()?;
+    Some(Millis(at.as_millisecond()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_in_every_accepted_form() {
+        let utc = jiff::tz::TimeZone::UTC;
+        let raw = |s: &'static str| Raw::for_tests(s);
+        assert_eq!(
+            parse_time(raw("1764000930123"), &utc),
+            Some(Millis(1_764_000_930_123))
+        );
+        assert_eq!(
+            parse_time(raw("\"1764000930123\""), &utc),
+            Some(Millis(1_764_000_930_123))
+        );
+        assert_eq!(
+            parse_time(raw("\"2025-11-24T16:15:30.123Z\""), &utc),
+            Some(Millis(1_764_000_930_123))
+        );
+        assert_eq!(
+            parse_time(raw("\"2025-11-24 16:15:30\""), &utc),
+            Some(Millis(1_764_000_930_000))
+        );
+        let berlin = jiff::tz::TimeZone::fixed(jiff::tz::offset(1));
+        assert_eq!(
+            parse_time(raw("\"2025-11-24 17:15:30\""), &berlin),
+            Some(Millis(1_764_000_930_000))
+        );
+        assert_eq!(parse_time(raw("\"yesterday\""), &utc), None);
+        assert_eq!(parse_time(raw("{}"), &utc), None);
+    }
 }

@@ -81,8 +81,8 @@ impl MitelParser {
             })?;
         if topic != PRESENCE_TOPIC {
             return Ok(Parsed {
-                updates: Vec::new(),
                 ignored: 1,
+                ..Parsed::default()
             });
         }
         let principal = principal_id(self.fields.principal(&found)?);
@@ -95,7 +95,7 @@ impl MitelParser {
         let update = self.fields.update(&found, principal, &self.statuses)?;
         Ok(Parsed {
             updates: vec![update],
-            ignored: 0,
+            ..Parsed::default()
         })
     }
 }

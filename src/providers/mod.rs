@@ -9,9 +9,10 @@
 pub mod extract;
 pub mod fields;
 pub mod mitel;
+pub mod netsapiens;
 pub mod status;
 
-use crate::presence::PresenceUpdate;
+use crate::presence::{CallUpdate, PresenceUpdate};
 use crate::verify::Verified;
 
 pub use fields::{FieldOverrides, Fields};
@@ -22,6 +23,8 @@ pub use status::StatusMap;
 pub struct Parsed<'a> {
     /// Presence changes it carries.
     pub updates: Vec<PresenceUpdate<'a>>,
+    /// Call changes it carries.
+    pub calls: Vec<CallUpdate<'a>>,
     /// Events acknowledged but not about presence (other topics or models).
     pub ignored: u32,
 }
@@ -44,19 +47,41 @@ pub enum ParseError {
         pointer: String,
         problem: &'static str,
     },
+    #[error("element {index}: {source}")]
+    Element {
+        index: usize,
+        source: Box<ParseError>,
+    },
 }
 
 /// The parser of one source, chosen by its `kind`.
 #[derive(Debug)]
+// One per source, built once: the size difference between variants costs
+// nothing, and boxing would add an indirection on every request.
+#[allow(clippy::large_enum_variant)]
 pub enum Parser {
     Mitel(mitel::MitelParser),
+    NetSapiens {
+        parser: netsapiens::NetSapiensParser,
+        /// The model of posts whose subscription does not say.
+        model: netsapiens::Model,
+    },
 }
 
 impl Parser {
-    /// Parses one verified notification body.
-    pub fn parse<'a>(&self, body: Verified<'a>) -> Result<Parsed<'a>, ParseError> {
+    /// Parses one verified notification body; `model` is the NetSapiens
+    /// model of the subscription the verifier matched, when it knows one.
+    pub fn parse<'a>(
+        &self,
+        body: Verified<'a>,
+        model: Option<netsapiens::Model>,
+    ) -> Result<Parsed<'a>, ParseError> {
         match self {
             Parser::Mitel(p) => p.parse(body),
+            Parser::NetSapiens {
+                parser,
+                model: default,
+            } => parser.parse(body, model.unwrap_or(*default)),
         }
     }
 }

@@ -70,8 +70,8 @@ impl<T: Copy> CorrelationIds<T> {
     }
 
     /// Adds `id` with `value` (replacing the value if present).
-    pub fn insert(&self, id: &str, value: T) {
-        let digest = self.digest(id.as_bytes());
+    pub fn insert(&self, id: impl AsRef<[u8]>, value: T) {
+        let digest = self.digest(id.as_ref());
         let mut table = self.table.write();
         let bucket = table.entry(Self::bucket(&digest)).or_default();
         match bucket
@@ -84,8 +84,8 @@ impl<T: Copy> CorrelationIds<T> {
     }
 
     /// Removes `id`; posts carrying it are rejected from now on.
-    pub fn remove(&self, id: &str) -> bool {
-        let digest = self.digest(id.as_bytes());
+    pub fn remove(&self, id: impl AsRef<[u8]>) -> bool {
+        let digest = self.digest(id.as_ref());
         let mut table = self.table.write();
         let key = Self::bucket(&digest);
         let Some(bucket) = table.get_mut(&key) else {
