@@ -52,9 +52,9 @@ RUN groupadd --system --gid 10001 presence-gateway \
 
 COPY --from=builder /build/target/release/presence-gateway /usr/local/bin/presence-gateway
 # The image's default config is example.toml, which reads its secrets from
-# MITEL_APPLICATION_ID and PG_CONSUMER_TOKEN: a container started without them
-# refuses to start instead of accepting webhooks signed with the public
-# development key. Mount your own presence-gateway.toml over it as needed.
+# MITEL_APPLICATION_ID, NS_SUBSCRIPTION_ID and PG_CONSUMER_TOKEN: a container
+# started without them refuses to start instead of accepting webhooks signed
+# with the public development key. Mount your own presence-gateway.toml over it as needed.
 COPY config/example.toml /etc/presence-gateway/example.toml
 COPY config/example.toml /etc/presence-gateway/presence-gateway.toml
 

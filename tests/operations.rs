@@ -102,11 +102,12 @@ fn shipped_config_files_parse() {
     let vars = |name: &str| match name {
         "PG_CONSUMER_TOKEN" => Some("t".to_owned()),
         "MITEL_APPLICATION_ID" => Some("k".to_owned()),
+        "NS_SUBSCRIPTION_ID" => Some("sub".to_owned()),
         _ => None,
     };
     let example = Config::load_with_env(&root("config/example.toml"), Vec::new(), vars)
         .expect("example.toml");
-    assert_eq!(example.sources.len(), 1);
+    assert_eq!(example.sources.len(), 2);
     assert_eq!(example.server.body_limit_bytes, 262_144);
     // The development default needs nothing at all.
     let dev = Config::load_with_env(&root("config/presence-gateway.toml"), Vec::new(), |_| None)
