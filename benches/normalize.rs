@@ -1,4 +1,5 @@
-//! After verification: Mitel parse-and-normalize, then `Store::apply`.
+//! After verification: Mitel and NetSapiens parse-and-normalize, then
+//! `Store::apply`.
 //!
 //! Parsing runs on the recorded fixtures, with the default field pointers and
 //! with `[sources.fields]` overrides that point deeper into the payload, and on
@@ -23,6 +24,7 @@ use presence_gateway::presence::store::StoreLimits;
 use presence_gateway::presence::{ApplyOutcome, Availability, Millis, PresenceUpdate, Store};
 use presence_gateway::providers::fields::OneOrMany;
 use presence_gateway::providers::mitel::{self, MitelParser};
+use presence_gateway::providers::netsapiens::{self, CallFieldOverrides, Model, NetSapiensParser};
 use presence_gateway::providers::{FieldOverrides, StatusMap};
 use presence_gateway::verify::Verified;
 
@@ -86,6 +88,52 @@ fn parse(c: &mut Criterion) {
             });
         });
     }
+    group.finish();
+}
+
+/// A NetSapiens post of `n` presence objects (about 150 bytes each).
+fn netsapiens_post(n: usize) -> String {
+    let words = ["open", "inuse", "away", "dnd", "closed"];
+    let items: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"user":"{}","domain":"acme.example","name-first-name":"Ada","presence":"{}","message":"","time":"2026-11-24 10:15:{:02}"}}"#,
+                1000 + i,
+                words[i % words.len()],
+                i % 60
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+fn netsapiens_parse(c: &mut Criterion) {
+    let parser = NetSapiensParser::new(
+        &FieldOverrides::default(),
+        &CallFieldOverrides::default(),
+        StatusMap::new(netsapiens::STATUS_WORDS, []),
+        jiff::tz::TimeZone::UTC,
+    )
+    .expect("default NetSapiens fields compile");
+    let body = netsapiens_post(100);
+    let parsed = parser
+        .parse(
+            Verified::assume_verified_for_tests(body.as_bytes()),
+            Model::Presence,
+        )
+        .unwrap();
+    assert_eq!((parsed.updates.len(), parsed.ignored), (100, 0));
+
+    let mut group = c.benchmark_group("netsapiens_parse");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("presence_100_objects", |b| {
+        b.iter(|| {
+            parser.parse(
+                Verified::assume_verified_for_tests(black_box(body.as_bytes())),
+                Model::Presence,
+            )
+        });
+    });
     group.finish();
 }
 
@@ -344,5 +392,5 @@ fn store_apply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse, store_apply);
+criterion_group!(benches, parse, netsapiens_parse, store_apply);
 criterion_main!(benches);
