@@ -14,6 +14,7 @@ pub mod presence;
 pub mod providers;
 pub mod sources;
 pub mod telemetry;
+pub mod upstream;
 pub mod verify;
 
 use std::net::SocketAddr;
