@@ -133,6 +133,46 @@ pub struct SourceConfig {
     pub timezone: jiff::tz::TimeZone,
     /// NetSapiens: where the fields of `call` objects are.
     pub call_fields: CallFieldOverrides,
+    /// Subscriptions the gateway creates and keeps alive, if configured.
+    pub managed: Option<Managed>,
+}
+
+/// `api_base`, `[sources.auth]` and `[sources.subscription]`: what the
+/// gateway subscribes to at the provider, and how it authenticates.
+#[derive(Clone, Debug)]
+pub struct Managed {
+    pub api_base: String,
+    pub auth: Auth,
+    pub callback_url: String,
+    pub lifetime: Duration,
+    pub renew_before: Duration,
+    pub delete_on_shutdown: bool,
+    /// NetSapiens: one subscription per model.
+    pub models: Vec<Model>,
+    pub model_names: Vec<String>,
+    pub reseller: Option<String>,
+    pub domain: Option<String>,
+    pub user: Option<String>,
+    pub geo_support: bool,
+    pub preferred_server: Option<String>,
+    /// First delay after a failed call; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// `[sources.auth]`.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// A static bearer token (an API key).
+    Bearer(Secret),
+    /// OAuth password grant at `token_url`.
+    Password {
+        token_url: String,
+        client_id: Secret,
+        client_secret: Secret,
+        username: Secret,
+        password: Secret,
+    },
 }
 
 impl SourceConfig {
@@ -267,6 +307,62 @@ struct RawSource {
     timezone: Option<String>,
     #[serde(default)]
     call_fields: CallFieldOverrides,
+    api_base: Option<String>,
+    auth: Option<RawAuth>,
+    subscription: Option<RawSubscription>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(rename = "type")]
+    kind: String,
+    token: Option<String>,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubscription {
+    callback_url: String,
+    #[serde(default = "default_lifetime")]
+    lifetime_secs: u64,
+    #[serde(default = "default_renew_before")]
+    renew_before_secs: u64,
+    #[serde(default)]
+    delete_on_shutdown: bool,
+    #[serde(default)]
+    model: Option<crate::providers::fields::OneOrMany>,
+    reseller: Option<String>,
+    domain: Option<String>,
+    user: Option<String>,
+    #[serde(default = "default_true")]
+    geo_support: bool,
+    preferred_server: Option<String>,
+    #[serde(default = "default_retry_initial")]
+    retry_initial_ms: u64,
+    #[serde(default = "default_retry_max")]
+    retry_max_secs: u64,
+}
+
+fn default_lifetime() -> u64 {
+    86_400
+}
+fn default_renew_before() -> u64 {
+    3_600
+}
+fn default_true() -> bool {
+    true
+}
+fn default_retry_initial() -> u64 {
+    1_000
+}
+fn default_retry_max() -> u64 {
+    300
 }
 
 /// A NetSapiens subscription id: just the id (the source's `model`), or
@@ -415,6 +511,9 @@ impl Config {
                     }
                     let netsapiens_only = [
                         ("correlation_ids", !s.correlation_ids.is_empty()),
+                        ("api_base", s.api_base.is_some()),
+                        ("auth", s.auth.is_some()),
+                        ("subscription", s.subscription.is_some()),
                         ("model", s.model.is_some()),
                         ("timezone", s.timezone.is_some()),
                         (
@@ -430,7 +529,7 @@ impl Config {
                     }
                 }
                 SourceKind::Netsapiens => {
-                    if s.correlation_ids.is_empty() {
+                    if s.correlation_ids.is_empty() && s.subscription.is_none() {
                         problem(
                             key("correlation_ids"),
                             "must list at least one subscription id".into(),
@@ -501,6 +600,35 @@ impl Config {
                     }
                 })
                 .collect();
+            let managed = match (&s.subscription, s.kind) {
+                (Some(sub), SourceKind::Netsapiens) => {
+                    let default_model = s.model.as_deref().unwrap_or("presence");
+                    managed(
+                        sub,
+                        s.api_base.as_deref(),
+                        s.auth.as_ref(),
+                        default_model,
+                        lookup,
+                    )
+                    .map_err(|list| {
+                        for (field, message) in list {
+                            problem(key(&field), message);
+                        }
+                    })
+                    .ok()
+                }
+                _ => None,
+            };
+            if s.subscription.is_none() && s.kind == SourceKind::Netsapiens {
+                for (field, set) in [
+                    ("api_base", s.api_base.is_some()),
+                    ("auth", s.auth.is_some()),
+                ] {
+                    if set {
+                        problem(key(field), "only used with [sources.subscription]".into());
+                    }
+                }
+            }
             let source = SourceConfig {
                 id: s.id,
                 kind: s.kind,
@@ -512,6 +640,7 @@ impl Config {
                 model,
                 timezone,
                 call_fields: s.call_fields,
+                managed,
             };
             let compiled = match source.kind {
                 SourceKind::Mitel => {
@@ -551,6 +680,152 @@ impl Config {
             consumers: ConsumersConfig { tokens },
             sources,
         })
+    }
+}
+
+/// Validates a managed subscription; problems as `(field, message)`.
+fn managed(
+    sub: &RawSubscription,
+    api_base: Option<&str>,
+    auth: Option<&RawAuth>,
+    default_model: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Managed, Vec<(String, String)>> {
+    let mut problems: Vec<(String, String)> = Vec::new();
+    let url_ok = |text: &str| {
+        reqwest::Url::parse(text)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+            .is_some()
+    };
+    let api_base = match api_base {
+        Some(base) if url_ok(base) => base.trim_end_matches('/').to_owned(),
+        Some(base) => {
+            problems.push(("api_base".into(), format!("{base:?} is not an http(s) URL")));
+            String::new()
+        }
+        None => {
+            problems.push((
+                "api_base".into(),
+                "required with [sources.subscription] (the provider's API root)".into(),
+            ));
+            String::new()
+        }
+    };
+    if !url_ok(&sub.callback_url) {
+        problems.push((
+            "subscription.callback_url".into(),
+            format!("{:?} is not an http(s) URL", sub.callback_url),
+        ));
+    }
+    if sub.lifetime_secs == 0 {
+        problems.push((
+            "subscription.lifetime_secs".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if sub.renew_before_secs >= sub.lifetime_secs {
+        problems.push((
+            "subscription.renew_before_secs".into(),
+            "must be less than lifetime_secs".into(),
+        ));
+    }
+    if sub.retry_initial_ms == 0 || sub.retry_max_secs == 0 {
+        problems.push((
+            "subscription.retry_initial_ms".into(),
+            "retry_initial_ms and retry_max_secs must be at least 1".into(),
+        ));
+    }
+    let names: Vec<String> = match &sub.model {
+        None => vec![default_model.to_owned()],
+        Some(crate::providers::fields::OneOrMany::One(m)) => vec![m.clone()],
+        Some(crate::providers::fields::OneOrMany::Many(list)) => list.clone(),
+    };
+    if names.is_empty() {
+        problems.push((
+            "subscription.model".into(),
+            "name at least one model".into(),
+        ));
+    }
+    let mut models = Vec::new();
+    for name in &names {
+        match model_named(name) {
+            Ok(m) => models.push(m),
+            Err(e) => problems.push(("subscription.model".into(), e)),
+        }
+    }
+    let mut secret = |field: &str, value: &Option<String>| -> Option<Secret> {
+        match value {
+            None => {
+                problems.push((
+                    format!("auth.{field}"),
+                    "required for this auth type".into(),
+                ));
+                None
+            }
+            Some(reference) => resolve_secret(reference, lookup)
+                .map_err(|m| problems.push((format!("auth.{field}"), m)))
+                .ok(),
+        }
+    };
+    let auth = match auth {
+        None => {
+            problems.push((
+                "auth".into(),
+                "required with [sources.subscription] (type = \"bearer\" or \"password\")".into(),
+            ));
+            None
+        }
+        Some(a) if a.kind == "bearer" => secret("token", &a.token).map(Auth::Bearer),
+        Some(a) if a.kind == "password" => {
+            let client_id = secret("client_id", &a.client_id);
+            let client_secret = secret("client_secret", &a.client_secret);
+            let username = secret("username", &a.username);
+            let password = secret("password", &a.password);
+            let token_url = a
+                .token_url
+                .clone()
+                .unwrap_or_else(|| format!("{api_base}/ns-api/v2/tokens"));
+            match (client_id, client_secret, username, password) {
+                (Some(client_id), Some(client_secret), Some(username), Some(password)) => {
+                    Some(Auth::Password {
+                        token_url,
+                        client_id,
+                        client_secret,
+                        username,
+                        password,
+                    })
+                }
+                _ => None,
+            }
+        }
+        Some(a) => {
+            problems.push((
+                "auth.type".into(),
+                format!("{:?} is not one of: bearer, password", a.kind),
+            ));
+            None
+        }
+    };
+    match auth {
+        Some(auth) if problems.is_empty() => Ok(Managed {
+            api_base,
+            auth,
+            callback_url: sub.callback_url.clone(),
+            lifetime: Duration::from_secs(sub.lifetime_secs),
+            renew_before: Duration::from_secs(sub.renew_before_secs),
+            delete_on_shutdown: sub.delete_on_shutdown,
+            models,
+            model_names: names,
+            reseller: sub.reseller.clone(),
+            domain: sub.domain.clone(),
+            user: sub.user.clone(),
+            geo_support: sub.geo_support,
+            preferred_server: sub.preferred_server.clone(),
+            retry_initial: Duration::from_millis(sub.retry_initial_ms),
+            retry_max: Duration::from_secs(sub.retry_max_secs),
+        }),
+        _ => Err(problems),
     }
 }
 

@@ -39,6 +39,8 @@ pub enum RunError {
     Sources(#[from] providers::fields::FieldsError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
 }
 
 /// Runs the daemon on `listener` until `shutdown` is cancelled, then drains:
@@ -59,6 +61,7 @@ pub async fn run(
             dedup_capacity: config.store.dedup_capacity,
         },
     ));
+    let mut managers = upstream::spawn_managers(&sources, &config.sources, &shutdown)?;
     let state = AppState::new(StateParts {
         sources,
         store,
@@ -99,11 +102,38 @@ pub async fn run(
     );
 
     let grace = config.server.shutdown_grace;
-    tokio::select! {
-        result = server.into_future() => result?,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight; stopping");
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::pin!(deadline);
+    let out_of_time = tokio::select! {
+        result = server.into_future() => {
+            result?;
+            false
         }
+        () = &mut deadline => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight; stopping");
+            true
+        }
+    };
+    // Managers delete their subscriptions (when configured) within what is
+    // left of the grace period.
+    if !out_of_time {
+        let managers_done = async {
+            for task in &mut managers {
+                let _ = task.await;
+            }
+        };
+        tokio::select! {
+            () = managers_done => {}
+            () = &mut deadline => {
+                tracing::warn!("grace period over before every subscription was cleaned up; stopping");
+            }
+        }
+    }
+    for task in &managers {
+        task.abort();
     }
     tracing::info!("stopped");
     Ok(())

@@ -18,6 +18,7 @@ use crate::providers::Parser;
 use crate::providers::fields::FieldsError;
 use crate::providers::mitel::MitelParser;
 use crate::providers::netsapiens::{Model, NetSapiensParser};
+use crate::upstream::manager::Board;
 use crate::verify::{CorrelationIds, HmacHexVerifier, Verified, VerifyError};
 
 /// Mitel's signature header.
@@ -246,6 +247,8 @@ pub struct Source {
     pub parser: Parser,
     pub allow_ips: Vec<IpNet>,
     pub stats: SourceStats,
+    /// State of the subscriptions the gateway manages for this source.
+    pub subscriptions: Arc<Board>,
 }
 
 impl Source {
@@ -289,6 +292,7 @@ impl Source {
             parser,
             allow_ips: config.allow_ips.clone(),
             stats: SourceStats::default(),
+            subscriptions: Arc::new(Board::default()),
         })
     }
 }

@@ -77,6 +77,74 @@ fn load(a: &AtomicU64) -> u64 {
 }
 
 impl GatewayCollector {
+    /// Managed subscriptions: state, expiry, the provider's counts and
+    /// consecutive failures, labelled by source, kind and (fingerprinted) id.
+    fn encode_subscriptions(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        type Value = fn(&crate::upstream::manager::SubscriptionView) -> Option<f64>;
+        let gauges: [(&str, &str, Value); 4] = [
+            (
+                "presence_gateway_subscription_expiry_timestamp_seconds",
+                "Unix time a managed subscription expires (0: unknown).",
+                |v| Some(v.expires_at.map_or(0.0, |m| m.0 as f64 / 1000.0)),
+            ),
+            (
+                "presence_gateway_subscription_posts",
+                "Posts the provider reports for a managed subscription.",
+                |v| v.posts_count.map(|c| c as f64),
+            ),
+            (
+                "presence_gateway_subscription_errors",
+                "Errors the provider reports for a managed subscription.",
+                |v| v.error_count.map(|c| c as f64),
+            ),
+            (
+                "presence_gateway_subscription_failures",
+                "Consecutive failed calls for a managed subscription.",
+                |v| Some(f64::from(v.failures)),
+            ),
+        ];
+        let mut state = encoder.encode_descriptor(
+            "presence_gateway_subscription_state",
+            "1 for the state each managed subscription is in.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for source in self.sources.iter_sorted() {
+            for view in source.subscriptions.snapshot() {
+                let word = view
+                    .state
+                    .split([':', ' '])
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let id = view.id.clone().unwrap_or_default();
+                let labels = [
+                    ("source", &*source.id),
+                    ("kind", view.kind.as_str()),
+                    ("subscription", id.as_str()),
+                    ("state", word.as_str()),
+                ];
+                ConstGauge::new(1).encode(state.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for source in self.sources.iter_sorted() {
+                for view in source.subscriptions.snapshot() {
+                    let Some(v) = value(&view) else { continue };
+                    let id = view.id.clone().unwrap_or_default();
+                    let labels = [
+                        ("source", &*source.id),
+                        ("kind", view.kind.as_str()),
+                        ("subscription", id.as_str()),
+                    ];
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One counter family with a `source` label and a second label.
     fn per_source_counter<'s>(
         &'s self,
@@ -203,6 +271,8 @@ impl Collector for GatewayCollector {
                 .latency
                 .encode(latency.encode_family(&[("source", &*source.id)])?)?;
         }
+
+        self.encode_subscriptions(&mut encoder)?;
 
         let unknown = encoder.encode_descriptor(
             "presence_gateway_unknown_source_requests",

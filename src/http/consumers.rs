@@ -16,6 +16,7 @@ use super::AppState;
 use super::problem::Problem;
 use crate::presence::{Availability, Cursor, Millis, PresenceRecord};
 use crate::sources::{Rejection, Source};
+use crate::upstream::manager::SubscriptionView;
 
 /// Default and largest page size of `GET /v1/presence`.
 const DEFAULT_LIMIT: usize = 100;
@@ -225,8 +226,8 @@ struct SourceView {
     last_event_at: Option<Millis>,
     counters: Counters,
     /// Managed upstream subscriptions; none for sources without a
-    /// `[sources.subscription]` table.
-    subscriptions: Vec<()>,
+    /// `[sources.subscription]` table. Secret ids appear as fingerprints.
+    subscriptions: Vec<SubscriptionView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -265,7 +266,7 @@ pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
                         .map(|&r| (r.as_str(), st.rejected(r)))
                         .collect(),
                 },
-                subscriptions: Vec::new(),
+                subscriptions: s.subscriptions.snapshot(),
             }
         })
         .collect();

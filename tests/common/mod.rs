@@ -70,7 +70,10 @@ impl Gateway {
         let task = tokio::spawn(presence_gateway::run(config, listener, shutdown.clone()));
         Gateway {
             addr,
-            client: reqwest::Client::new(),
+            client: {
+                presence_gateway::upstream::install_crypto_provider();
+                reqwest::Client::new()
+            },
             shutdown,
             task: Some(task),
         }
