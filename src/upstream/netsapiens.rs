@@ -72,7 +72,7 @@ impl NetSapiens {
                 .map_err(|e| super::transport_error("subscription request", &e))?;
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
-                self.token.invalidate();
+                self.token.invalidate(&token).await;
                 continue;
             }
             if status.is_success() {

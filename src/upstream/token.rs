@@ -2,8 +2,8 @@
 //! OAuth password grant that is refreshed before it expires and again when
 //! the API answers 401.
 
-use parking_lot::Mutex;
 use serde::Deserialize;
+use tokio::sync::Mutex;
 
 use super::manager::UpstreamError;
 use crate::config::Secret;
@@ -27,7 +27,9 @@ pub enum TokenSource {
     Static(Secret),
     Password {
         grant: PasswordGrant,
-        /// The current token and when to stop using it (epoch ms).
+        /// The current token and when to stop using it (epoch ms). Held
+        /// while a new token is fetched, so concurrent callers (one manager
+        /// per subscription) wait for that one instead of fetching their own.
         cached: Mutex<Option<(Secret, i64)>>,
     },
 }
@@ -58,7 +60,8 @@ impl TokenSource {
             TokenSource::Static(token) => return Ok(token.clone()),
             TokenSource::Password { grant, cached } => (grant, cached),
         };
-        if let Some((token, until)) = &*cached.lock() {
+        let mut cached = cached.lock().await;
+        if let Some((token, until)) = &*cached {
             if now_ms < *until {
                 return Ok(token.clone());
             }
@@ -95,14 +98,18 @@ impl TokenSource {
         let lifetime_ms = answer.expires_in.unwrap_or(3600).max(1) * 1000;
         let until = now_ms + (lifetime_ms - REFRESH_MARGIN_MS).max(lifetime_ms / 2);
         let token = Secret::new(answer.access_token);
-        *cached.lock() = Some((token.clone(), until));
+        *cached = Some((token.clone(), until));
         Ok(token)
     }
 
-    /// Forgets the cached token (after a 401), so the next call fetches one.
-    pub fn invalidate(&self) {
+    /// Forgets `rejected` (after a 401) so the next call fetches a new
+    /// token; a token another caller has already replaced stays.
+    pub async fn invalidate(&self, rejected: &Secret) {
         if let TokenSource::Password { cached, .. } = self {
-            *cached.lock() = None;
+            let mut cached = cached.lock().await;
+            if cached.as_ref().is_some_and(|(token, _)| token == rejected) {
+                *cached = None;
+            }
         }
     }
 }

@@ -62,9 +62,15 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway with the given config text.
     pub async fn start(config: &str) -> Gateway {
+        Self::start_on_port(config, 0).await
+    }
+
+    /// Starts a gateway on a given loopback port (0: any), for tests that
+    /// must know the gateway's URL before it starts.
+    pub async fn start_on_port(config: &str, port: u16) -> Gateway {
         let config = Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(presence_gateway::run(config, listener, shutdown.clone()));
