@@ -1113,6 +1113,96 @@ fields = { domain = "/d" }
     }
 
     #[test]
+    fn managed_netsapiens_subscriptions() {
+        let text = r#"
+[[sources]]
+id = "ns"
+kind = "netsapiens"
+api_base = "https://api.ns.example.net/"
+
+[sources.auth]
+type = "password"
+client_id = "gw"
+client_secret = "env:NS_SECRET"
+username = "admin@acme"
+password = "file:/nonexistent/ns-password"
+
+[sources.subscription]
+callback_url = "https://gw.example.com/webhooks/ns"
+model = ["presence", "call"]
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, &[("NS_SECRET", "s")]) else {
+            panic!("the password file does not exist");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["sources[0].auth.password"]);
+
+        let text = text.replace("file:/nonexistent/ns-password", "pw");
+        let c = parse(&text, &[("NS_SECRET", "s")]).unwrap();
+        let m = c.sources[0].managed.as_ref().unwrap();
+        assert_eq!(m.api_base, "https://api.ns.example.net");
+        assert_eq!(m.models, [Model::Presence, Model::Call]);
+        assert_eq!(m.lifetime, Duration::from_secs(86_400));
+        assert_eq!(m.renew_before, Duration::from_secs(3_600));
+        assert!(m.geo_support && !m.delete_on_shutdown);
+        let Auth::Password { token_url, .. } = &m.auth else {
+            panic!("password grant");
+        };
+        assert_eq!(token_url, "https://api.ns.example.net/ns-api/v2/tokens");
+        assert!(
+            c.sources[0].correlation_ids.is_empty(),
+            "ids come from the manager"
+        );
+        assert!(!format!("{m:?}").contains("pw\""), "secrets are redacted");
+    }
+
+    #[test]
+    fn managed_subscription_problems_are_named() {
+        let text = r#"
+[[sources]]
+id = "ns"
+kind = "netsapiens"
+api_base = "ftp://nope"
+
+[sources.auth]
+type = "oauth-magic"
+
+[sources.subscription]
+callback_url = "not a url"
+lifetime_secs = 600
+renew_before_secs = 600
+model = "presences"
+
+[[sources]]
+id = "ns2"
+kind = "netsapiens"
+correlation_ids = ["x"]
+api_base = "https://api.example.net"
+
+[[sources]]
+id = "ns3"
+kind = "netsapiens"
+api_base = "https://api.example.net"
+subscription = { callback_url = "https://gw.example.com/webhooks/ns3" }
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, &[]) else {
+            panic!("expected validation problems");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "sources[0].api_base",
+            "sources[0].auth.type",
+            "sources[0].subscription.callback_url",
+            "sources[0].subscription.renew_before_secs",
+            "sources[0].subscription.model",
+            "sources[1].api_base",
+            "sources[2].auth",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+
+    #[test]
     fn bare_ips_are_single_host_networks() {
         let c = parse(
             "[server]\ntrusted_proxies = [\"10.1.2.3\", \"::1\", \"192.168.0.0/16\"]\n",

@@ -446,7 +446,7 @@ async fn a_revoked_token_is_replaced_mid_run() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn server_errors_and_429_back_off_during_create_and_renew() {
+async fn server_errors_and_429_back_off_during_create() {
     let (api, base) = start_mock().await;
     api.fail("GET", 500, None);
     api.fail("GET", 429, Some(30));
@@ -470,21 +470,45 @@ async fn server_errors_and_429_back_off_during_create_and_renew() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     settle().await;
     assert_eq!(api.ids().len(), 2);
+}
 
-    // Renewal: one 503 and it is retried shortly after, the id stays valid.
+#[tokio::test(start_paused = true)]
+async fn server_errors_and_429_back_off_during_renewal() {
+    let (api, base) = start_mock().await;
+    let (gw, callback) = start_gateway(&base, "").await;
+    settle().await;
+    // Both renewals are due at 50 min: one gets a 503 (retried within a
+    // second), the other a 429 asking for 20 s.
     api.fail("PUT", 503, None);
+    api.fail("PUT", 429, Some(20));
     tokio::time::sleep(Duration::from_secs(50 * 60)).await;
     settle().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     settle().await;
-    let puts: Vec<String> = api
-        .calls()
-        .into_iter()
-        .filter(|c| c.starts_with("PUT"))
-        .collect();
-    assert!(puts.len() >= 3, "{puts:?}");
+    let states = |sources: &Value| -> Vec<String> {
+        sources["sources"][0]["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
     let (_, sources) = gw.get("/v1/sources").await;
-    assert_eq!(sources["sources"][0]["subscriptions"][0]["state"], "active");
+    assert!(
+        states(&sources).iter().any(|s| s.contains("429")),
+        "waiting out Retry-After: {sources}"
+    );
+    // Meanwhile the ids still authenticate.
+    assert_eq!(
+        cluster_post(&gw, &callback, "sub-mock-1", &presence("1001", "open")).await,
+        204
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    settle().await;
+    let (_, sources) = gw.get("/v1/sources").await;
+    assert_eq!(states(&sources), ["active", "active"], "{:?}", api.calls());
+    let puts = api.calls().iter().filter(|c| c.starts_with("PUT")).count();
+    assert_eq!(puts, 4, "{:?}", api.calls());
 }
 
 #[tokio::test(start_paused = true)]
