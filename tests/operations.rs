@@ -119,6 +119,36 @@ fn shipped_config_files_parse() {
 }
 
 #[test]
+fn the_commented_managed_subscription_example_parses() {
+    // example.toml documents the managed-subscription keys commented out;
+    // uncommented, they must be a valid configuration too.
+    let text = std::fs::read_to_string(root("config/example.toml")).unwrap();
+    let start = text
+        .find("# --- managed subscription ---")
+        .expect("start marker");
+    let end = text
+        .find("# --- end of managed subscription ---")
+        .expect("end marker");
+    let block: String = text[start..end]
+        .lines()
+        .skip(1)
+        .map(|line| line.strip_prefix('#').unwrap_or(line))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    // The block belongs to the NetSapiens source, before its field tables.
+    let text = format!("{}{block}{}", &text[..start], &text[end..]);
+    let vars = |name: &str| Some(format!("value-of-{name}"));
+    let config = Config::parse_with_env(&text, Path::new("example.toml"), Vec::new(), vars)
+        .expect("uncommented example");
+    let managed = config.sources[1].managed.as_ref().expect("managed");
+    assert_eq!(managed.model_names, ["presence", "call"]);
+    assert_eq!(
+        managed.callback_url,
+        "https://gw.example.com/webhooks/ns-cluster"
+    );
+}
+
+#[test]
 fn check_config_accepts_good_files_and_names_bad_keys() {
     let ok = Command::new(BIN)
         .args(["check-config", "--config"])
