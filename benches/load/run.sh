@@ -3,8 +3,8 @@
 # same requests, same client, same connection count and duration, one run.
 # Loopback only; every process it starts is stopped when it ends.
 #
-#   bash benches/load/run.sh                 # 64 connections, 10 s each
-#   CONNECTIONS=128 DURATION=20 bash benches/load/run.sh
+#   bash benches/load/run.sh                 # 64 connections, 3 rounds of 8 s each
+#   CONNECTIONS=128 DURATION=20 ROUNDS=5 bash benches/load/run.sh
 #
 # With taskset available, each server runs on CPU 0 and the client on CPU 1
 # (PIN=0 shares both cores instead), so the client's work does not count
@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 CONNECTIONS=${CONNECTIONS:-64}
-DURATION=${DURATION:-10}
+DURATION=${DURATION:-8}
+ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2}
 PRINCIPALS=${PRINCIPALS:-10000}
 PIN=${PIN:-1}
@@ -64,41 +65,41 @@ drive() { # label addr
     | grep '^RESULT' | tee -a "$work/results"
 }
 
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 echo "== startup time (spawn to /readyz 200, empty store)"
 "$bin/examples/loadgen" startup --bin "$bin/presence-gateway" --config "$work/gateway.toml" --addr "$GW_ADDR" --runs 5
 
-echo "== gateway ($CONNECTIONS connections, ${DURATION}s)"
+echo "== starting the servers (gateway, bare axum sink, Node.js receiver)"
 RUST_LOG=warn "${server_cpu[@]}" "$bin/presence-gateway" --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 &
 gw=$!; pids+=("$gw")
-wait_port "$GW_ADDR"
-drive gateway "$GW_ADDR"
+"${server_cpu[@]}" "$bin/examples/bare_sink" "$SINK_ADDR" >/dev/null 2>&1 &
+pids+=("$!")
+targets=("gateway $GW_ADDR" "sink $SINK_ADDR")
+if command -v node >/dev/null; then
+  "${server_cpu[@]}" node benches/load/node_receiver.js "${NODE_ADDR%:*}" "${NODE_ADDR#*:}" "$KEY" >/dev/null 2>&1 &
+  pids+=("$!")
+  targets+=("node $NODE_ADDR")
+else
+  echo "node not installed: skipping the Node.js comparator"
+fi
+for t in "${targets[@]}"; do wait_port "${t#* }"; done
+
+# Rounds alternate the targets, so that a slow spell of this shared machine
+# hits all of them rather than one; the summary takes each target's median.
+for round in $(seq 1 "$ROUNDS"); do
+  echo "== round $round of $ROUNDS ($CONNECTIONS connections, ${DURATION}s each)"
+  for t in "${targets[@]}"; do drive "${t%% *}" "${t#* }"; done
+done
 rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
 echo "gateway peak RSS: ${rss_kb} KiB"
-stop "$gw"
 
-echo "== bare axum sink"
-"${server_cpu[@]}" "$bin/examples/bare_sink" "$SINK_ADDR" >/dev/null 2>&1 &
-sink=$!; pids+=("$sink")
-wait_port "$SINK_ADDR"
-drive sink "$SINK_ADDR"
-stop "$sink"
-
-if command -v node >/dev/null; then
-  echo "== node receiver"
-  "${server_cpu[@]}" node benches/load/node_receiver.js "${NODE_ADDR%:*}" "${NODE_ADDR#*:}" "$KEY" >/dev/null 2>&1 &
-  nd=$!; pids+=("$nd")
-  wait_port "$NODE_ADDR"
-  drive node "$NODE_ADDR"
-  stop "$nd"
-else
-  echo "== node not installed: skipping the Node.js comparator"
-fi
-
-field() { sed -n "s/^RESULT label=$1 .*$2=\([0-9.]*\).*/\1/p" "$work/results"; }
+# The median of a field over a target's rounds.
+field() {
+  sed -n "s/^RESULT label=$1 .*$2=\([0-9.]*\).*/\1/p" "$work/results" | sort -n |
+    awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 echo
-echo "== summary (server pinned: ${server_cpu[*]:-no}; client pinned: ${client_cpu[*]:-no})"
+echo "== summary: medians of $ROUNDS rounds (server pinned: ${server_cpu[*]:-no}; client pinned: ${client_cpu[*]:-no})"
 printf '%-8s %10s %8s %8s %9s %7s\n' target req/s p50_us p99_us p99.9_us errors
 for label in gateway sink node; do
   rps=$(field "$label" rps)
