@@ -30,6 +30,8 @@ use presence_gateway::verify::Verified;
 
 const PRESENCE: &str = include_str!("../tests/fixtures/mitel-presence.json");
 const MEDIA: &str = include_str!("../tests/fixtures/mitel-media-call.json");
+/// A topic the gateway does not handle.
+const OTHER_TOPIC: &str = r#"{"publicationId":"9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a","topic":"platform-api-conversations","method":"PUT","subject":"/2017-09-01/conversations/f4e3d2c1","content":{"eventId":"77aa88bb-99cc-4dde-8eff-001122334455","timestamp":1764000931000},"publisher":{"accountId":"acc-10042"}}"#;
 
 /// The presence fixture with the status and note moved one level deeper, the
 /// shape `[sources.fields]` overrides exist for.
@@ -38,6 +40,7 @@ const NESTED: &str = r#"{"publicationId":"6a1b4c9e-2f7d-4d0a-9b43-5f2e8c1d7a10",
 fn parse(c: &mut Criterion) {
     let default_parser = MitelParser::new(
         &FieldOverrides::default(),
+        &CallFieldOverrides::default(),
         StatusMap::new(mitel::STATUS_WORDS, []),
     )
     .expect("default Mitel fields compile");
@@ -52,6 +55,7 @@ fn parse(c: &mut Criterion) {
     };
     let custom_parser = MitelParser::new(
         &overrides,
+        &CallFieldOverrides::default(),
         StatusMap::new(mitel::STATUS_WORDS, [("OnThePhone", Availability::Busy)]),
     )
     .expect("custom Mitel fields compile");
@@ -70,13 +74,18 @@ fn parse(c: &mut Criterion) {
     let parsed = default_parser
         .parse(Verified::assume_verified_for_tests(MEDIA.as_bytes()))
         .unwrap();
+    assert_eq!((parsed.calls.len(), parsed.ignored), (1, 0));
+    let parsed = default_parser
+        .parse(Verified::assume_verified_for_tests(OTHER_TOPIC.as_bytes()))
+        .unwrap();
     assert_eq!((parsed.updates.len(), parsed.ignored), (0, 1));
 
     let mut group = c.benchmark_group("mitel_parse");
     let cases = [
         ("presence_default_fields", &default_parser, PRESENCE),
         ("presence_custom_fields", &custom_parser, NESTED),
-        ("ignored_topic", &default_parser, MEDIA),
+        ("media_call_event", &default_parser, MEDIA),
+        ("ignored_topic", &default_parser, OTHER_TOPIC),
     ];
     for (name, parser, body) in cases {
         group.throughput(Throughput::Bytes(body.len() as u64));

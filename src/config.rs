@@ -498,6 +498,12 @@ impl Config {
                     format!("duplicate source id {:?} (also sources[{first}])", s.id),
                 );
             }
+            for field in s.call_fields.foreign_keys(s.kind == SourceKind::Mitel) {
+                problem(
+                    key(&format!("call_fields.{field}")),
+                    format!("not used by kind = \"{}\"", s.kind.as_str()),
+                );
+            }
             let only = |field: &str, kind: SourceKind| {
                 format!("{field} is only for kind = \"{}\"", kind.as_str())
             };
@@ -516,10 +522,6 @@ impl Config {
                         ("subscription", s.subscription.is_some()),
                         ("model", s.model.is_some()),
                         ("timezone", s.timezone.is_some()),
-                        (
-                            "call_fields",
-                            s.call_fields != CallFieldOverrides::default(),
-                        ),
                         ("fields.domain", s.fields.domain.is_some()),
                     ];
                     for (field, set) in netsapiens_only {
@@ -644,7 +646,8 @@ impl Config {
             };
             let compiled = match source.kind {
                 SourceKind::Mitel => {
-                    MitelParser::new(&source.fields, source.status_map()).map(drop)
+                    MitelParser::new(&source.fields, &source.call_fields, source.status_map())
+                        .map(drop)
                 }
                 SourceKind::Netsapiens => NetSapiensParser::new(
                     &source.fields,
@@ -1093,6 +1096,7 @@ signing_keys = ["k"]
 correlation_ids = ["x"]
 model = "presence"
 fields = { domain = "/d" }
+call_fields = { remove = "/x", state = "/content/callState" }
 "#;
         let Err(ConfigError::Invalid(problems)) = parse(text, &[]) else {
             panic!("expected validation problems");
@@ -1107,6 +1111,7 @@ fields = { domain = "/d" }
             "sources[2].correlation_ids",
             "sources[2].model",
             "sources[2].fields.domain",
+            "sources[2].call_fields.remove",
         ] {
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }

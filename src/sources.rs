@@ -260,7 +260,11 @@ impl Source {
                     header: MITEL_SIGNATURE,
                     verifier: HmacHexVerifier::new(config.signing_keys.iter().map(|k| k.expose())),
                 },
-                Parser::Mitel(MitelParser::new(&config.fields, config.status_map())?),
+                Parser::Mitel(MitelParser::new(
+                    &config.fields,
+                    &config.call_fields,
+                    config.status_map(),
+                )?),
             ),
             SourceKind::Netsapiens => {
                 let ids = CorrelationIds::new();

@@ -454,7 +454,8 @@ async fn duplicate_stale_and_ignored_events_are_acknowledged_but_not_applied() {
         ),
         (
             "non-presence topic",
-            fixture("mitel-media-call.json"),
+            fixture("mitel-media-call.json")
+                .replace("platform-api-media", "platform-api-conversations"),
             "ignored",
         ),
     ];
@@ -474,6 +475,45 @@ async fn duplicate_stale_and_ignored_events_are_acknowledged_but_not_applied() {
     }
     let (_, record) = gw.get("/v1/presence/mitel/u1").await;
     assert_eq!(record["availability"], "busy");
+}
+
+/// `platform-api-media` events: ringing, then connected, then disconnected
+/// restores the activity presence reported; availability stays presence's.
+#[tokio::test]
+async fn media_events_drive_call_activity() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let with_activity = presence_body(PRINCIPAL, "Busy", 1_000, "p-1").replace(
+        r#""presence":"Busy""#,
+        r#""presence":"Busy","activity":"InAMeeting""#,
+    );
+    gw.post_signed("mitel", MITEL_KEY, &with_activity).await;
+    let media = fixture("mitel-media-call.json");
+    let activity = |record: Value| (record["activity"].clone(), record["availability"].clone());
+    let path = format!("/v1/presence/mitel/{PRINCIPAL}");
+    assert_eq!(
+        activity(gw.get(&path).await.1),
+        (json!("in_a_meeting"), json!("busy"))
+    );
+
+    let steps = [
+        ("ringing", "e-1", json!("ringing")),
+        ("connected", "e-2", json!("in_a_call")),
+        ("held", "e-3", json!("on_hold")),
+        ("connected", "e-4", json!("in_a_call")),
+        ("disconnected", "e-5", json!("in_a_meeting")),
+    ];
+    for (state, event, expected) in steps {
+        let body = media
+            .replace(r#""state":"ringing""#, &format!(r#""state":"{state}""#))
+            .replace("77aa88bb-99cc-4dde-8eff-001122334455", event);
+        gw.post_signed("mitel", MITEL_KEY, &body).await;
+        assert_eq!(
+            activity(gw.get(&path).await.1),
+            (expected, json!("busy")),
+            "{state}"
+        );
+    }
+    assert_eq!(gw.counter("mitel", "changed").await, 6);
 }
 
 #[tokio::test]

@@ -9,9 +9,10 @@
 use std::borrow::Cow;
 
 use super::fields::{Defaults, FieldOverrides, Fields, FieldsError};
+use super::netsapiens::CallFieldOverrides;
 use super::status::{BuiltinTable, StatusMap};
 use super::{ParseError, Parsed, body_text};
-use crate::presence::Availability;
+use crate::presence::{Availability, CallState, CallUpdate};
 use crate::verify::Verified;
 
 /// The presence topic of the Notifications API.
@@ -41,23 +42,62 @@ pub const STATUS_WORDS: BuiltinTable = &[
     ("Offline", Availability::Offline),
 ];
 
+/// The calls topic of the Notifications API.
+pub const MEDIA_TOPIC: &str = "platform-api-media";
+
 /// Parser of one Mitel source.
 #[derive(Debug)]
 pub struct MitelParser {
     fields: Fields,
     topic: usize,
     statuses: StatusMap,
+    call_principal: Vec<usize>,
+    call_id: Vec<usize>,
+    call_state: Vec<usize>,
+}
+
+/// A media event's state word as a call state; `Ok(None)` when the call
+/// ended, `Err(())` for a word that says neither.
+fn call_state(word: &str) -> Result<Option<CallState>, ()> {
+    let word = word
+        .trim()
+        .to_ascii_lowercase()
+        .replace(['_', '-', ' '], "");
+    Ok(Some(match word.as_str() {
+        "ringing" | "alerting" | "offered" | "dialing" | "initiated" => CallState::Ringing,
+        "connected" | "answered" | "active" | "established" | "talking" => CallState::Connected,
+        "held" | "hold" | "onhold" => CallState::Held,
+        "disconnected" | "released" | "ended" | "idle" | "cleared" | "terminated" => {
+            return Ok(None);
+        }
+        _ => return Err(()),
+    }))
 }
 
 impl MitelParser {
     /// A parser with the source's field overrides and status map.
-    pub fn new(overrides: &FieldOverrides, statuses: StatusMap) -> Result<Self, FieldsError> {
+    pub fn new(
+        overrides: &FieldOverrides,
+        call_overrides: &CallFieldOverrides,
+        statuses: StatusMap,
+    ) -> Result<Self, FieldsError> {
         let mut fields = Fields::compile(&DEFAULTS, overrides)?;
         let topic = fields.add_extra("/topic")?;
+        let c = call_overrides;
+        let call_principal = fields.add_list(
+            "call principal",
+            &["/content/principalId", "/publisher/principalId"],
+            c.principal.as_ref(),
+        )?;
+        let call_id = fields.add_list("call_id", &["/content/callId"], c.call_id.as_ref())?;
+        let call_state = fields.add_list("state", &["/content/state"], c.state.as_ref())?;
         Ok(MitelParser {
             fields,
             topic,
             statuses,
+            call_principal,
+            call_id,
+            call_state,
         })
     }
 
@@ -79,6 +119,9 @@ impl MitelParser {
                 field: "topic",
                 tried: "/topic".into(),
             })?;
+        if topic == MEDIA_TOPIC {
+            return self.media(&found);
+        }
         if topic != PRESENCE_TOPIC {
             return Ok(Parsed {
                 ignored: 1,
@@ -95,6 +138,34 @@ impl MitelParser {
         let update = self.fields.update(&found, principal, &self.statuses)?;
         Ok(Parsed {
             updates: vec![update],
+            ..Parsed::default()
+        })
+    }
+}
+
+impl MitelParser {
+    /// A `platform-api-media` envelope: one principal's call changed state.
+    /// A state word that is neither ringing, connected, held nor ended is
+    /// acknowledged and counted as ignored.
+    fn media<'a>(&self, found: &super::extract::Found<'a>) -> Result<Parsed<'a>, ParseError> {
+        let f = &self.fields;
+        let principal =
+            principal_id(f.required_text("call principal", &self.call_principal, found)?);
+        let call_id = f.required_text("call_id", &self.call_id, found)?;
+        let word = f.required_text("state", &self.call_state, found)?;
+        let Ok(state) = call_state(&word) else {
+            return Ok(Parsed {
+                ignored: 1,
+                ..Parsed::default()
+            });
+        };
+        Ok(Parsed {
+            calls: vec![CallUpdate {
+                principal,
+                call_id,
+                state,
+                observed_at: None,
+            }],
             ..Parsed::default()
         })
     }
@@ -123,6 +194,7 @@ mod tests {
     fn parser(overrides: FieldOverrides, custom: &[(&str, Availability)]) -> MitelParser {
         MitelParser::new(
             &overrides,
+            &CallFieldOverrides::default(),
             StatusMap::new(STATUS_WORDS, custom.iter().copied()),
         )
         .unwrap()
@@ -156,9 +228,34 @@ mod tests {
     #[test]
     fn other_topics_are_ignored() {
         let p = parser(FieldOverrides::default(), &[]);
+        let other = MEDIA.replace(MEDIA_TOPIC, "platform-api-conversations");
+        let parsed = parse(&p, &other).unwrap();
+        assert!(parsed.updates.is_empty() && parsed.calls.is_empty());
+        assert_eq!(parsed.ignored, 1);
+    }
+
+    #[test]
+    fn media_events_become_call_updates() {
+        let p = parser(FieldOverrides::default(), &[]);
         let parsed = parse(&p, MEDIA).unwrap();
         assert!(parsed.updates.is_empty());
-        assert_eq!(parsed.ignored, 1);
+        let call = &parsed.calls[0];
+        assert_eq!(call.principal, "2f1c9a1e-5a9e-4a57-9d1e-2f6f8f7e9b11");
+        assert_eq!(call.call_id, "f4e3d2c1");
+        assert_eq!(call.state, Some(CallState::Ringing));
+        for (word, state) in [
+            ("Connected", Ok(Some(CallState::Connected))),
+            ("on-hold", Ok(Some(CallState::Held))),
+            ("DISCONNECTED", Ok(None)),
+            ("transferring", Err(())),
+        ] {
+            assert_eq!(call_state(word), state, "{word}");
+        }
+        let unknown = MEDIA.replace("\"ringing\"", "\"parked\"");
+        assert_eq!(parse(&p, &unknown).unwrap().ignored, 1);
+        let no_call = MEDIA.replace("\"callId\"", "\"other\"");
+        let err = parse(&p, &no_call).unwrap_err().to_string();
+        assert!(err.contains("no call_id found at /content/callId"), "{err}");
     }
 
     #[test]

@@ -96,16 +96,45 @@ impl Model {
     }
 }
 
-/// `[sources.call_fields]`: pointer overrides for `call` objects.
+/// `[sources.call_fields]`: pointer overrides for call events (NetSapiens
+/// `call` objects, Mitel `platform-api-media` envelopes).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CallFieldOverrides {
+    /// Both: the call's id.
+    pub call_id: Option<OneOrMany>,
+    /// NetSapiens: the two parties and the removal flag.
     pub orig_user: Option<OneOrMany>,
     pub orig_domain: Option<OneOrMany>,
     pub term_user: Option<OneOrMany>,
     pub term_domain: Option<OneOrMany>,
-    pub call_id: Option<OneOrMany>,
     pub remove: Option<OneOrMany>,
+    /// Mitel: whose call it is, and its state word.
+    pub principal: Option<OneOrMany>,
+    pub state: Option<OneOrMany>,
+}
+
+impl CallFieldOverrides {
+    /// The keys set here that `kind` does not use.
+    pub fn foreign_keys(&self, mitel: bool) -> Vec<&'static str> {
+        let netsapiens_only = [
+            ("orig_user", self.orig_user.is_some()),
+            ("orig_domain", self.orig_domain.is_some()),
+            ("term_user", self.term_user.is_some()),
+            ("term_domain", self.term_domain.is_some()),
+            ("remove", self.remove.is_some()),
+        ];
+        let mitel_only = [
+            ("principal", self.principal.is_some()),
+            ("state", self.state.is_some()),
+        ];
+        let foreign: &[(&'static str, bool)] = if mitel { &netsapiens_only } else { &mitel_only };
+        foreign
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(k, _)| *k)
+            .collect()
+    }
 }
 
 /// Compiled locations of the call fields.
