@@ -158,6 +158,9 @@ pub struct Managed {
     /// First delay after a failed call; doubles up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Mitel sources: what to subscribe to (the NetSapiens fields above are
+    /// then unused).
+    pub mitel: Option<MitelManaged>,
 }
 
 /// `[sources.auth]`.
@@ -165,14 +168,30 @@ pub struct Managed {
 pub enum Auth {
     /// A static bearer token (an API key).
     Bearer(Secret),
-    /// OAuth password grant at `token_url`.
-    Password {
+    /// An OAuth grant: the form (grant_type and credentials) posted to
+    /// `token_url`.
+    Grant {
         token_url: String,
-        client_id: Secret,
-        client_secret: Secret,
-        username: Secret,
-        password: Secret,
+        form: Vec<(&'static str, Secret)>,
     },
+}
+
+/// Mitel-specific parts of a managed source.
+#[derive(Clone, Debug)]
+pub struct MitelManaged {
+    /// The Authentication API root.
+    pub auth_base: String,
+    /// The `applicationId` of created subscriptions: the first signing key.
+    pub application_id: Secret,
+    /// One subscription per principal; empty: one for all users.
+    pub principals: Vec<String>,
+    /// Also subscribe to `platform-api-media` (call events).
+    pub media: bool,
+    pub media_subject_filter: String,
+    /// `methodFilter`; `None` omits it.
+    pub method_filter: Option<String>,
+    /// How often the subscriptions are listed to recreate missing ones.
+    pub check_interval: Duration,
 }
 
 impl SourceConfig {
@@ -308,6 +327,7 @@ struct RawSource {
     #[serde(default)]
     call_fields: CallFieldOverrides,
     api_base: Option<String>,
+    auth_base: Option<String>,
     auth: Option<RawAuth>,
     subscription: Option<RawSubscription>,
 }
@@ -323,6 +343,8 @@ struct RawAuth {
     client_secret: Option<String>,
     username: Option<String>,
     password: Option<String>,
+    refresh_token: Option<String>,
+    account_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,6 +369,14 @@ struct RawSubscription {
     retry_initial_ms: u64,
     #[serde(default = "default_retry_max")]
     retry_max_secs: u64,
+    // Mitel
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    media: bool,
+    media_subject_filter: Option<String>,
+    method_filter: Option<String>,
+    check_interval_secs: Option<u64>,
 }
 
 fn default_lifetime() -> u64 {
@@ -517,9 +547,6 @@ impl Config {
                     }
                     let netsapiens_only = [
                         ("correlation_ids", !s.correlation_ids.is_empty()),
-                        ("api_base", s.api_base.is_some()),
-                        ("auth", s.auth.is_some()),
-                        ("subscription", s.subscription.is_some()),
                         ("model", s.model.is_some()),
                         ("timezone", s.timezone.is_some()),
                         ("fields.domain", s.fields.domain.is_some()),
@@ -539,6 +566,9 @@ impl Config {
                     }
                     if !s.signing_keys.is_empty() {
                         problem(key("signing_keys"), only("signing_keys", SourceKind::Mitel));
+                    }
+                    if s.auth_base.is_some() {
+                        problem(key("auth_base"), only("auth_base", SourceKind::Mitel));
                     }
                 }
             }
@@ -574,7 +604,7 @@ impl Config {
                     jiff::tz::TimeZone::UTC
                 }),
             };
-            let signing_keys = s
+            let signing_keys: Vec<Secret> = s
                 .signing_keys
                 .iter()
                 .enumerate()
@@ -602,28 +632,25 @@ impl Config {
                     }
                 })
                 .collect();
-            let managed = match (&s.subscription, s.kind) {
-                (Some(sub), SourceKind::Netsapiens) => {
-                    let default_model = s.model.as_deref().unwrap_or("presence");
-                    managed(
-                        sub,
-                        s.api_base.as_deref(),
-                        s.auth.as_ref(),
-                        default_model,
-                        lookup,
-                    )
+            let managed = s.subscription.as_ref().and_then(|sub| {
+                let default_model = s.model.as_deref().unwrap_or("presence");
+                let bases = Bases {
+                    api: s.api_base.as_deref(),
+                    auth: s.auth_base.as_deref(),
+                };
+                let first_key = signing_keys.first();
+                managed(sub, s.kind, bases, s.auth.as_ref(), default_model, first_key, lookup)
                     .map_err(|list| {
                         for (field, message) in list {
                             problem(key(&field), message);
                         }
                     })
                     .ok()
-                }
-                _ => None,
-            };
-            if s.subscription.is_none() && s.kind == SourceKind::Netsapiens {
+            });
+            if s.subscription.is_none() {
                 for (field, set) in [
                     ("api_base", s.api_base.is_some()),
+                    ("auth_base", s.auth_base.is_some()),
                     ("auth", s.auth.is_some()),
                 ] {
                     if set {
@@ -686,34 +713,58 @@ impl Config {
     }
 }
 
+/// The provider API roots a managed source uses.
+struct Bases<'a> {
+    api: Option<&'a str>,
+    auth: Option<&'a str>,
+}
+
 /// Validates a managed subscription; problems as `(field, message)`.
 fn managed(
     sub: &RawSubscription,
-    api_base: Option<&str>,
+    kind: SourceKind,
+    bases: Bases<'_>,
     auth: Option<&RawAuth>,
     default_model: &str,
+    first_signing_key: Option<&Secret>,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Managed, Vec<(String, String)>> {
     let mut problems: Vec<(String, String)> = Vec::new();
+    let mitel = kind == SourceKind::Mitel;
     let url_ok = |text: &str| {
         reqwest::Url::parse(text)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
             .is_some()
     };
-    let api_base = match api_base {
+    let mut base = |field: &str, given: Option<&str>, default: Option<&str>| match given.or(default)
+    {
         Some(base) if url_ok(base) => base.trim_end_matches('/').to_owned(),
         Some(base) => {
-            problems.push(("api_base".into(), format!("{base:?} is not an http(s) URL")));
+            problems.push((field.into(), format!("{base:?} is not an http(s) URL")));
             String::new()
         }
         None => {
             problems.push((
-                "api_base".into(),
+                field.into(),
                 "required with [sources.subscription] (the provider's API root)".into(),
             ));
             String::new()
         }
+    };
+    let api_base = base(
+        "api_base",
+        bases.api,
+        mitel.then_some("https://notifications.api.mitel.io"),
+    );
+    let auth_base = if mitel {
+        base(
+            "auth_base",
+            bases.auth,
+            Some("https://authentication.api.mitel.io"),
+        )
+    } else {
+        String::new()
     };
     if !url_ok(&sub.callback_url) {
         problems.push((
@@ -721,13 +772,10 @@ fn managed(
             format!("{:?} is not an http(s) URL", sub.callback_url),
         ));
     }
-    if sub.lifetime_secs == 0 {
-        problems.push((
-            "subscription.lifetime_secs".into(),
-            "must be at least 1".into(),
-        ));
+    if !mitel && sub.lifetime_secs == 0 {
+        problems.push(("subscription.lifetime_secs".into(), "must be at least 1".into()));
     }
-    if sub.renew_before_secs >= sub.lifetime_secs {
+    if !mitel && sub.renew_before_secs >= sub.lifetime_secs {
         problems.push((
             "subscription.renew_before_secs".into(),
             "must be less than lifetime_secs".into(),
@@ -739,16 +787,39 @@ fn managed(
             "retry_initial_ms and retry_max_secs must be at least 1".into(),
         ));
     }
-    let names: Vec<String> = match &sub.model {
-        None => vec![default_model.to_owned()],
-        Some(crate::providers::fields::OneOrMany::One(m)) => vec![m.clone()],
-        Some(crate::providers::fields::OneOrMany::Many(list)) => list.clone(),
+    let foreign: Vec<(&str, bool)> = if mitel {
+        vec![
+            ("model", sub.model.is_some()),
+            ("reseller", sub.reseller.is_some()),
+            ("domain", sub.domain.is_some()),
+            ("user", sub.user.is_some()),
+            ("preferred_server", sub.preferred_server.is_some()),
+        ]
+    } else {
+        vec![
+            ("principals", !sub.principals.is_empty()),
+            ("media", sub.media),
+            ("media_subject_filter", sub.media_subject_filter.is_some()),
+            ("method_filter", sub.method_filter.is_some()),
+            ("check_interval_secs", sub.check_interval_secs.is_some()),
+        ]
     };
-    if names.is_empty() {
-        problems.push((
-            "subscription.model".into(),
-            "name at least one model".into(),
-        ));
+    for (field, set) in foreign {
+        if set {
+            problems.push((
+                format!("subscription.{field}"),
+                format!("not used by kind = \"{}\"", kind.as_str()),
+            ));
+        }
+    }
+    let names: Vec<String> = match (&sub.model, mitel) {
+        (_, true) => Vec::new(),
+        (None, false) => vec![default_model.to_owned()],
+        (Some(crate::providers::fields::OneOrMany::One(m)), false) => vec![m.clone()],
+        (Some(crate::providers::fields::OneOrMany::Many(list)), false) => list.clone(),
+    };
+    if !mitel && names.is_empty() {
+        problems.push(("subscription.model".into(), "name at least one model".into()));
     }
     let mut models = Vec::new();
     for name in &names {
@@ -757,58 +828,48 @@ fn managed(
             Err(e) => problems.push(("subscription.model".into(), e)),
         }
     }
-    let mut secret = |field: &str, value: &Option<String>| -> Option<Secret> {
-        match value {
+    let auth = managed_auth(auth, mitel, &api_base, &auth_base, lookup, &mut problems);
+    let mitel = if mitel {
+        let check = sub.check_interval_secs.unwrap_or(300);
+        if check == 0 {
+            problems.push((
+                "subscription.check_interval_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if sub.principals.iter().any(|p| p.is_empty() || p.contains('/')) {
+            problems.push((
+                "subscription.principals".into(),
+                "principal ids must be non-empty and contain no \"/\"".into(),
+            ));
+        }
+        match first_signing_key {
             None => {
                 problems.push((
-                    format!("auth.{field}"),
-                    "required for this auth type".into(),
+                    "signing_keys".into(),
+                    "managed subscriptions use the first key as their applicationId".into(),
                 ));
                 None
             }
-            Some(reference) => resolve_secret(reference, lookup)
-                .map_err(|m| problems.push((format!("auth.{field}"), m)))
-                .ok(),
+            Some(key) => Some(MitelManaged {
+                auth_base: auth_base.clone(),
+                application_id: key.clone(),
+                principals: sub.principals.clone(),
+                media: sub.media,
+                media_subject_filter: sub
+                    .media_subject_filter
+                    .clone()
+                    .unwrap_or_else(|| ".*".into()),
+                method_filter: match sub.method_filter.as_deref() {
+                    None => Some("PUT".into()),
+                    Some("") => None,
+                    Some(m) => Some(m.to_owned()),
+                },
+                check_interval: Duration::from_secs(check),
+            }),
         }
-    };
-    let auth = match auth {
-        None => {
-            problems.push((
-                "auth".into(),
-                "required with [sources.subscription] (type = \"bearer\" or \"password\")".into(),
-            ));
-            None
-        }
-        Some(a) if a.kind == "bearer" => secret("token", &a.token).map(Auth::Bearer),
-        Some(a) if a.kind == "password" => {
-            let client_id = secret("client_id", &a.client_id);
-            let client_secret = secret("client_secret", &a.client_secret);
-            let username = secret("username", &a.username);
-            let password = secret("password", &a.password);
-            let token_url = a
-                .token_url
-                .clone()
-                .unwrap_or_else(|| format!("{api_base}/ns-api/v2/tokens"));
-            match (client_id, client_secret, username, password) {
-                (Some(client_id), Some(client_secret), Some(username), Some(password)) => {
-                    Some(Auth::Password {
-                        token_url,
-                        client_id,
-                        client_secret,
-                        username,
-                        password,
-                    })
-                }
-                _ => None,
-            }
-        }
-        Some(a) => {
-            problems.push((
-                "auth.type".into(),
-                format!("{:?} is not one of: bearer, password", a.kind),
-            ));
-            None
-        }
+    } else {
+        None
     };
     match auth {
         Some(auth) if problems.is_empty() => Ok(Managed {
@@ -827,9 +888,108 @@ fn managed(
             preferred_server: sub.preferred_server.clone(),
             retry_initial: Duration::from_millis(sub.retry_initial_ms),
             retry_max: Duration::from_secs(sub.retry_max_secs),
+            mitel,
         }),
         _ => Err(problems),
     }
+}
+
+/// `[sources.auth]` of a managed source. NetSapiens: `bearer` or `password`
+/// (token URL `{api_base}/ns-api/v2/tokens`); Mitel: `client_credentials`
+/// (with optional `account_id`), `password` or `refresh_token` (token URL
+/// `{auth_base}/2017-09-01/token`), or `bearer`.
+fn managed_auth(
+    auth: Option<&RawAuth>,
+    mitel: bool,
+    api_base: &str,
+    auth_base: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<(String, String)>,
+) -> Option<Auth> {
+    let types: &[&str] = if mitel {
+        &["bearer", "client_credentials", "password", "refresh_token"]
+    } else {
+        &["bearer", "password"]
+    };
+    let Some(a) = auth else {
+        problems.push((
+            "auth".into(),
+            format!("required with [sources.subscription] (type = one of: {})", types.join(", ")),
+        ));
+        return None;
+    };
+    if !types.contains(&a.kind.as_str()) {
+        problems.push((
+            "auth.type".into(),
+            format!("{:?} is not one of: {}", a.kind, types.join(", ")),
+        ));
+        return None;
+    }
+    let before = problems.len();
+    let mut field = |name: &'static str, value: &Option<String>, required: bool| {
+        match value {
+            None if required => {
+                problems.push((format!("auth.{name}"), "required for this auth type".into()));
+                None
+            }
+            None => None,
+            Some(reference) => resolve_secret(reference, lookup)
+                .map_err(|m| problems.push((format!("auth.{name}"), m)))
+                .ok()
+                .map(|secret| (name, secret)),
+        }
+    };
+    if a.kind == "bearer" {
+        return field("token", &a.token, true).map(|(_, token)| Auth::Bearer(token));
+    }
+    let mut form = vec![("grant_type", Secret::new(a.kind.as_str()))];
+    let wanted: [(&'static str, &Option<String>, bool); 6] = match (mitel, a.kind.as_str()) {
+        (false, _) => [
+            ("client_id", &a.client_id, true),
+            ("client_secret", &a.client_secret, true),
+            ("username", &a.username, true),
+            ("password", &a.password, true),
+            ("refresh_token", &None, false),
+            ("account_id", &None, false),
+        ],
+        (true, "client_credentials") => [
+            ("client_id", &a.client_id, true),
+            ("client_secret", &a.client_secret, true),
+            ("account_id", &a.account_id, false),
+            ("username", &None, false),
+            ("password", &None, false),
+            ("refresh_token", &None, false),
+        ],
+        (true, "password") => [
+            ("username", &a.username, true),
+            ("password", &a.password, true),
+            ("client_id", &a.client_id, false),
+            ("client_secret", &a.client_secret, false),
+            ("account_id", &a.account_id, false),
+            ("refresh_token", &None, false),
+        ],
+        (true, _) => [
+            ("refresh_token", &a.refresh_token, true),
+            ("client_id", &a.client_id, false),
+            ("client_secret", &a.client_secret, false),
+            ("account_id", &a.account_id, false),
+            ("username", &None, false),
+            ("password", &None, false),
+        ],
+    };
+    for (name, value, required) in wanted {
+        if let Some(pair) = field(name, value, required) {
+            form.push(pair);
+        }
+    }
+    let token_url = a.token_url.clone().unwrap_or_else(|| {
+        if mitel {
+            format!("{auth_base}/2017-09-01/token")
+        } else {
+            format!("{api_base}/ns-api/v2/tokens")
+        }
+    });
+    (problems.len() == before).then_some(Auth::Grant { token_url, form })
 }
 
 fn model_named(name: &str) -> Result<Model, String> {
@@ -1150,10 +1310,15 @@ model = ["presence", "call"]
         assert_eq!(m.lifetime, Duration::from_secs(86_400));
         assert_eq!(m.renew_before, Duration::from_secs(3_600));
         assert!(m.geo_support && !m.delete_on_shutdown);
-        let Auth::Password { token_url, .. } = &m.auth else {
+        let Auth::Grant { token_url, form } = &m.auth else {
             panic!("password grant");
         };
         assert_eq!(token_url, "https://api.ns.example.net/ns-api/v2/tokens");
+        let names: Vec<&str> = form.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            ["grant_type", "client_id", "client_secret", "username", "password"]
+        );
         assert!(
             c.sources[0].correlation_ids.is_empty(),
             "ids come from the manager"

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Auth, SourceConfig};
 use crate::sources::{Sources, Verifier};
 use schedule::{Backoff, Timing};
-use token::{PasswordGrant, TokenSource};
+use token::{Grant, TokenSource};
 
 /// Connect timeout of upstream calls.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,18 +62,9 @@ pub fn spawn_managers(
         };
         let token = Arc::new(match &managed.auth {
             Auth::Bearer(token) => TokenSource::Static(token.clone()),
-            Auth::Password {
-                token_url,
-                client_id,
-                client_secret,
-                username,
-                password,
-            } => TokenSource::password(PasswordGrant {
+            Auth::Grant { token_url, form } => TokenSource::oauth(Grant {
                 token_url: token_url.clone(),
-                client_id: client_id.clone(),
-                client_secret: client_secret.clone(),
-                username: username.clone(),
-                password: password.clone(),
+                form: form.clone(),
             }),
         });
         if managed.lifetime < Duration::from_secs(60) {

@@ -1,6 +1,6 @@
 //! Access tokens for upstream API calls: a static bearer (an API key), or an
-//! OAuth password grant that is refreshed before it expires and again when
-//! the API answers 401.
+//! OAuth grant (password, client credentials, refresh token) whose token is
+//! refreshed before it expires and again when the API answers 401.
 
 use serde::Deserialize;
 use tokio::sync::Mutex;
@@ -11,22 +11,20 @@ use crate::config::Secret;
 /// Refresh this long before a token's `expires_in` runs out.
 const REFRESH_MARGIN_MS: i64 = 60_000;
 
-/// Credentials for the OAuth password grant.
+/// An OAuth grant: the form posted to the token endpoint.
 #[derive(Debug)]
-pub struct PasswordGrant {
+pub struct Grant {
     pub token_url: String,
-    pub client_id: Secret,
-    pub client_secret: Secret,
-    pub username: Secret,
-    pub password: Secret,
+    /// `grant_type` and the credentials it needs, form-encoded in order.
+    pub form: Vec<(&'static str, Secret)>,
 }
 
 /// Where a source's bearer token comes from.
 #[derive(Debug)]
 pub enum TokenSource {
     Static(Secret),
-    Password {
-        grant: PasswordGrant,
+    Oauth {
+        grant: Grant,
         /// The current token and when to stop using it (epoch ms). Held
         /// while a new token is fetched, so concurrent callers (one manager
         /// per subscription) wait for that one instead of fetching their own.
@@ -42,9 +40,9 @@ struct TokenAnswer {
 }
 
 impl TokenSource {
-    /// A token source for the password grant.
-    pub fn password(grant: PasswordGrant) -> Self {
-        TokenSource::Password {
+    /// A token source for an OAuth grant.
+    pub fn oauth(grant: Grant) -> Self {
+        TokenSource::Oauth {
             grant,
             cached: Mutex::new(None),
         }
@@ -58,7 +56,7 @@ impl TokenSource {
     ) -> Result<Secret, UpstreamError> {
         let (grant, cached) = match self {
             TokenSource::Static(token) => return Ok(token.clone()),
-            TokenSource::Password { grant, cached } => (grant, cached),
+            TokenSource::Oauth { grant, cached } => (grant, cached),
         };
         let mut cached = cached.lock().await;
         if let Some((token, until)) = &*cached {
@@ -66,14 +64,11 @@ impl TokenSource {
                 return Ok(token.clone());
             }
         }
-        let text = |s: &Secret| String::from_utf8_lossy(s.expose()).into_owned();
-        let form = [
-            ("grant_type", "password".to_owned()),
-            ("client_id", text(&grant.client_id)),
-            ("client_secret", text(&grant.client_secret)),
-            ("username", text(&grant.username)),
-            ("password", text(&grant.password)),
-        ];
+        let form: Vec<(&str, String)> = grant
+            .form
+            .iter()
+            .map(|(k, v)| (*k, String::from_utf8_lossy(v.expose()).into_owned()))
+            .collect();
         let response = client
             .post(&grant.token_url)
             .form(&form)
@@ -105,7 +100,7 @@ impl TokenSource {
     /// Forgets `rejected` (after a 401) so the next call fetches a new
     /// token; a token another caller has already replaced stays.
     pub async fn invalidate(&self, rejected: &Secret) {
-        if let TokenSource::Password { cached, .. } = self {
+        if let TokenSource::Oauth { cached, .. } = self {
             let mut cached = cached.lock().await;
             if cached.as_ref().is_some_and(|(token, _)| token == rejected) {
                 *cached = None;
