@@ -639,13 +639,21 @@ impl Config {
                     auth: s.auth_base.as_deref(),
                 };
                 let first_key = signing_keys.first();
-                managed(sub, s.kind, bases, s.auth.as_ref(), default_model, first_key, lookup)
-                    .map_err(|list| {
-                        for (field, message) in list {
-                            problem(key(&field), message);
-                        }
-                    })
-                    .ok()
+                managed(
+                    sub,
+                    s.kind,
+                    bases,
+                    s.auth.as_ref(),
+                    default_model,
+                    first_key,
+                    lookup,
+                )
+                .map_err(|list| {
+                    for (field, message) in list {
+                        problem(key(&field), message);
+                    }
+                })
+                .ok()
             });
             if s.subscription.is_none() {
                 for (field, set) in [
@@ -773,7 +781,10 @@ fn managed(
         ));
     }
     if !mitel && sub.lifetime_secs == 0 {
-        problems.push(("subscription.lifetime_secs".into(), "must be at least 1".into()));
+        problems.push((
+            "subscription.lifetime_secs".into(),
+            "must be at least 1".into(),
+        ));
     }
     if !mitel && sub.renew_before_secs >= sub.lifetime_secs {
         problems.push((
@@ -819,7 +830,10 @@ fn managed(
         (Some(crate::providers::fields::OneOrMany::Many(list)), false) => list.clone(),
     };
     if !mitel && names.is_empty() {
-        problems.push(("subscription.model".into(), "name at least one model".into()));
+        problems.push((
+            "subscription.model".into(),
+            "name at least one model".into(),
+        ));
     }
     let mut models = Vec::new();
     for name in &names {
@@ -837,7 +851,11 @@ fn managed(
                 "must be at least 1".into(),
             ));
         }
-        if sub.principals.iter().any(|p| p.is_empty() || p.contains('/')) {
+        if sub
+            .principals
+            .iter()
+            .any(|p| p.is_empty() || p.contains('/'))
+        {
             problems.push((
                 "subscription.principals".into(),
                 "principal ids must be non-empty and contain no \"/\"".into(),
@@ -914,7 +932,10 @@ fn managed_auth(
     let Some(a) = auth else {
         problems.push((
             "auth".into(),
-            format!("required with [sources.subscription] (type = one of: {})", types.join(", ")),
+            format!(
+                "required with [sources.subscription] (type = one of: {})",
+                types.join(", ")
+            ),
         ));
         return None;
     };
@@ -926,18 +947,16 @@ fn managed_auth(
         return None;
     }
     let before = problems.len();
-    let mut field = |name: &'static str, value: &Option<String>, required: bool| {
-        match value {
-            None if required => {
-                problems.push((format!("auth.{name}"), "required for this auth type".into()));
-                None
-            }
-            None => None,
-            Some(reference) => resolve_secret(reference, lookup)
-                .map_err(|m| problems.push((format!("auth.{name}"), m)))
-                .ok()
-                .map(|secret| (name, secret)),
+    let mut field = |name: &'static str, value: &Option<String>, required: bool| match value {
+        None if required => {
+            problems.push((format!("auth.{name}"), "required for this auth type".into()));
+            None
         }
+        None => None,
+        Some(reference) => resolve_secret(reference, lookup)
+            .map_err(|m| problems.push((format!("auth.{name}"), m)))
+            .ok()
+            .map(|secret| (name, secret)),
     };
     if a.kind == "bearer" {
         return field("token", &a.token, true).map(|(_, token)| Auth::Bearer(token));
@@ -1317,7 +1336,13 @@ model = ["presence", "call"]
         let names: Vec<&str> = form.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             names,
-            ["grant_type", "client_id", "client_secret", "username", "password"]
+            [
+                "grant_type",
+                "client_id",
+                "client_secret",
+                "username",
+                "password"
+            ]
         );
         assert!(
             c.sources[0].correlation_ids.is_empty(),

@@ -5,6 +5,7 @@
 //! alive and tells the source's verifier which ids to accept.
 
 pub mod manager;
+pub mod mitel;
 pub mod netsapiens;
 pub mod schedule;
 pub mod token;
@@ -17,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Auth, SourceConfig};
+use crate::providers::mitel::{MEDIA_TOPIC, PRESENCE_TOPIC};
 use crate::sources::{Sources, Verifier};
 use schedule::{Backoff, Timing};
 use token::{Grant, TokenSource};
@@ -53,9 +55,6 @@ pub fn spawn_managers(
         let (Some(managed), Some(source)) = (&config.managed, sources.get(&config.id)) else {
             continue;
         };
-        let Verifier::Correlation { ids, .. } = &source.verifier else {
-            continue;
-        };
         let client = match &client {
             Some(c) => reqwest::Client::clone(c),
             None => client.insert(http_client()?).clone(),
@@ -67,6 +66,67 @@ pub fn spawn_managers(
                 form: form.clone(),
             }),
         });
+        let backoff = || Backoff::new(millis(managed.retry_initial), millis(managed.retry_max));
+        if let Some(m) = &managed.mitel {
+            let timing = Timing {
+                lifetime_ms: millis(m.check_interval),
+                renew_before_ms: 0,
+            };
+            let mut wanted: Vec<(String, &str, String)> = Vec::new();
+            if m.principals.is_empty() {
+                wanted.push((
+                    "presence".into(),
+                    PRESENCE_TOPIC,
+                    mitel::ALL_PRESENTITIES.into(),
+                ));
+            }
+            for principal in &m.principals {
+                wanted.push((
+                    format!("presence {principal}"),
+                    PRESENCE_TOPIC,
+                    format!("/presentities/{principal}"),
+                ));
+            }
+            if m.media {
+                wanted.push(("media".into(), MEDIA_TOPIC, m.media_subject_filter.clone()));
+            }
+            for (kind, topic, subject_filter) in wanted {
+                let upstream = mitel::Mitel {
+                    client: client.clone(),
+                    api_base: managed.api_base.clone(),
+                    token: Arc::clone(&token),
+                    request: mitel::Request {
+                        application_id: m.application_id.clone(),
+                        device_id: managed.callback_url.clone(),
+                        topic: topic.into(),
+                        subject_filter,
+                        method_filter: m.method_filter.clone(),
+                    },
+                    clock,
+                };
+                let settings = Settings {
+                    timing,
+                    backoff: backoff(),
+                    delete_on_shutdown: managed.delete_on_shutdown,
+                    secret_ids: false,
+                };
+                let slot = source.subscriptions.add(&kind);
+                let run = manager::run(
+                    upstream,
+                    Arc::new(NoIds),
+                    Arc::clone(&source.subscriptions),
+                    slot,
+                    settings,
+                    clock,
+                    shutdown.clone(),
+                );
+                tasks.push(start(&config.id, &kind, run));
+            }
+            continue;
+        }
+        let Verifier::Correlation { ids, .. } = &source.verifier else {
+            continue;
+        };
         if managed.lifetime < Duration::from_secs(60) {
             tracing::warn!(source = %config.id, lifetime_secs = managed.lifetime.as_secs(), "very short subscription lifetime (meant for tests)");
         }
@@ -90,18 +150,17 @@ pub fn spawn_managers(
                 ids: Arc::clone(ids),
                 model: *model,
             });
-            let slot = source.subscriptions.add(name);
             let settings = Settings {
                 timing: Timing {
                     lifetime_ms: millis(managed.lifetime),
                     renew_before_ms: millis(managed.renew_before),
                 },
-                backoff: Backoff::new(millis(managed.retry_initial), millis(managed.retry_max)),
+                backoff: backoff(),
                 delete_on_shutdown: managed.delete_on_shutdown,
                 secret_ids: true,
             };
-            let span = tracing::info_span!("subscription", source = %config.id, model = %name);
-            let task = manager::run(
+            let slot = source.subscriptions.add(name);
+            let run = manager::run(
                 upstream,
                 sink,
                 Arc::clone(&source.subscriptions),
@@ -110,10 +169,29 @@ pub fn spawn_managers(
                 clock,
                 shutdown.clone(),
             );
-            tasks.push(tokio::spawn(tracing::Instrument::instrument(task, span)));
+            tasks.push(start(&config.id, name, run));
         }
     }
     Ok(tasks)
+}
+
+/// Spawns one manager in a span naming its source and subscription.
+fn start(
+    source: &str,
+    kind: &str,
+    run: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    let span = tracing::info_span!("subscription", source = %source, kind = %kind);
+    tokio::spawn(tracing::Instrument::instrument(run, span))
+}
+
+/// Mitel webhooks are verified by their signing keys, not by subscription
+/// ids: nothing to keep in step.
+struct NoIds;
+
+impl IdSink for NoIds {
+    fn add(&self, _: &str) {}
+    fn remove(&self, _: &str) {}
 }
 
 fn millis(d: Duration) -> i64 {
@@ -129,6 +207,59 @@ pub fn install_crypto_provider() {
         // just as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// Sends an API request with the source's bearer token and maps the answer:
+/// success → its JSON body (if any); 404 → `NotFound`; 409 → `Conflict`;
+/// 429 and 5xx → `Transient` with `Retry-After`; other statuses →
+/// `Rejected`. On a 401 the token is replaced and the request sent once more.
+async fn send_with_token(
+    client: &reqwest::Client,
+    token: &TokenSource,
+    clock: &Clock,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<Option<serde_json::Value>, UpstreamError> {
+    for attempt in 0..2 {
+        let bearer = token.token(client, clock.now_ms()).await?;
+        let mut request = client
+            .request(method.clone(), url)
+            .bearer_auth(String::from_utf8_lossy(bearer.expose()));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error("API request", &e))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+            token.invalidate(&bearer).await;
+            continue;
+        }
+        if status.is_success() {
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| transport_error("API answer", &e))?;
+            return Ok(serde_json::from_slice(&bytes).ok());
+        }
+        let retry_after_ms = retry_after(&response);
+        return Err(match status.as_u16() {
+            404 => UpstreamError::NotFound,
+            409 => UpstreamError::Conflict,
+            401 => UpstreamError::Rejected("the API rejects the credentials (401)".into()),
+            429 | 500..=599 => UpstreamError::Transient {
+                message: format!("{method} answered {status}"),
+                retry_after_ms,
+            },
+            _ => UpstreamError::Rejected(format!("{method} answered {status}")),
+        });
+    }
+    Err(UpstreamError::Rejected(
+        "the API rejects fresh credentials (401)".into(),
+    ))
 }
 
 /// A transport failure, described without the URL's query (which could

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::manager::{Clock, IdSink, Remote, Upstream, UpstreamError};
@@ -49,55 +49,13 @@ impl NetSapiens {
         }
     }
 
-    /// Sends a request with the bearer token; on 401 fetches a fresh token
-    /// and tries once more.
     async fn send(
         &self,
         method: Method,
         url: &str,
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Option<Value>), UpstreamError> {
-        for attempt in 0..2 {
-            let token = self.token.token(&self.client, self.clock.now_ms()).await?;
-            let mut request = self
-                .client
-                .request(method.clone(), url)
-                .bearer_auth(String::from_utf8_lossy(token.expose()));
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| super::transport_error("subscription request", &e))?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
-                self.token.invalidate(&token).await;
-                continue;
-            }
-            if status.is_success() {
-                let bytes = response
-                    .bytes()
-                    .await
-                    .map_err(|e| super::transport_error("subscription answer", &e))?;
-                let value = serde_json::from_slice(&bytes).ok();
-                return Ok((status, value));
-            }
-            let retry_after_ms = super::retry_after(&response);
-            return Err(match status.as_u16() {
-                404 => UpstreamError::NotFound,
-                409 => UpstreamError::Conflict,
-                401 => UpstreamError::Rejected("the API rejects the credentials (401)".into()),
-                429 | 500..=599 => UpstreamError::Transient {
-                    message: format!("{method} answered {status}"),
-                    retry_after_ms,
-                },
-                _ => UpstreamError::Rejected(format!("{method} answered {status}")),
-            });
-        }
-        Err(UpstreamError::Rejected(
-            "the API rejects fresh credentials (401)".into(),
-        ))
+    ) -> Result<Option<Value>, UpstreamError> {
+        super::send_with_token(&self.client, &self.token, &self.clock, method, url, body).await
     }
 
     fn matches(&self, item: &Map<String, Value>) -> bool {
@@ -117,7 +75,7 @@ impl NetSapiens {
 
 impl Upstream for NetSapiens {
     async fn find(&self) -> Result<Option<Remote>, UpstreamError> {
-        let (_, body) = self.send(Method::GET, &self.url(None), None).await?;
+        let body = self.send(Method::GET, &self.url(None), None).await?;
         let items = match body {
             Some(Value::Array(items)) => items,
             _ => {
@@ -152,7 +110,7 @@ impl Upstream for NetSapiens {
                 map.insert(key.into(), Value::String(value.clone()));
             }
         }
-        let (_, answer) = self
+        let answer = self
             .send(Method::POST, &self.url(None), Some(&body))
             .await?;
         answer
@@ -166,7 +124,7 @@ impl Upstream for NetSapiens {
 
     async fn renew(&self, id: &str, expires_at: Millis) -> Result<Remote, UpstreamError> {
         let body = json!({ "subscription-expires-datetime": rfc3339(expires_at) });
-        let (_, answer) = self
+        let answer = self
             .send(Method::PUT, &self.url(Some(id)), Some(&body))
             .await?;
         // Some versions answer with the object, others with nothing.
@@ -237,7 +195,7 @@ fn parse_time(text: &str) -> Option<Millis> {
 }
 
 /// Percent-encodes a path segment (ids are opaque).
-fn encode_segment(id: &str) -> String {
+pub(super) fn encode_segment(id: &str) -> String {
     let mut out = String::with_capacity(id.len());
     for b in id.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
