@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +17,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use common::scripted::Failures;
 use common::{Gateway, TOKEN};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
-
-/// A status to answer, with a `Retry-After` in seconds.
-type Failure = (u16, Option<u32>);
 
 #[derive(Default)]
 struct Mock {
@@ -32,8 +29,7 @@ struct Mock {
     tokens_issued: u32,
     /// Tokens the API no longer accepts.
     revoked: Vec<String>,
-    /// Statuses to answer instead of the real thing, per method.
-    failures: Vec<(&'static str, VecDeque<Failure>)>,
+    failures: Failures,
     /// (method, path) of every API call, in order.
     log: Vec<(String, String)>,
     /// `expires_in` of issued tokens (0: 1800).
@@ -45,13 +41,7 @@ struct MockApi(Arc<Mutex<Mock>>);
 
 impl MockApi {
     fn fail(&self, method: &'static str, status: u16, retry_after: Option<u32>) {
-        let mut m = self.0.lock();
-        match m.failures.iter_mut().find(|(k, _)| *k == method) {
-            Some((_, q)) => q.push_back((status, retry_after)),
-            None => m
-                .failures
-                .push((method, VecDeque::from([(status, retry_after)]))),
-        }
+        self.0.lock().failures.push(method, status, retry_after);
     }
 
     fn calls(&self) -> Vec<String> {
@@ -94,16 +84,7 @@ fn gate(
     if !token.starts_with("tok-") || m.revoked.iter().any(|r| r == token) {
         return Some(StatusCode::UNAUTHORIZED.into_response());
     }
-    let (status, retry_after) = m
-        .failures
-        .iter_mut()
-        .find(|(k, _)| *k == method)
-        .and_then(|(_, q)| q.pop_front())?;
-    let status = StatusCode::from_u16(status).unwrap();
-    Some(match retry_after {
-        Some(secs) => (status, [("retry-after", secs.to_string())]).into_response(),
-        None => status.into_response(),
-    })
+    m.failures.take(method)
 }
 
 async fn token(State(api): State<MockApi>, body: String) -> Response {
