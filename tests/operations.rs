@@ -119,31 +119,40 @@ fn shipped_config_files_parse() {
 }
 
 #[test]
-fn the_commented_managed_subscription_example_parses() {
-    // example.toml documents the managed-subscription keys commented out;
-    // uncommented, they must be a valid configuration too.
-    let text = std::fs::read_to_string(root("config/example.toml")).unwrap();
-    let start = text
-        .find("# --- managed subscription ---")
-        .expect("start marker");
-    let end = text
-        .find("# --- end of managed subscription ---")
-        .expect("end marker");
-    let block: String = text[start..end]
-        .lines()
-        .skip(1)
-        .map(|line| line.strip_prefix('#').unwrap_or(line))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    // The block belongs to the NetSapiens source, before its field tables.
-    let text = format!("{}{block}{}", &text[..start], &text[end..]);
+fn the_commented_managed_subscription_examples_parse() {
+    // example.toml documents the managed-subscription keys of each source
+    // commented out; uncommented, they must be a valid configuration too.
+    let mut text = std::fs::read_to_string(root("config/example.toml")).unwrap();
+    const START: &str = "# --- managed subscription ---";
+    const END: &str = "# --- end of managed subscription ---";
+    let mut blocks = 0;
+    while let Some(start) = text.find(START) {
+        let end = text[start..].find(END).expect("end marker") + start;
+        let block: String = text[start..end]
+            .lines()
+            .skip(1)
+            .map(|line| line.strip_prefix('#').unwrap_or(line))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        text = format!("{}{block}{}", &text[..start], &text[end + END.len()..]);
+        blocks += 1;
+    }
+    assert_eq!(blocks, 2, "one per source");
     let vars = |name: &str| Some(format!("value-of-{name}"));
     let config = Config::parse_with_env(&text, Path::new("example.toml"), Vec::new(), vars)
         .expect("uncommented example");
-    let managed = config.sources[1].managed.as_ref().expect("managed");
-    assert_eq!(managed.model_names, ["presence", "call"]);
+    let mitel = config.sources[0].managed.as_ref().expect("managed Mitel");
+    let m = mitel.mitel.as_ref().expect("Mitel parts");
+    assert!(m.media && m.principals.is_empty());
+    assert_eq!(m.method_filter.as_deref(), Some("PUT"));
+    assert_eq!(m.auth_base, "https://authentication.api.mitel.io");
+    let ns = config.sources[1]
+        .managed
+        .as_ref()
+        .expect("managed NetSapiens");
+    assert_eq!(ns.model_names, ["presence", "call"]);
     assert_eq!(
-        managed.callback_url,
+        ns.callback_url,
         "https://gw.example.com/webhooks/ns-cluster"
     );
 }
