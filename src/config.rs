@@ -103,6 +103,8 @@ pub enum SourceKind {
     Mitel,
     /// NetSapiens v2 event posts authenticated by `X-Correlation-ID`.
     Netsapiens,
+    /// Mitel CloudLink notifications over MQTT over WebSocket (outbound).
+    MitelWs,
 }
 
 impl SourceKind {
@@ -111,6 +113,7 @@ impl SourceKind {
         match self {
             SourceKind::Mitel => "mitel",
             SourceKind::Netsapiens => "netsapiens",
+            SourceKind::MitelWs => "mitel_ws",
         }
     }
 }
@@ -192,13 +195,16 @@ pub struct MitelManaged {
     pub method_filter: Option<String>,
     /// How often the subscriptions are listed to recreate missing ones.
     pub check_interval: Duration,
+    /// `mitel_ws`: the MQTT client id, also the subscriptions' `deviceId`.
+    /// `None` for webhook sources (their `deviceId` is the callback URL).
+    pub mqtt_client_id: Option<String>,
 }
 
 impl SourceConfig {
     /// The source's status words: its `status_map` over the kind's table.
     pub fn status_map(&self) -> StatusMap {
         let builtin = match self.kind {
-            SourceKind::Mitel => crate::providers::mitel::STATUS_WORDS,
+            SourceKind::Mitel | SourceKind::MitelWs => crate::providers::mitel::STATUS_WORDS,
             SourceKind::Netsapiens => crate::providers::netsapiens::STATUS_WORDS,
         };
         StatusMap::new(
@@ -350,6 +356,7 @@ struct RawAuth {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSubscription {
+    #[serde(default)]
     callback_url: String,
     #[serde(default = "default_lifetime")]
     lifetime_secs: u64,
@@ -377,6 +384,7 @@ struct RawSubscription {
     media_subject_filter: Option<String>,
     method_filter: Option<String>,
     check_interval_secs: Option<u64>,
+    client_id: Option<String>,
 }
 
 fn default_lifetime() -> u64 {
@@ -528,7 +536,7 @@ impl Config {
                     format!("duplicate source id {:?} (also sources[{first}])", s.id),
                 );
             }
-            for field in s.call_fields.foreign_keys(s.kind == SourceKind::Mitel) {
+            for field in s.call_fields.foreign_keys(s.kind != SourceKind::Netsapiens) {
                 problem(
                     key(&format!("call_fields.{field}")),
                     format!("not used by kind = \"{}\"", s.kind.as_str()),
@@ -538,6 +546,25 @@ impl Config {
                 format!("{field} is only for kind = \"{}\"", kind.as_str())
             };
             match s.kind {
+                SourceKind::MitelWs => {
+                    if s.subscription.is_none() {
+                        problem(
+                            key("subscription"),
+                            "kind = \"mitel_ws\" needs [sources.subscription] (and [sources.auth])"
+                                .into(),
+                        );
+                    }
+                    for (field, set) in [
+                        ("correlation_ids", !s.correlation_ids.is_empty()),
+                        ("model", s.model.is_some()),
+                        ("timezone", s.timezone.is_some()),
+                        ("allow_ips", !s.allow_ips.is_empty()),
+                    ] {
+                        if set {
+                            problem(key(field), "not used by kind = \"mitel_ws\"".into());
+                        }
+                    }
+                }
                 SourceKind::Mitel => {
                     if s.signing_keys.is_empty() {
                         problem(
@@ -680,7 +707,7 @@ impl Config {
                 managed,
             };
             let compiled = match source.kind {
-                SourceKind::Mitel => {
+                SourceKind::Mitel | SourceKind::MitelWs => {
                     MitelParser::new(&source.fields, &source.call_fields, source.status_map())
                         .map(drop)
                 }
@@ -738,7 +765,8 @@ fn managed(
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Managed, Vec<(String, String)>> {
     let mut problems: Vec<(String, String)> = Vec::new();
-    let mitel = kind == SourceKind::Mitel;
+    let websocket = kind == SourceKind::MitelWs;
+    let mitel = kind == SourceKind::Mitel || websocket;
     let url_ok = |text: &str| {
         reqwest::Url::parse(text)
             .ok()
@@ -774,7 +802,13 @@ fn managed(
     } else {
         String::new()
     };
-    if !url_ok(&sub.callback_url) {
+    if websocket && !sub.callback_url.is_empty() {
+        problems.push((
+            "subscription.callback_url".into(),
+            "not used by kind = \"mitel_ws\" (notifications come over MQTT)".into(),
+        ));
+    }
+    if !websocket && !url_ok(&sub.callback_url) {
         problems.push((
             "subscription.callback_url".into(),
             format!("{:?} is not an http(s) URL", sub.callback_url),
@@ -813,8 +847,15 @@ fn managed(
             ("media_subject_filter", sub.media_subject_filter.is_some()),
             ("method_filter", sub.method_filter.is_some()),
             ("check_interval_secs", sub.check_interval_secs.is_some()),
+            ("client_id", sub.client_id.is_some()),
         ]
     };
+    if kind == SourceKind::Mitel && sub.client_id.is_some() {
+        problems.push((
+            "subscription.client_id".into(),
+            "only for kind = \"mitel_ws\"".into(),
+        ));
+    }
     for (field, set) in foreign {
         if set {
             problems.push((
@@ -861,31 +902,39 @@ fn managed(
                 "principal ids must be non-empty and contain no \"/\"".into(),
             ));
         }
-        match first_signing_key {
-            None => {
+        let application_id = match (first_signing_key, websocket) {
+            (Some(key), _) => Some(key.clone()),
+            // Over MQTT nothing is signed: any stable id will do.
+            (None, true) => Some(Secret::new(random_id("presence-gateway"))),
+            (None, false) => {
                 problems.push((
                     "signing_keys".into(),
                     "managed subscriptions use the first key as their applicationId".into(),
                 ));
                 None
             }
-            Some(key) => Some(MitelManaged {
-                auth_base: auth_base.clone(),
-                application_id: key.clone(),
-                principals: sub.principals.clone(),
-                media: sub.media,
-                media_subject_filter: sub
-                    .media_subject_filter
+        };
+        application_id.map(|key| MitelManaged {
+            auth_base: auth_base.clone(),
+            application_id: key,
+            principals: sub.principals.clone(),
+            media: sub.media,
+            media_subject_filter: sub
+                .media_subject_filter
+                .clone()
+                .unwrap_or_else(|| ".*".into()),
+            method_filter: match sub.method_filter.as_deref() {
+                None => Some("PUT".into()),
+                Some("") => None,
+                Some(m) => Some(m.to_owned()),
+            },
+            check_interval: Duration::from_secs(check),
+            mqtt_client_id: websocket.then(|| {
+                sub.client_id
                     .clone()
-                    .unwrap_or_else(|| ".*".into()),
-                method_filter: match sub.method_filter.as_deref() {
-                    None => Some("PUT".into()),
-                    Some("") => None,
-                    Some(m) => Some(m.to_owned()),
-                },
-                check_interval: Duration::from_secs(check),
+                    .unwrap_or_else(|| random_id("presence-gateway"))
             }),
-        }
+        })
     } else {
         None
     };
@@ -1009,6 +1058,13 @@ fn managed_auth(
         }
     });
     (problems.len() == before).then_some(Auth::Grant { token_url, form })
+}
+
+/// `prefix-` and 16 random hex digits.
+fn random_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let n = RandomState::new().hash_one(std::process::id());
+    format!("{prefix}-{n:016x}")
 }
 
 fn model_named(name: &str) -> Result<Model, String> {

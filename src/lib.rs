@@ -61,7 +61,26 @@ pub async fn run(
             dedup_capacity: config.store.dedup_capacity,
         },
     ));
-    let mut managers = upstream::spawn_managers(&sources, &config.sources, &shutdown)?;
+    // Socket transports hand each message to the source's parser and the
+    // store, like a webhook body (the socket's TLS and the API token are its
+    // authenticity).
+    let deliver = |source: &sources::Source| -> upstream::mitel_ws::Deliver {
+        let (sources, store, index) = (Arc::clone(&sources), Arc::clone(&store), source.index);
+        Arc::new(move |payload: &[u8]| {
+            let Some(source) = sources.by_index(index) else {
+                return;
+            };
+            let verified = verify::Verified::from_authenticated_transport(payload);
+            match source.parser.parse(verified, None) {
+                Ok(parsed) => sources::apply(&store, source, &parsed),
+                Err(e) => {
+                    source.stats.reject(sources::Rejection::BadPayload);
+                    tracing::info!(source = %source.id, error = %e, "MQTT message rejected");
+                }
+            }
+        })
+    };
+    let mut managers = upstream::spawn_managers(&sources, &config.sources, &deliver, &shutdown)?;
     let state = AppState::new(StateParts {
         sources,
         store,

@@ -208,6 +208,8 @@ pub enum Verifier {
         header: &'static str,
         ids: Arc<CorrelationIds<Model>>,
     },
+    /// The source receives over a socket, not by webhook.
+    NoWebhooks,
 }
 
 impl Verifier {
@@ -215,6 +217,7 @@ impl Verifier {
     pub fn header(&self) -> &'static str {
         match self {
             Verifier::HmacHex { header, .. } | Verifier::Correlation { header, .. } => header,
+            Verifier::NoWebhooks => "",
         }
     }
 
@@ -232,6 +235,7 @@ impl Verifier {
                 let (verified, model) = ids.verify(presented, body)?;
                 Ok((verified, Some(model)))
             }
+            Verifier::NoWebhooks => Err(VerifyError::Missing),
         }
     }
 }
@@ -260,6 +264,14 @@ impl Source {
                     header: MITEL_SIGNATURE,
                     verifier: HmacHexVerifier::new(config.signing_keys.iter().map(|k| k.expose())),
                 },
+                Parser::Mitel(MitelParser::new(
+                    &config.fields,
+                    &config.call_fields,
+                    config.status_map(),
+                )?),
+            ),
+            SourceKind::MitelWs => (
+                Verifier::NoWebhooks,
                 Parser::Mitel(MitelParser::new(
                     &config.fields,
                     &config.call_fields,
@@ -351,5 +363,29 @@ impl Sources {
     /// The ids, in config order (store index order).
     pub fn ids(&self) -> Vec<Arc<str>> {
         self.list.iter().map(|s| Arc::clone(&s.id)).collect()
+    }
+}
+
+/// Applies what a provider parsed from one authentic notification (a
+/// webhook, or a message of a socket transport) to the store, and counts it.
+pub fn apply(
+    store: &crate::presence::Store,
+    source: &Source,
+    parsed: &crate::providers::Parsed<'_>,
+) {
+    let received_at = Millis::now();
+    source.stats.touch(received_at);
+    for update in &parsed.updates {
+        let outcome = store.apply(source.index, update, received_at);
+        source.stats.applied(outcome);
+        tracing::debug!(source = %source.id, principal = %update.principal, ?outcome, "event applied");
+    }
+    for call in &parsed.calls {
+        let outcome = store.apply_call(source.index, call, received_at);
+        source.stats.applied(outcome);
+        tracing::debug!(source = %source.id, principal = %call.principal, ?outcome, "call event applied");
+    }
+    if parsed.ignored > 0 {
+        source.stats.ignored(parsed.ignored);
     }
 }

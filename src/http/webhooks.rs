@@ -22,7 +22,6 @@ use http_body_util::{BodyExt, Limited};
 use super::client_addr::client_addr;
 use super::problem::Problem;
 use super::{AppState, REQUEST_ID};
-use crate::presence::Millis;
 use crate::sources::{Rejection, Source, Verifier};
 
 /// How long a caller has to deliver its body.
@@ -82,6 +81,12 @@ pub async fn receive(
         );
         return Problem::not_found(format!("no source with id {:?}", source_id)).into_response();
     };
+    if matches!(source.verifier, Verifier::NoWebhooks) {
+        return Problem::not_found(format!(
+            "source {source_id:?} receives its notifications over MQTT, not by webhook"
+        ))
+        .into_response();
+    }
     // Derived once: used for allow_ips and for the log line of a rejection.
     let client = client_addr(peer.ip(), request.headers(), state.trusted_proxies());
     let result = handle(&state, source, client, request).await;
@@ -162,21 +167,7 @@ async fn handle(
         )
     })?;
 
-    let received_at = Millis::now();
-    source.stats.touch(received_at);
-    for update in &parsed.updates {
-        let outcome = state.store().apply(source.index, update, received_at);
-        source.stats.applied(outcome);
-        tracing::debug!(source = %source.id, principal = %update.principal, ?outcome, "event applied");
-    }
-    for call in &parsed.calls {
-        let outcome = state.store().apply_call(source.index, call, received_at);
-        source.stats.applied(outcome);
-        tracing::debug!(source = %source.id, principal = %call.principal, ?outcome, "call event applied");
-    }
-    if parsed.ignored > 0 {
-        source.stats.ignored(parsed.ignored);
-    }
+    crate::sources::apply(state.store(), source, &parsed);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -292,6 +283,7 @@ fn verify_detail(source: &Source, reason: Rejection) -> String {
                 "the {header} header does not name a subscription of source {:?}",
                 &*source.id
             ),
+            Verifier::NoWebhooks => "this source receives no webhooks".to_owned(),
         },
     }
 }

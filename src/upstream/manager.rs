@@ -124,7 +124,7 @@ impl Board {
         self.views.read().clone()
     }
 
-    fn update(&self, slot: usize, f: impl FnOnce(&mut SubscriptionView)) {
+    pub(crate) fn update(&self, slot: usize, f: impl FnOnce(&mut SubscriptionView)) {
         if let Some(view) = self.views.write().get_mut(slot) {
             f(view);
         }

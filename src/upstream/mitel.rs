@@ -29,7 +29,10 @@ pub const ALL_PRESENTITIES: &str = "/presentities/[^/]+$";
 #[derive(Clone, Debug)]
 pub struct Request {
     pub application_id: Secret,
+    /// The webhook URL, or (websocket transport) the MQTT client id.
     pub device_id: String,
+    /// `webhook` or `websocket`.
+    pub transport: &'static str,
     pub topic: String,
     pub subject_filter: String,
     pub method_filter: Option<String>,
@@ -76,6 +79,31 @@ impl Mitel {
                 application_id.as_bytes(),
                 r.application_id.expose(),
             ))
+    }
+
+    /// `POST .../connections {"transport":"websocket"}`: a pre-signed
+    /// WebSocket URL for MQTT, valid for about a minute. The field's name is
+    /// not documented: the first `ws://` or `wss://` string of the answer.
+    pub async fn websocket_url(&self) -> Result<String, UpstreamError> {
+        let base = self.api_base.trim_end_matches('/');
+        let url = format!("{base}/2017-09-01/connections");
+        let body = json!({"transport": "websocket"});
+        let answer = self.send(Method::POST, &url, Some(&body)).await?;
+        fn find(value: &Value) -> Option<&str> {
+            match value {
+                Value::String(s) if s.starts_with("ws://") || s.starts_with("wss://") => Some(s),
+                Value::Object(map) => map.values().find_map(find),
+                Value::Array(items) => items.iter().find_map(find),
+                _ => None,
+            }
+        }
+        answer
+            .as_ref()
+            .and_then(find)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                UpstreamError::Rejected("the connections answer has no ws(s):// URL".into())
+            })
     }
 
     /// Every listed subscription (`{count, _embedded: {items}}` or a bare array).
@@ -135,7 +163,7 @@ impl Upstream for Mitel {
         let mut body = json!({
             "applicationId": String::from_utf8_lossy(r.application_id.expose()),
             "deviceId": r.device_id,
-            "transport": "webhook",
+            "transport": r.transport,
             "topic": r.topic,
             "subjectFilter": r.subject_filter,
         });

@@ -6,6 +6,7 @@
 
 pub mod manager;
 pub mod mitel;
+pub mod mitel_ws;
 pub mod netsapiens;
 pub mod schedule;
 pub mod token;
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Auth, SourceConfig};
 use crate::providers::mitel::{MEDIA_TOPIC, PRESENCE_TOPIC};
-use crate::sources::{Sources, Verifier};
+use crate::sources::{Source, Sources, Verifier};
 use schedule::{Backoff, Timing};
 use token::{Grant, TokenSource};
 
@@ -46,6 +47,7 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
 pub fn spawn_managers(
     sources: &Sources,
     configs: &[SourceConfig],
+    deliver: &dyn Fn(&Source) -> mitel_ws::Deliver,
     shutdown: &CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, reqwest::Error> {
     let mut tasks = Vec::new();
@@ -90,6 +92,7 @@ pub fn spawn_managers(
             if m.media {
                 wanted.push(("media".into(), MEDIA_TOPIC, m.media_subject_filter.clone()));
             }
+            let topics = m.mqtt_client_id.as_ref().map(|_| mitel_ws::Topics::new());
             for (kind, topic, subject_filter) in wanted {
                 let upstream = mitel::Mitel {
                     client: client.clone(),
@@ -97,7 +100,15 @@ pub fn spawn_managers(
                     token: Arc::clone(&token),
                     request: mitel::Request {
                         application_id: m.application_id.clone(),
-                        device_id: managed.callback_url.clone(),
+                        device_id: m
+                            .mqtt_client_id
+                            .clone()
+                            .unwrap_or_else(|| managed.callback_url.clone()),
+                        transport: if m.mqtt_client_id.is_some() {
+                            "websocket"
+                        } else {
+                            "webhook"
+                        },
                         topic: topic.into(),
                         subject_filter,
                         method_filter: m.method_filter.clone(),
@@ -111,9 +122,13 @@ pub fn spawn_managers(
                     secret_ids: false,
                 };
                 let slot = source.subscriptions.add(&kind);
+                let sink: Arc<dyn IdSink> = match &topics {
+                    Some(topics) => Arc::clone(topics) as Arc<dyn IdSink>,
+                    None => Arc::new(NoIds),
+                };
                 let run = manager::run(
                     upstream,
-                    Arc::new(NoIds),
+                    sink,
                     Arc::clone(&source.subscriptions),
                     slot,
                     settings,
@@ -121,6 +136,35 @@ pub fn spawn_managers(
                     shutdown.clone(),
                 );
                 tasks.push(start(&config.id, &kind, run));
+            }
+            if let (Some(topics), Some(client_id)) = (topics, &m.mqtt_client_id) {
+                let connection = mitel_ws::Connection {
+                    api: mitel::Mitel {
+                        client: client.clone(),
+                        api_base: managed.api_base.clone(),
+                        token: Arc::clone(&token),
+                        request: mitel::Request {
+                            application_id: m.application_id.clone(),
+                            device_id: client_id.clone(),
+                            transport: "websocket",
+                            topic: PRESENCE_TOPIC.into(),
+                            subject_filter: String::new(),
+                            method_filter: None,
+                        },
+                        clock,
+                    },
+                    client_id: client_id.clone(),
+                    topics,
+                    deliver: deliver(source),
+                    board: Arc::clone(&source.subscriptions),
+                    backoff: backoff(),
+                    clock,
+                };
+                tasks.push(start(
+                    &config.id,
+                    "mqtt",
+                    mitel_ws::run(connection, shutdown.clone()),
+                ));
             }
             continue;
         }
