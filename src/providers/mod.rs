@@ -11,6 +11,7 @@ pub mod fields;
 pub mod mitel;
 pub mod netsapiens;
 pub mod status;
+pub mod ucwa;
 
 use crate::presence::{CallUpdate, PresenceUpdate};
 use crate::verify::Verified;
