@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use common::scripted::Failures;
-use common::{Gateway, MITEL_KEY, TOKEN, fixture, sign};
+use common::{Gateway, MITEL_KEY, TOKEN, fixture, pick_port, settle, sign};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -163,12 +163,6 @@ async fn start_mock() -> (MockApi, String) {
     (api, base)
 }
 
-fn pick_port() -> (u16, String) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    (port, format!("http://127.0.0.1:{port}/webhooks/mitel"))
-}
-
 /// A gateway whose source `mitel` manages its subscriptions at the mock
 /// (both APIs on the same mock server), checked every 5 minutes.
 async fn start_gateway(base: &str, port: u16, callback: &str, keys: &str, extra: &str) -> Gateway {
@@ -205,12 +199,6 @@ retry_max_secs = 60
     Gateway::start_on_port(&config, port).await
 }
 
-async fn settle() {
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
 async fn sources(gw: &Gateway) -> Value {
     gw.get("/v1/sources").await.1["sources"][0].clone()
 }
@@ -218,7 +206,7 @@ async fn sources(gw: &Gateway) -> Value {
 #[tokio::test(start_paused = true)]
 async fn creates_presence_and_media_subscriptions_and_receives_both() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port();
+    let (port, callback) = pick_port("mitel");
     let keys = format!("\"{MITEL_KEY}\"");
     let gw = start_gateway(&base, port, &callback, &keys, "media = true").await;
     settle().await;
@@ -265,7 +253,7 @@ async fn creates_presence_and_media_subscriptions_and_receives_both() {
 #[tokio::test(start_paused = true)]
 async fn per_principal_subscriptions_without_method_filter() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port();
+    let (port, callback) = pick_port("mitel");
     let keys = format!("\"{MITEL_KEY}\"");
     let extra = "principals = [\"u1\", \"u2\"]\nmethod_filter = \"\"";
     let _gw = start_gateway(&base, port, &callback, &keys, extra).await;
@@ -278,7 +266,7 @@ async fn per_principal_subscriptions_without_method_filter() {
 #[tokio::test(start_paused = true)]
 async fn adopts_a_matching_subscription_and_recreates_a_vanished_one() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port();
+    let (port, callback) = pick_port("mitel");
     api.0.lock().subscriptions.push(json!({
         "subscriptionId": "existing", "applicationId": MITEL_KEY, "deviceId": callback,
         "transport": "webhook", "topic": "platform-api-presence", "subjectFilter": ALL,
@@ -305,7 +293,7 @@ async fn tokens_are_refreshed_and_429_is_waited_out() {
     let (api, base) = start_mock().await;
     api.0.lock().token_lifetime = 600;
     api.fail("POST", 429, Some(45));
-    let (port, callback) = pick_port();
+    let (port, callback) = pick_port("mitel");
     let keys = format!("\"{MITEL_KEY}\"");
     let gw = start_gateway(&base, port, &callback, &keys, "").await;
     settle().await;
@@ -327,7 +315,7 @@ async fn tokens_are_refreshed_and_429_is_waited_out() {
 #[tokio::test(start_paused = true)]
 async fn key_rotation_new_subscriptions_use_the_new_key_old_ones_keep_verifying() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port();
+    let (port, callback) = pick_port("mitel");
     // The provider still has the subscription made with the old key.
     api.0.lock().subscriptions.push(json!({
         "subscriptionId": "old-sub", "applicationId": OLD_KEY, "deviceId": callback,
@@ -352,7 +340,7 @@ async fn key_rotation_new_subscriptions_use_the_new_key_old_ones_keep_verifying(
 #[tokio::test(start_paused = true)]
 async fn delete_on_shutdown_removes_its_subscriptions() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port();
+    let (port, callback) = pick_port("mitel");
     let keys = format!("\"{MITEL_KEY}\"");
     let gw = start_gateway(
         &base,

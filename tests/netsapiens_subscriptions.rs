@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use common::scripted::Failures;
-use common::{Gateway, TOKEN};
+use common::{Gateway, TOKEN, pick_port, settle};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -210,18 +210,11 @@ async fn start_mock() -> (MockApi, String) {
 /// at the mock. The callback URL is the gateway's own webhook URL, so the
 /// mock can post to it; the listener is bound first to know the port.
 async fn start_gateway(api_base: &str, extra: &str) -> (Gateway, String) {
-    let (port, callback) = pick_port();
+    let (port, callback) = pick_port("ns");
     (
         start_gateway_on(api_base, port, &callback, extra).await,
         callback,
     )
-}
-
-/// A free loopback port and the webhook URL a gateway there would have.
-fn pick_port() -> (u16, String) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    (port, format!("http://127.0.0.1:{port}/webhooks/ns"))
 }
 
 async fn start_gateway_on(api_base: &str, port: u16, callback: &str, extra: &str) -> Gateway {
@@ -258,13 +251,6 @@ retry_max_secs = 60
 "#
     );
     Gateway::start_on_port(&config, port).await
-}
-
-/// Lets every task run until all of them wait for a timer.
-async fn settle() {
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
 }
 
 /// Posts `body` to `url` with the correlation id, like the cluster does.
@@ -364,7 +350,7 @@ async fn adopts_what_exists_renews_before_expiry_and_refreshes_the_token() {
         "subscription-expires-datetime": "2099-01-01 00:00:00"
     }));
     // The existing one points at the gateway, so it is adopted.
-    let (port, callback) = pick_port();
+    let (port, callback) = pick_port("ns");
     api.0.lock().subscriptions[0]["post-url"] = json!(callback.clone());
     let gw = start_gateway_on(&base, port, &callback, "").await;
     settle().await;

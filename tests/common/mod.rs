@@ -53,6 +53,22 @@ signing_keys = ["{MITEL_KEY}"]
     )
 }
 
+/// A free loopback port, and the webhook URL of `source` on a gateway
+/// there: for tests that must give the provider the URL before start-up.
+pub fn pick_port(source: &str) -> (u16, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("local addr").port();
+    (port, format!("http://127.0.0.1:{port}/webhooks/{source}"))
+}
+
+/// Under tokio's paused clock: lets every task run until all of them wait
+/// for a timer (each sleep lets the runtime poll everything that is ready).
+pub async fn settle() {
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
