@@ -272,13 +272,11 @@ pub async fn run<U: Upstream>(
                 let failures = settings.backoff.failures();
                 let step_name = if renewing { "renew" } else { "create" };
                 tracing::warn!(step = step_name, failures, retry_in_ms = delay, %error, "subscription call failed");
-                let still_active = held.is_some();
+                // A failed renewal is "failed" too; the id stays accepted
+                // until the subscription is known gone, and `expires_at`
+                // says how long it still runs.
                 board.update(slot, |v| {
-                    v.state = if still_active {
-                        format!("renewing (retry: {error})")
-                    } else {
-                        format!("failed: {error}")
-                    };
+                    v.state = format!("failed: {error}");
                     v.last_error = Some(error.to_string());
                     v.failures = failures;
                 });
@@ -646,7 +644,9 @@ mod tests {
         let r = start(fake, false);
         until(&r, 50 * MIN).await;
         assert_eq!(r.ids.sorted(), ["sub-1"], "still valid until it expires");
-        assert!(r.board.snapshot()[0].state.starts_with("renewing (retry"));
+        let view = &r.board.snapshot()[0];
+        assert_eq!(view.state, "failed: PUT answered 500");
+        assert!(view.expires_at.is_some(), "still valid until then");
         until(&r, 50 * MIN + 5_000).await;
         assert_eq!(
             r.fake.calls(),
