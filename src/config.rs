@@ -105,6 +105,8 @@ pub enum SourceKind {
     Netsapiens,
     /// Mitel CloudLink notifications over MQTT over WebSocket (outbound).
     MitelWs,
+    /// UCWA (Skype for Business): presence subscriptions and the event channel.
+    Ucwa,
 }
 
 impl SourceKind {
@@ -114,6 +116,7 @@ impl SourceKind {
             SourceKind::Mitel => "mitel",
             SourceKind::Netsapiens => "netsapiens",
             SourceKind::MitelWs => "mitel_ws",
+            SourceKind::Ucwa => "ucwa",
         }
     }
 }
@@ -164,6 +167,19 @@ pub struct Managed {
     /// Mitel sources: what to subscribe to (the NetSapiens fields above are
     /// then unused).
     pub mitel: Option<MitelManaged>,
+    /// UCWA sources: the contacts and the event channel.
+    pub ucwa: Option<UcwaManaged>,
+}
+
+/// UCWA-specific parts of a managed source.
+#[derive(Clone, Debug)]
+pub struct UcwaManaged {
+    /// SIP URIs of the contacts to watch.
+    pub contacts: Vec<String>,
+    /// Presence subscription duration (10–30 minutes).
+    pub duration: Duration,
+    /// How long the server holds a pending event GET (180–1800 s).
+    pub event_timeout: Duration,
 }
 
 /// `[sources.auth]`.
@@ -206,6 +222,7 @@ impl SourceConfig {
         let builtin = match self.kind {
             SourceKind::Mitel | SourceKind::MitelWs => crate::providers::mitel::STATUS_WORDS,
             SourceKind::Netsapiens => crate::providers::netsapiens::STATUS_WORDS,
+            SourceKind::Ucwa => crate::providers::ucwa::STATUS_WORDS,
         };
         StatusMap::new(
             builtin,
@@ -385,6 +402,11 @@ struct RawSubscription {
     method_filter: Option<String>,
     check_interval_secs: Option<u64>,
     client_id: Option<String>,
+    // UCWA
+    #[serde(default)]
+    contacts: Vec<String>,
+    duration_mins: Option<u64>,
+    event_timeout_secs: Option<u64>,
 }
 
 fn default_lifetime() -> u64 {
@@ -546,12 +568,11 @@ impl Config {
                 format!("{field} is only for kind = \"{}\"", kind.as_str())
             };
             match s.kind {
-                SourceKind::MitelWs => {
+                SourceKind::MitelWs | SourceKind::Ucwa => {
                     if s.subscription.is_none() {
                         problem(
                             key("subscription"),
-                            "kind = \"mitel_ws\" needs [sources.subscription] (and [sources.auth])"
-                                .into(),
+                            "this kind needs [sources.subscription] (and [sources.auth])".into(),
                         );
                     }
                     for (field, set) in [
@@ -559,9 +580,25 @@ impl Config {
                         ("model", s.model.is_some()),
                         ("timezone", s.timezone.is_some()),
                         ("allow_ips", !s.allow_ips.is_empty()),
+                        (
+                            "signing_keys",
+                            s.kind == SourceKind::Ucwa && !s.signing_keys.is_empty(),
+                        ),
+                        (
+                            "auth_base",
+                            s.kind == SourceKind::Ucwa && s.auth_base.is_some(),
+                        ),
+                        (
+                            "call_fields",
+                            s.kind == SourceKind::Ucwa
+                                && s.call_fields != CallFieldOverrides::default(),
+                        ),
                     ] {
                         if set {
-                            problem(key(field), "not used by kind = \"mitel_ws\"".into());
+                            problem(
+                                key(field),
+                                format!("not used by kind = \"{}\"", s.kind.as_str()),
+                            );
                         }
                     }
                 }
@@ -718,6 +755,7 @@ impl Config {
                     source.timezone.clone(),
                 )
                 .map(drop),
+                SourceKind::Ucwa => Ok(()),
             };
             if let Err(e) = compiled {
                 problem(key("fields"), e.to_string());
@@ -767,6 +805,7 @@ fn managed(
     let mut problems: Vec<(String, String)> = Vec::new();
     let websocket = kind == SourceKind::MitelWs;
     let mitel = kind == SourceKind::Mitel || websocket;
+    let ucwa = kind == SourceKind::Ucwa;
     let url_ok = |text: &str| {
         reqwest::Url::parse(text)
             .ok()
@@ -802,25 +841,28 @@ fn managed(
     } else {
         String::new()
     };
-    if websocket && !sub.callback_url.is_empty() {
+    if (websocket || ucwa) && !sub.callback_url.is_empty() {
         problems.push((
             "subscription.callback_url".into(),
-            "not used by kind = \"mitel_ws\" (notifications come over MQTT)".into(),
+            format!(
+                "not used by kind = \"{}\" (the gateway reads events itself)",
+                kind.as_str()
+            ),
         ));
     }
-    if !websocket && !url_ok(&sub.callback_url) {
+    if !websocket && !ucwa && !url_ok(&sub.callback_url) {
         problems.push((
             "subscription.callback_url".into(),
             format!("{:?} is not an http(s) URL", sub.callback_url),
         ));
     }
-    if !mitel && sub.lifetime_secs == 0 {
+    if !mitel && !ucwa && sub.lifetime_secs == 0 {
         problems.push((
             "subscription.lifetime_secs".into(),
             "must be at least 1".into(),
         ));
     }
-    if !mitel && sub.renew_before_secs >= sub.lifetime_secs {
+    if !mitel && !ucwa && sub.renew_before_secs >= sub.lifetime_secs {
         problems.push((
             "subscription.renew_before_secs".into(),
             "must be less than lifetime_secs".into(),
@@ -832,7 +874,15 @@ fn managed(
             "retry_initial_ms and retry_max_secs must be at least 1".into(),
         ));
     }
-    let foreign: Vec<(&str, bool)> = if mitel {
+    let foreign: Vec<(&str, bool)> = if ucwa {
+        vec![
+            ("model", sub.model.is_some()),
+            ("principals", !sub.principals.is_empty()),
+            ("media", sub.media),
+            ("client_id", sub.client_id.is_some()),
+            ("check_interval_secs", sub.check_interval_secs.is_some()),
+        ]
+    } else if mitel {
         vec![
             ("model", sub.model.is_some()),
             ("reseller", sub.reseller.is_some()),
@@ -848,6 +898,9 @@ fn managed(
             ("method_filter", sub.method_filter.is_some()),
             ("check_interval_secs", sub.check_interval_secs.is_some()),
             ("client_id", sub.client_id.is_some()),
+            ("contacts", !sub.contacts.is_empty()),
+            ("duration_mins", sub.duration_mins.is_some()),
+            ("event_timeout_secs", sub.event_timeout_secs.is_some()),
         ]
     };
     if kind == SourceKind::Mitel && sub.client_id.is_some() {
@@ -864,13 +917,13 @@ fn managed(
             ));
         }
     }
-    let names: Vec<String> = match (&sub.model, mitel) {
+    let names: Vec<String> = match (&sub.model, mitel || ucwa) {
         (_, true) => Vec::new(),
         (None, false) => vec![default_model.to_owned()],
         (Some(crate::providers::fields::OneOrMany::One(m)), false) => vec![m.clone()],
         (Some(crate::providers::fields::OneOrMany::Many(list)), false) => list.clone(),
     };
-    if !mitel && names.is_empty() {
+    if !mitel && !ucwa && names.is_empty() {
         problems.push((
             "subscription.model".into(),
             "name at least one model".into(),
@@ -883,7 +936,16 @@ fn managed(
             Err(e) => problems.push(("subscription.model".into(), e)),
         }
     }
-    let auth = managed_auth(auth, mitel, &api_base, &auth_base, lookup, &mut problems);
+    let ucwa_parts = ucwa.then(|| ucwa_managed(sub, &mut problems));
+    let auth = managed_auth(
+        auth,
+        mitel,
+        ucwa,
+        &api_base,
+        &auth_base,
+        lookup,
+        &mut problems,
+    );
     let mitel = if mitel {
         let check = sub.check_interval_secs.unwrap_or(300);
         if check == 0 {
@@ -956,8 +1018,51 @@ fn managed(
             retry_initial: Duration::from_millis(sub.retry_initial_ms),
             retry_max: Duration::from_secs(sub.retry_max_secs),
             mitel,
+            ucwa: ucwa_parts,
         }),
         _ => Err(problems),
+    }
+}
+
+/// Validates the UCWA keys of `[sources.subscription]`.
+fn ucwa_managed(sub: &RawSubscription, problems: &mut Vec<(String, String)>) -> UcwaManaged {
+    if sub.contacts.is_empty() {
+        problems.push((
+            "subscription.contacts".into(),
+            "list the SIP URIs to watch (\"sip:user@example.com\")".into(),
+        ));
+    }
+    for (i, contact) in sub.contacts.iter().enumerate() {
+        let ok = contact
+            .get(..4)
+            .is_some_and(|s| s.eq_ignore_ascii_case("sip:"))
+            && contact[4..].contains('@')
+            && !contact.contains('/');
+        if !ok {
+            problems.push((
+                format!("subscription.contacts[{i}]"),
+                format!("{contact:?} is not a SIP URI like \"sip:user@example.com\""),
+            ));
+        }
+    }
+    let duration = sub.duration_mins.unwrap_or(30);
+    if !(10..=30).contains(&duration) {
+        problems.push((
+            "subscription.duration_mins".into(),
+            "must be between 10 and 30".into(),
+        ));
+    }
+    let timeout = sub.event_timeout_secs.unwrap_or(900);
+    if !(180..=1800).contains(&timeout) {
+        problems.push((
+            "subscription.event_timeout_secs".into(),
+            "must be between 180 and 1800".into(),
+        ));
+    }
+    UcwaManaged {
+        contacts: sub.contacts.clone(),
+        duration: Duration::from_secs(duration * 60),
+        event_timeout: Duration::from_secs(timeout),
     }
 }
 
@@ -968,12 +1073,13 @@ fn managed(
 fn managed_auth(
     auth: Option<&RawAuth>,
     mitel: bool,
+    ucwa: bool,
     api_base: &str,
     auth_base: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
     problems: &mut Vec<(String, String)>,
 ) -> Option<Auth> {
-    let types: &[&str] = if mitel {
+    let types: &[&str] = if mitel || ucwa {
         &["bearer", "client_credentials", "password", "refresh_token"]
     } else {
         &["bearer", "password"]
@@ -1049,6 +1155,12 @@ fn managed_auth(
         if let Some(pair) = field(name, value, required) {
             form.push(pair);
         }
+    }
+    if ucwa && a.token_url.is_none() {
+        problems.push((
+            "auth.token_url".into(),
+            "required for OAuth grants (the organisation's token endpoint)".into(),
+        ));
     }
     let token_url = a.token_url.clone().unwrap_or_else(|| {
         if mitel {

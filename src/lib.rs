@@ -80,7 +80,39 @@ pub async fn run(
             }
         })
     };
-    let mut managers = upstream::spawn_managers(&sources, &config.sources, &deliver, &shutdown)?;
+    let deliver_presence = |source: &sources::Source| -> upstream::ucwa::DeliverPresence {
+        let (sources, store, index) = (Arc::clone(&sources), Arc::clone(&store), source.index);
+        Arc::new(move |principal: &str, body: &str| {
+            let Some(source) = sources.by_index(index) else {
+                return;
+            };
+            let providers::Parser::Ucwa(statuses) = &source.parser else {
+                return;
+            };
+            match providers::ucwa::presence_update(principal, body, statuses, None) {
+                Ok(update) => {
+                    let parsed = providers::Parsed {
+                        updates: vec![update],
+                        ..providers::Parsed::default()
+                    };
+                    sources::apply(&store, source, &parsed);
+                }
+                Err(e) => {
+                    source.stats.reject(sources::Rejection::BadPayload);
+                    tracing::info!(source = %source.id, %principal, error = %e, "contact presence rejected");
+                }
+            }
+        })
+    };
+    let spawned = {
+        let delivery = upstream::Delivery {
+            envelopes: &deliver,
+            presence: &deliver_presence,
+        };
+        upstream::spawn_managers(&sources, &config.sources, &delivery, &shutdown)?
+    };
+    let mut managers = spawned.tasks;
+    let mut startup = spawned.ready;
     let state = AppState::new(StateParts {
         sources,
         store,
@@ -113,7 +145,24 @@ pub async fn run(
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(draining);
-    state.set_ready(true);
+    // Ready once every source that fills the store at start-up has done so.
+    if startup.is_empty() {
+        state.set_ready(true);
+    } else {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            for ready in &mut startup {
+                tokio::select! {
+                    result = ready.wait_for(|done| *done) => if result.is_err() { return },
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            if !shutdown.is_cancelled() {
+                state.set_ready(true);
+            }
+        });
+    }
     tracing::info!(
         addr = %local,
         sources = config.sources.len(),

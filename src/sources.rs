@@ -270,6 +270,7 @@ impl Source {
                     config.status_map(),
                 )?),
             ),
+            SourceKind::Ucwa => (Verifier::NoWebhooks, Parser::Ucwa(config.status_map())),
             SourceKind::MitelWs => (
                 Verifier::NoWebhooks,
                 Parser::Mitel(MitelParser::new(

@@ -62,6 +62,9 @@ pub enum ParseError {
 #[allow(clippy::large_enum_variant)]
 pub enum Parser {
     Mitel(mitel::MitelParser),
+    /// UCWA: no bodies to parse (the gateway reads contact presence itself);
+    /// its status words.
+    Ucwa(StatusMap),
     NetSapiens {
         parser: netsapiens::NetSapiensParser,
         /// The model of posts whose subscription does not say.
@@ -79,6 +82,9 @@ impl Parser {
     ) -> Result<Parsed<'a>, ParseError> {
         match self {
             Parser::Mitel(p) => p.parse(body),
+            Parser::Ucwa(_) => Err(ParseError::Shape {
+                expected: "no body: UCWA sources read contact presence themselves",
+            }),
             Parser::NetSapiens {
                 parser,
                 model: default,

@@ -93,6 +93,9 @@ pub struct SubscriptionView {
     pub error_count: Option<u64>,
     /// Consecutive failures of the current step.
     pub failures: u32,
+    /// Socket and event-channel transports: times the connection was
+    /// re-established.
+    pub reconnects: u64,
 }
 
 /// The views of one source's managed subscriptions.
@@ -115,6 +118,7 @@ impl Board {
             posts_count: None,
             error_count: None,
             failures: 0,
+            reconnects: 0,
         });
         views.len() - 1
     }

@@ -10,6 +10,7 @@ pub mod mitel_ws;
 pub mod netsapiens;
 pub mod schedule;
 pub mod token;
+pub mod ucwa;
 
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -44,13 +45,30 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
 /// Starts a manager for every subscription the configured sources ask the
 /// gateway to keep; they stop (deleting their subscriptions when so
 /// configured) when `shutdown` is cancelled.
+/// How socket and polling transports hand what they receive to the store.
+pub struct Delivery<'a> {
+    /// Mitel envelopes (MQTT messages).
+    pub envelopes: &'a dyn Fn(&Source) -> mitel_ws::Deliver,
+    /// UCWA contact presence resources.
+    pub presence: &'a dyn Fn(&Source) -> ucwa::DeliverPresence,
+}
+
+/// What [`spawn_managers`] started.
+pub struct Spawned {
+    pub tasks: Vec<JoinHandle<()>>,
+    /// One per source whose store must be filled before the gateway is
+    /// ready (UCWA reads every contact first); true once it is.
+    pub ready: Vec<tokio::sync::watch::Receiver<bool>>,
+}
+
 pub fn spawn_managers(
     sources: &Sources,
     configs: &[SourceConfig],
-    deliver: &dyn Fn(&Source) -> mitel_ws::Deliver,
+    delivery: &Delivery<'_>,
     shutdown: &CancellationToken,
-) -> Result<Vec<JoinHandle<()>>, reqwest::Error> {
+) -> Result<Spawned, reqwest::Error> {
     let mut tasks = Vec::new();
+    let mut ready = Vec::new();
     let clock = Clock::new();
     let mut client = None;
     for config in configs {
@@ -69,6 +87,35 @@ pub fn spawn_managers(
             }),
         });
         let backoff = || Backoff::new(millis(managed.retry_initial), millis(managed.retry_max));
+        if let Some(u) = &managed.ucwa {
+            let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+            ready.push(ready_rx);
+            install_crypto_provider();
+            let events_client = reqwest::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(u.event_timeout + REQUEST_TIMEOUT)
+                .user_agent(concat!("presence-gateway/", env!("CARGO_PKG_VERSION")))
+                .build()?;
+            let run = ucwa::run(
+                ucwa::Ucwa {
+                    client: client.clone(),
+                    events_client,
+                    token: Arc::clone(&token),
+                    api_base: managed.api_base.clone(),
+                    contacts: u.contacts.clone(),
+                    duration: u.duration,
+                    event_timeout: u.event_timeout,
+                    backoff: backoff(),
+                    clock,
+                    board: Arc::clone(&source.subscriptions),
+                    deliver: (delivery.presence)(source),
+                    ready: ready_tx,
+                },
+                shutdown.clone(),
+            );
+            tasks.push(start(&config.id, "ucwa", run));
+            continue;
+        }
         if let Some(m) = &managed.mitel {
             let timing = Timing {
                 lifetime_ms: millis(m.check_interval),
@@ -155,7 +202,7 @@ pub fn spawn_managers(
                     },
                     client_id: client_id.clone(),
                     topics,
-                    deliver: deliver(source),
+                    deliver: (delivery.envelopes)(source),
                     board: Arc::clone(&source.subscriptions),
                     backoff: backoff(),
                     clock,
@@ -216,7 +263,7 @@ pub fn spawn_managers(
             tasks.push(start(&config.id, name, run));
         }
     }
-    Ok(tasks)
+    Ok(Spawned { tasks, ready })
 }
 
 /// Spawns one manager in a span naming its source and subscription.
@@ -238,7 +285,7 @@ impl IdSink for NoIds {
     fn remove(&self, _: &str) {}
 }
 
-fn millis(d: Duration) -> i64 {
+pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
