@@ -1117,7 +1117,8 @@ fn managed_auth(
         return field("token", &a.token, true).map(|(_, token)| Auth::Bearer(token));
     }
     let mut form = vec![("grant_type", Secret::new(a.kind.as_str()))];
-    let wanted: [(&'static str, &Option<String>, bool); 6] = match (mitel, a.kind.as_str()) {
+    let wanted: [(&'static str, &Option<String>, bool); 6] = match (mitel || ucwa, a.kind.as_str())
+    {
         (false, _) => [
             ("client_id", &a.client_id, true),
             ("client_secret", &a.client_secret, true),

@@ -1,0 +1,497 @@
+//! `kind = "ucwa"` against a mock UCWA server (axum on loopback) that keeps a
+//! real pending GET open until it has events or its timeout passes, serves
+//! contact presence, and can be scripted. Under tokio's paused clock, like
+//! the subscription scenarios: a pending GET's 15-minute timeout or a
+//! subscription's expiry pass at once when nothing else is due.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use common::{Gateway, TOKEN, settle};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+const APPS: &str = "/ucwa/oauth/v1/applications";
+
+/// A scripted answer to the next pending GET.
+#[derive(Clone, Copy, Debug)]
+enum Script {
+    ApplicationNotFound,
+    PGetReplaced,
+    ServerError,
+}
+
+#[derive(Default)]
+struct Mock {
+    /// Number of the current application (0: none yet).
+    app: u32,
+    subscriptions: Vec<Vec<String>>,
+    extensions: u32,
+    presence: HashMap<String, Value>,
+    fetches: HashMap<String, u32>,
+    /// Events for the next pending GET, and whether it says resync.
+    queued: Vec<Value>,
+    resync: bool,
+    script: VecDeque<Script>,
+    /// `ack` of every events GET, in order.
+    acks: Vec<u32>,
+    tokens_issued: u32,
+    revoked: Vec<String>,
+    /// How long a presence GET takes.
+    presence_delay: Duration,
+}
+
+#[derive(Clone, Default)]
+struct Ucwa {
+    state: Arc<Mutex<Mock>>,
+    wake: Arc<Notify>,
+}
+
+impl Ucwa {
+    fn set(&self, address: &str, availability: &str) {
+        self.state.lock().presence.insert(
+            address.into(),
+            json!({"availability": availability, "activity": "Available",
+                   "lastActive": "/Date(1358827096000)/", "deviceType": "Desktop"}),
+        );
+    }
+
+    fn event(&self, address: &str) {
+        let app = self.state.lock().app;
+        self.push(json!({"link": {"rel": "contactPresence",
+                                  "href": format!("{APPS}/{app}/people/{address}/presence")},
+                         "in": {"rel": "contact", "href": format!("{APPS}/{app}/people/{address}")},
+                         "type": "updated"}));
+    }
+
+    fn push(&self, event: Value) {
+        self.state.lock().queued.push(event);
+        self.wake.notify_waiters();
+    }
+
+    fn fetches(&self, address: &str) -> u32 {
+        self.state.lock().fetches.get(address).copied().unwrap_or(0)
+    }
+}
+
+fn authorized(api: &Ucwa, headers: &HeaderMap) -> bool {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    token.starts_with("tok-") && !api.state.lock().revoked.iter().any(|r| r == token)
+}
+
+fn app_gone() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"code": "NotFound", "subcode": "ApplicationNotFound"})),
+    )
+        .into_response()
+}
+
+async fn token(State(api): State<Ucwa>, body: String) -> Response {
+    if !body.contains("grant_type=refresh_token") || !body.contains("refresh_token=r1") {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let mut m = api.state.lock();
+    m.tokens_issued += 1;
+    axum::Json(json!({"access_token": format!("tok-{}", m.tokens_issued), "expires_in": 36000}))
+        .into_response()
+}
+
+async fn create_app(State(api): State<Ucwa>, headers: HeaderMap) -> Response {
+    if !authorized(&api, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut m = api.state.lock();
+    m.app += 1;
+    let n = m.app;
+    let app = json!({
+        "_links": {"self": {"href": format!("{APPS}/{n}")},
+                   "events": {"href": format!("{APPS}/{n}/events?ack=1")}},
+        "_embedded": {"people": {"_links": {
+            "self": {"href": format!("{APPS}/{n}/people")},
+            "presenceSubscriptions": {"href": format!("{APPS}/{n}/people/presenceSubscriptions")}}}}
+    });
+    (StatusCode::CREATED, axum::Json(app)).into_response()
+}
+
+async fn subscribe(
+    State(api): State<Ucwa>,
+    Path(app): Path<u32>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    if !authorized(&api, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut m = api.state.lock();
+    if app != m.app {
+        return app_gone();
+    }
+    assert!(
+        (10..=30).contains(&body["duration"].as_u64().unwrap()),
+        "{body}"
+    );
+    let uris = body["uris"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect();
+    m.subscriptions.push(uris);
+    let id = m.subscriptions.len();
+    let href = format!("{APPS}/{app}/people/presenceSubscriptions/{id}");
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({"id": id.to_string(), "_links": {"self": {"href": href}}})),
+    )
+        .into_response()
+}
+
+async fn extend(
+    State(api): State<Ucwa>,
+    Path((app, _id)): Path<(u32, u32)>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&api, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut m = api.state.lock();
+    if app != m.app {
+        return app_gone();
+    }
+    m.extensions += 1;
+    axum::Json(json!({})).into_response()
+}
+
+async fn presence(
+    State(api): State<Ucwa>,
+    Path((app, address)): Path<(u32, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&api, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let delay = api.state.lock().presence_delay;
+    tokio::time::sleep(delay).await;
+    let mut m = api.state.lock();
+    if app != m.app {
+        return app_gone();
+    }
+    *m.fetches.entry(address.clone()).or_default() += 1;
+    match m.presence.get(&address) {
+        Some(p) => axum::Json(p.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn events(
+    State(api): State<Ucwa>,
+    Path(app): Path<u32>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&api, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let ack: u32 = query["ack"].parse().unwrap();
+    let timeout: u64 = query["timeout"].parse().unwrap();
+    let scripted = {
+        let mut m = api.state.lock();
+        m.acks.push(ack);
+        if app != m.app {
+            return app_gone();
+        }
+        m.script.pop_front()
+    };
+    match scripted {
+        Some(Script::ApplicationNotFound) => return app_gone(),
+        Some(Script::PGetReplaced) => {
+            let body = json!({"code": "Conflict", "subcode": "PGetReplaced"});
+            return (StatusCode::CONFLICT, axum::Json(body)).into_response();
+        }
+        Some(Script::ServerError) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        None => {}
+    }
+    // The pending GET: answer when there are events, or at the timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let woken = api.wake.notified();
+        {
+            let mut m = api.state.lock();
+            if !m.queued.is_empty() || m.resync {
+                break;
+            }
+            drop(std::mem::take(&mut m.queued));
+        }
+        if tokio::time::timeout_at(deadline, woken).await.is_err() {
+            break;
+        }
+    }
+    let mut m = api.state.lock();
+    let events = std::mem::take(&mut m.queued);
+    let mut links = json!({"self": {"href": format!("{APPS}/{app}/events?ack={ack}")},
+                           "next": {"href": format!("{APPS}/{app}/events?ack={}", ack + 1)}});
+    if std::mem::take(&mut m.resync) {
+        links["resync"] = json!({"href": format!("{APPS}/{app}/events?ack={}", ack + 1)});
+    }
+    axum::Json(json!({"_links": links, "sender": [{"rel": "people", "events": events}]}))
+        .into_response()
+}
+
+async fn start_mock() -> (Ucwa, String) {
+    let api = Ucwa::default();
+    for (address, availability) in [
+        ("sarad@contoso.com", "Online"),
+        ("alex@contoso.com", "IdleBusy"),
+        ("kim@contoso.com", "Offline"),
+    ] {
+        api.set(address, availability);
+    }
+    let app = Router::new()
+        .route("/oauth/token", post(token))
+        .route(APPS, post(create_app))
+        .route(
+            &format!("{APPS}/{{app}}/people/presenceSubscriptions"),
+            post(subscribe),
+        )
+        .route(
+            &format!("{APPS}/{{app}}/people/presenceSubscriptions/{{id}}"),
+            post(extend),
+        )
+        .route(
+            &format!("{APPS}/{{app}}/people/{{address}}/presence"),
+            get(presence),
+        )
+        .route(&format!("{APPS}/{{app}}/events"), get(events))
+        .with_state(api.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (api, base)
+}
+
+async fn start_gateway(base: &str) -> Gateway {
+    Gateway::start(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[consumers]
+tokens = ["{TOKEN}"]
+
+[[sources]]
+id = "sfb"
+kind = "ucwa"
+api_base = "{base}{APPS}"
+
+[sources.auth]
+type = "refresh_token"
+refresh_token = "r1"
+token_url = "{base}/oauth/token"
+
+[sources.subscription]
+contacts = ["sip:SaraD@contoso.com", "sip:alex@contoso.com", "sip:kim@contoso.com"]
+duration_mins = 10
+event_timeout_secs = 900
+retry_initial_ms = 1000
+retry_max_secs = 30
+"#
+    ))
+    .await
+}
+
+async fn availability(gw: &Gateway, principal: &str) -> Value {
+    gw.get(&format!("/v1/presence/sfb/{principal}")).await.1["availability"].clone()
+}
+
+async fn source(gw: &Gateway) -> Value {
+    gw.get("/v1/sources").await.1["sources"][0].clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_up_subscribes_in_one_batch_and_reads_everyone_before_ready() {
+    let (api, base) = start_mock().await;
+    api.state.lock().presence_delay = Duration::from_secs(3);
+    let gw = start_gateway(&base).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let readyz = gw.client.get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 503, "not ready while contacts are read");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    settle().await;
+    let readyz = gw.client.get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 200);
+
+    let subscriptions = api.state.lock().subscriptions.clone();
+    assert_eq!(subscriptions.len(), 1, "one batch");
+    assert_eq!(subscriptions[0].len(), 3);
+    for address in ["sarad@contoso.com", "alex@contoso.com", "kim@contoso.com"] {
+        assert_eq!(api.fetches(address), 1, "{address}");
+    }
+    assert_eq!(availability(&gw, "sarad@contoso.com").await, "available");
+    assert_eq!(availability(&gw, "alex@contoso.com").await, "busy_idle");
+    let (_, kim) = gw.get("/v1/presence/sfb/kim@contoso.com").await;
+    assert_eq!(kim["availability"], "offline");
+    assert_eq!(kim["raw_status"], "Offline");
+    assert_eq!(kim["activity"], "available");
+    assert_eq!(kim["observed_at"], "2013-01-22T03:58:16.000Z", "lastActive");
+    let s = source(&gw).await;
+    assert_eq!(s["kind"], "ucwa");
+    assert_eq!(s["subscriptions"][0]["state"], "active");
+    assert!(s["subscriptions"][0]["expires_at"].is_string());
+}
+
+#[tokio::test(start_paused = true)]
+async fn presence_events_fetch_each_contact_once() {
+    let (api, base) = start_mock().await;
+    let gw = start_gateway(&base).await;
+    settle().await;
+    api.set("sarad@contoso.com", "Busy");
+    api.set("alex@contoso.com", "DoNotDisturb");
+    // Two events for Sara in one answer: one fetch.
+    api.event("sarad@contoso.com");
+    api.event("sarad@contoso.com");
+    api.event("alex@contoso.com");
+    settle().await;
+    assert_eq!(availability(&gw, "sarad@contoso.com").await, "busy");
+    assert_eq!(
+        availability(&gw, "alex@contoso.com").await,
+        "do_not_disturb"
+    );
+    assert_eq!(api.fetches("sarad@contoso.com"), 2);
+    assert_eq!(api.fetches("alex@contoso.com"), 2);
+    assert_eq!(api.fetches("kim@contoso.com"), 1);
+    // The channel moved on: each answer's `next` was followed.
+    let acks = api.state.lock().acks.clone();
+    assert_eq!(&acks[..2], [1, 2], "{acks:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_subscription_is_extended_before_it_expires_and_when_warned() {
+    let (api, base) = start_mock().await;
+    let gw = start_gateway(&base).await;
+    settle().await;
+    // 10 minutes, extended 2 minutes ahead: at 8 minutes.
+    tokio::time::sleep(Duration::from_secs(7 * 60 + 50)).await;
+    settle().await;
+    assert_eq!(api.state.lock().extensions, 0);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    settle().await;
+    assert_eq!(api.state.lock().extensions, 1);
+    // The server warns: extended at once.
+    let app = api.state.lock().app;
+    api.push(json!({"link": {"rel": "presenceSubscription",
+                             "href": format!("{APPS}/{app}/people/presenceSubscriptions/1")},
+                    "type": "updated"}));
+    settle().await;
+    assert_eq!(api.state.lock().extensions, 2);
+    assert_eq!(source(&gw).await["subscriptions"][0]["state"], "active");
+}
+
+#[tokio::test(start_paused = true)]
+async fn resync_rereads_every_contact() {
+    let (api, base) = start_mock().await;
+    let _gw = start_gateway(&base).await;
+    settle().await;
+    api.state.lock().resync = true;
+    api.wake.notify_waiters();
+    settle().await;
+    for address in ["sarad@contoso.com", "alex@contoso.com", "kim@contoso.com"] {
+        assert_eq!(api.fetches(address), 2, "{address}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn application_not_found_recreates_the_application_and_subscription() {
+    let (api, base) = start_mock().await;
+    let gw = start_gateway(&base).await;
+    settle().await;
+    api.state
+        .lock()
+        .script
+        .push_back(Script::ApplicationNotFound);
+    // Make the pending GET return so that the next one gets the 404.
+    api.event("kim@contoso.com");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    settle().await;
+    let (app, subscriptions) = {
+        let m = api.state.lock();
+        (m.app, m.subscriptions.len())
+    };
+    assert_eq!(app, 2, "a new application");
+    assert_eq!(subscriptions, 2, "and a new subscription");
+    assert_eq!(
+        api.fetches("sarad@contoso.com"),
+        2,
+        "re-read with the new application"
+    );
+    api.set("sarad@contoso.com", "Away");
+    api.event("sarad@contoso.com");
+    settle().await;
+    assert_eq!(availability(&gw, "sarad@contoso.com").await, "away");
+    assert_eq!(source(&gw).await["subscriptions"][0]["reconnects"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pget_replaced_stops_the_loop_and_says_so() {
+    let (api, base) = start_mock().await;
+    let gw = start_gateway(&base).await;
+    settle().await;
+    api.state.lock().script.push_back(Script::PGetReplaced);
+    api.event("kim@contoso.com");
+    settle().await;
+    let before = api.state.lock().acks.len();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    settle().await;
+    assert_eq!(api.state.lock().acks.len(), before, "no more pending GETs");
+    let state = source(&gw).await["subscriptions"][0]["state"].clone();
+    assert!(state.as_str().unwrap().contains("PGetReplaced"), "{state}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_back_off_and_resume_from_the_last_ack() {
+    let (api, base) = start_mock().await;
+    let gw = start_gateway(&base).await;
+    settle().await;
+    api.event("kim@contoso.com"); // ack 1 answered; the next GET is ack 2
+    settle().await;
+    {
+        let mut m = api.state.lock();
+        m.script.push_back(Script::ServerError);
+        m.script.push_back(Script::ServerError);
+    }
+    api.event("kim@contoso.com"); // ack 2 answered; ack 3 gets the errors
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    settle().await;
+    let acks = api.state.lock().acks.clone();
+    assert_eq!(&acks[..5], [1, 2, 3, 3, 3], "{acks:?}");
+    let s = source(&gw).await;
+    assert_eq!(s["subscriptions"][0]["state"], "active", "{s}");
+    assert_eq!(s["subscriptions"][0]["reconnects"], 2);
+    assert_eq!(api.state.lock().app, 1, "same application");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_token_is_refreshed() {
+    let (api, base) = start_mock().await;
+    let gw = start_gateway(&base).await;
+    settle().await;
+    api.state.lock().revoked.push("tok-1".into());
+    api.set("alex@contoso.com", "Away");
+    api.event("alex@contoso.com");
+    settle().await;
+    assert_eq!(availability(&gw, "alex@contoso.com").await, "away");
+    assert_eq!(api.state.lock().tokens_issued, 2);
+}
