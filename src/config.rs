@@ -1567,6 +1567,58 @@ subscription = { callback_url = "https://gw.example.com/webhooks/ns3" }
     }
 
     #[test]
+    fn ucwa_sources() {
+        let text = r#"
+[[sources]]
+id = "sfb"
+kind = "ucwa"
+api_base = "https://lync.contoso.com/ucwa/oauth/v1/applications"
+auth = { type = "bearer", token = "env:UCWA_TOKEN" }
+subscription = { contacts = ["sip:SaraD@contoso.com"], duration_mins = 20 }
+"#;
+        let c = parse(text, &[("UCWA_TOKEN", "t")]).unwrap();
+        let u = c.sources[0]
+            .managed
+            .as_ref()
+            .unwrap()
+            .ucwa
+            .as_ref()
+            .unwrap();
+        assert_eq!(u.contacts, ["sip:SaraD@contoso.com"]);
+        assert_eq!(u.duration, Duration::from_secs(20 * 60));
+        assert_eq!(u.event_timeout, Duration::from_secs(900));
+
+        let text = r#"
+[[sources]]
+id = "sfb"
+kind = "ucwa"
+api_base = "https://lync.contoso.com/ucwa/oauth/v1/applications"
+signing_keys = ["k"]
+auth = { type = "refresh_token", refresh_token = "r" }
+subscription = { contacts = ["sarad@contoso.com"], duration_mins = 45, event_timeout_secs = 60, callback_url = "https://x/y" }
+
+[[sources]]
+id = "sfb2"
+kind = "ucwa"
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, &[]) else {
+            panic!("expected validation problems");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "sources[0].signing_keys",
+            "sources[0].auth.token_url",
+            "sources[0].subscription.contacts[0]",
+            "sources[0].subscription.duration_mins",
+            "sources[0].subscription.event_timeout_secs",
+            "sources[0].subscription.callback_url",
+            "sources[1].subscription",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+
+    #[test]
     fn bare_ips_are_single_host_networks() {
         let c = parse(
             "[server]\ntrusted_proxies = [\"10.1.2.3\", \"::1\", \"192.168.0.0/16\"]\n",

@@ -81,7 +81,7 @@ impl GatewayCollector {
     /// consecutive failures, labelled by source, kind and (fingerprinted) id.
     fn encode_subscriptions(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         type Value = fn(&crate::upstream::manager::SubscriptionView) -> Option<f64>;
-        let gauges: [(&str, &str, Value); 4] = [
+        let gauges: [(&str, &str, Value); 5] = [
             (
                 "presence_gateway_subscription_expiry_timestamp_seconds",
                 "Unix time a managed subscription expires (0: unknown).",
@@ -101,6 +101,11 @@ impl GatewayCollector {
                 "presence_gateway_subscription_failures",
                 "Consecutive failed calls for a managed subscription.",
                 |v| Some(f64::from(v.failures)),
+            ),
+            (
+                "presence_gateway_subscription_reconnects",
+                "Times a socket or event channel was re-established.",
+                |v| Some(v.reconnects as f64),
             ),
         ];
         let mut state = encoder.encode_descriptor(

@@ -137,7 +137,7 @@ fn the_commented_managed_subscription_examples_parse() {
         text = format!("{}{block}{}", &text[..start], &text[end + END.len()..]);
         blocks += 1;
     }
-    assert_eq!(blocks, 3, "Mitel, NetSapiens, and a mitel_ws source");
+    assert_eq!(blocks, 4, "Mitel, NetSapiens, a mitel_ws and a ucwa source");
     let vars = |name: &str| Some(format!("value-of-{name}"));
     let config = Config::parse_with_env(&text, Path::new("example.toml"), Vec::new(), vars)
         .expect("uncommented example");

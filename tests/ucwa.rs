@@ -176,6 +176,28 @@ async fn extend(
     axum::Json(json!({})).into_response()
 }
 
+async fn memberships(
+    State(api): State<Ucwa>,
+    Path((app, id)): Path<(u32, usize)>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    if !authorized(&api, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut m = api.state.lock();
+    if app != m.app {
+        return app_gone();
+    }
+    let uris = body["uris"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned());
+    m.subscriptions[id - 1].extend(uris);
+    axum::Json(json!({})).into_response()
+}
+
 async fn presence(
     State(api): State<Ucwa>,
     Path((app, address)): Path<(u32, String)>,
@@ -272,6 +294,10 @@ async fn start_mock() -> (Ucwa, String) {
             post(extend),
         )
         .route(
+            &format!("{APPS}/{{app}}/people/presenceSubscriptions/{{id}}/memberships"),
+            post(memberships),
+        )
+        .route(
             &format!("{APPS}/{{app}}/people/{{address}}/presence"),
             get(presence),
         )
@@ -284,6 +310,11 @@ async fn start_mock() -> (Ucwa, String) {
 }
 
 async fn start_gateway(base: &str) -> Gateway {
+    let contacts = r#"["sip:SaraD@contoso.com", "sip:alex@contoso.com", "sip:kim@contoso.com"]"#;
+    start_gateway_with(base, contacts).await
+}
+
+async fn start_gateway_with(base: &str, contacts: &str) -> Gateway {
     Gateway::start(&format!(
         r#"
 [server]
@@ -303,7 +334,7 @@ refresh_token = "r1"
 token_url = "{base}/oauth/token"
 
 [sources.subscription]
-contacts = ["sip:SaraD@contoso.com", "sip:alex@contoso.com", "sip:kim@contoso.com"]
+contacts = {contacts}
 duration_mins = 10
 event_timeout_secs = 900
 retry_initial_ms = 1000
@@ -494,4 +525,28 @@ async fn an_expired_token_is_refreshed() {
     settle().await;
     assert_eq!(availability(&gw, "alex@contoso.com").await, "away");
     assert_eq!(api.state.lock().tokens_issued, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn contacts_beyond_one_batch_join_through_memberships() {
+    let (api, base) = start_mock().await;
+    let mut contacts: Vec<String> = (0..70)
+        .map(|i| format!("sip:user{i}@contoso.com"))
+        .collect();
+    contacts.push("sip:SaraD@contoso.com".into());
+    let gw = start_gateway_with(&base, &serde_json::to_string(&contacts).unwrap()).await;
+    settle().await;
+    let subscriptions = api.state.lock().subscriptions.clone();
+    assert_eq!(subscriptions.len(), 1);
+    assert_eq!(
+        subscriptions[0], contacts,
+        "50 with the subscription, 21 as members"
+    );
+    assert_eq!(availability(&gw, "sarad@contoso.com").await, "available");
+    let readyz = gw.client.get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(
+        readyz.status(),
+        200,
+        "contacts the server does not know do not block"
+    );
 }

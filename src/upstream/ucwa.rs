@@ -34,6 +34,9 @@ use crate::presence::Millis;
 /// Contact presence fetches running at once.
 pub const FETCH_PARALLELISM: usize = 8;
 
+/// Contacts per subscription request (the rest go through memberships).
+pub const BATCH: usize = 50;
+
 /// Hands one contact's presence (principal, JSON body) to the store.
 pub type DeliverPresence = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
@@ -164,12 +167,33 @@ impl Ucwa {
         })
     }
 
-    /// Subscribes to every contact in one batch; returns the subscription.
+    /// Subscribes to every contact: the first [`BATCH`] with the
+    /// subscription, the rest through its memberships link, a batch per
+    /// request. Returns the subscription.
     async fn subscribe(&self, app: &Application) -> Result<Url, UpstreamError> {
-        let body = json!({"duration": self.duration.as_secs() / 60, "uris": self.contacts});
+        let mut batches = self.contacts.chunks(BATCH);
+        let first = batches.next().unwrap_or_default();
+        let body = json!({"duration": self.duration.as_secs() / 60, "uris": first});
         let answer = self
             .expect_ok(Method::POST, app.subscriptions.clone(), Some(&body))
             .await?;
+        let subscription = self.subscription_link(app, &answer)?;
+        let memberships = match answer
+            .pointer("/_links/memberships/href")
+            .and_then(Value::as_str)
+        {
+            Some(href) => self.resolve(href)?,
+            None => self.resolve(&format!("{}/memberships", subscription.path()))?,
+        };
+        for batch in batches {
+            let body = json!({"uris": batch});
+            self.expect_ok(Method::POST, memberships.clone(), Some(&body))
+                .await?;
+        }
+        Ok(subscription)
+    }
+
+    fn subscription_link(&self, app: &Application, answer: &Value) -> Result<Url, UpstreamError> {
         let href = answer
             .pointer("/_links/self/href")
             .and_then(Value::as_str)
