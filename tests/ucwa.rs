@@ -28,6 +28,8 @@ enum Script {
     ApplicationNotFound,
     PGetReplaced,
     ServerError,
+    /// Headers sent, then the connection breaks mid-body.
+    Drop,
 }
 
 #[derive(Default)]
@@ -245,6 +247,13 @@ async fn events(
             return (StatusCode::CONFLICT, axum::Json(body)).into_response();
         }
         Some(Script::ServerError) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Some(Script::Drop) => {
+            let broken = futures_util::stream::iter([
+                Ok(axum::body::Bytes::from_static(b"{\"_links\":")),
+                Err(std::io::Error::other("connection dropped")),
+            ]);
+            return axum::body::Body::from_stream(broken).into_response();
+        }
         None => {}
     }
     // The pending GET: answer when there are events, or at the timeout.
@@ -492,7 +501,7 @@ async fn pget_replaced_stops_the_loop_and_says_so() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn server_errors_back_off_and_resume_from_the_last_ack() {
+async fn a_5xx_and_a_connection_dropped_mid_get_resume_from_the_last_ack() {
     let (api, base) = start_mock().await;
     let gw = start_gateway(&base).await;
     settle().await;
@@ -501,7 +510,7 @@ async fn server_errors_back_off_and_resume_from_the_last_ack() {
     {
         let mut m = api.state.lock();
         m.script.push_back(Script::ServerError);
-        m.script.push_back(Script::ServerError);
+        m.script.push_back(Script::Drop);
     }
     api.event("kim@contoso.com"); // ack 2 answered; ack 3 gets the errors
     tokio::time::sleep(Duration::from_secs(10)).await;
