@@ -704,6 +704,7 @@ impl Config {
                 };
                 let first_key = signing_keys.first();
                 managed(
+                    &s.id,
                     sub,
                     s.kind,
                     bases,
@@ -793,7 +794,9 @@ struct Bases<'a> {
 }
 
 /// Validates a managed subscription; problems as `(field, message)`.
+#[allow(clippy::too_many_arguments)] // one validation step, called once
 fn managed(
+    source_id: &str,
     sub: &RawSubscription,
     kind: SourceKind,
     bases: Bases<'_>,
@@ -966,8 +969,9 @@ fn managed(
         }
         let application_id = match (first_signing_key, websocket) {
             (Some(key), _) => Some(key.clone()),
-            // Over MQTT nothing is signed: any stable id will do.
-            (None, true) => Some(Secret::new(random_id("presence-gateway"))),
+            // Over MQTT nothing is signed: any id stable across restarts
+            // will do (so the subscriptions are found again).
+            (None, true) => Some(Secret::new(stable_guid(source_id))),
             (None, false) => {
                 problems.push((
                     "signing_keys".into(),
@@ -994,7 +998,7 @@ fn managed(
             mqtt_client_id: websocket.then(|| {
                 sub.client_id
                     .clone()
-                    .unwrap_or_else(|| random_id("presence-gateway"))
+                    .unwrap_or_else(|| format!("presence-gateway-{source_id}"))
             }),
         })
     } else {
@@ -1173,11 +1177,18 @@ fn managed_auth(
     (problems.len() == before).then_some(Auth::Grant { token_url, form })
 }
 
-/// `prefix-` and 16 random hex digits.
-fn random_id(prefix: &str) -> String {
-    use std::hash::{BuildHasher, RandomState};
-    let n = RandomState::new().hash_one(std::process::id());
-    format!("{prefix}-{n:016x}")
+/// A GUID-shaped id derived from the source id: the same on every start.
+fn stable_guid(source_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = hex::encode(Sha256::digest(format!("presence-gateway/{source_id}")));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 fn model_named(name: &str) -> Result<Model, String> {

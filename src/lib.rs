@@ -89,7 +89,11 @@ pub async fn run(
             let providers::Parser::Ucwa(statuses) = &source.parser else {
                 return;
             };
-            match providers::ucwa::presence_update(principal, body, statuses, None) {
+            // A GET returns the contact's current presence: it is as new as
+            // the read. (`lastActive` is when the user was last active; as
+            // `observed_at` it would make later reads look stale.)
+            let read_at = Some(presence::Millis::now());
+            match providers::ucwa::presence_update(principal, body, statuses, read_at) {
                 Ok(update) => {
                     let parsed = providers::Parsed {
                         updates: vec![update],

@@ -386,7 +386,9 @@ async fn start_up_subscribes_in_one_batch_and_reads_everyone_before_ready() {
     assert_eq!(kim["availability"], "offline");
     assert_eq!(kim["raw_status"], "Offline");
     assert_eq!(kim["activity"], "available");
-    assert_eq!(kim["observed_at"], "2013-01-22T03:58:16.000Z", "lastActive");
+    // A read returns current presence: observed when read, not at
+    // lastActive (2013), which would make later reads look stale.
+    assert!(kim["observed_at"].as_str().unwrap() > "2026", "{kim}");
     let s = source(&gw).await;
     assert_eq!(s["kind"], "ucwa");
     assert_eq!(s["subscriptions"][0]["state"], "active");

@@ -83,7 +83,8 @@ pub async fn receive(
     };
     if matches!(source.verifier, Verifier::NoWebhooks) {
         return Problem::not_found(format!(
-            "source {source_id:?} receives its notifications over MQTT, not by webhook"
+            "source {source_id:?} fetches its notifications itself (kind {}); it takes no webhooks",
+            source.kind.as_str()
         ))
         .into_response();
     }

@@ -60,6 +60,11 @@ impl Dedup {
         }
     }
 
+    /// Whether duplicates are detected at all (a non-empty window).
+    pub(crate) fn enabled(&self) -> bool {
+        self.tick_ms != 0
+    }
+
     /// Starts reading the bucket of `bucket_hash` and returns a handle for
     /// [`Dedup::seen`]. Reading it before the caller's own lookups lets the
     /// CPU wait for both cache misses at once instead of one after the other

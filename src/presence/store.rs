@@ -136,6 +136,7 @@ impl Store {
         let event_digest = update
             .event_id
             .as_deref()
+            .filter(|_| src.dedup.enabled())
             .map(|id| (self.hash_a.hash_one(id), self.hash_b.hash_one(id)));
 
         let (hash, shard_no) = self.locate(&update.principal);

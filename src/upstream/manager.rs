@@ -194,6 +194,10 @@ pub async fn run<U: Upstream>(
     };
     let mut held: Option<Remote> = None;
     let mut retry_at: Option<i64> = None;
+    // After a success, the next call waits at least this long, so that a
+    // provider granting less than `renew_before` cannot make the manager
+    // renew in a loop.
+    let mut not_before: Option<i64> = None;
     let mut renewing = false;
     loop {
         let situation = Situation {
@@ -201,7 +205,8 @@ pub async fn run<U: Upstream>(
             expires_at: held.as_ref().and_then(|r| r.expires_at).map(|m| m.0),
             retry_at,
         };
-        let step = plan(situation, clock.now_ms(), settings.timing);
+        let mut step = plan(situation, clock.now_ms(), settings.timing);
+        step.at = step.at.max(not_before.take().unwrap_or(i64::MIN));
         board.update(slot, |v| v.next_action_at = Some(Millis(step.at)));
         tokio::select! {
             () = tokio::time::sleep_until(clock.instant_at(step.at)) => {}
@@ -246,6 +251,17 @@ pub async fn run<U: Upstream>(
                 settings.backoff.reset();
                 retry_at = None;
                 renewing = false;
+                let now = clock.now_ms();
+                if remote
+                    .expires_at
+                    .is_some_and(|e| e.0 - settings.timing.renew_before_ms <= now)
+                {
+                    tracing::warn!(
+                        subscription = %show(&remote.id),
+                        "the provider granted less than renew_before; renewing again after a pause"
+                    );
+                }
+                not_before = Some(now + settings.backoff.initial_ms.max(1_000));
                 board.update(slot, |v| {
                     v.id = Some(show(&remote.id));
                     v.state = "active".into();

@@ -248,12 +248,18 @@ async fn resubscribe(
     subscribed: &mut BTreeSet<String>,
     wanted: &BTreeSet<String>,
 ) -> Result<(), String> {
-    for topic in wanted.difference(&subscribed.clone()) {
+    // One SUBSCRIBE for all new topics: one request in the client's queue
+    // however many subscriptions there are.
+    let new: Vec<String> = wanted.difference(subscribed).cloned().collect();
+    if !new.is_empty() {
+        let filters = new
+            .iter()
+            .map(|topic| rumqttc::SubscribeFilter::new(topic.clone(), QoS::AtLeastOnce));
         client
-            .subscribe(topic.as_str(), QoS::AtLeastOnce)
+            .subscribe_many(filters)
             .await
             .map_err(|e| format!("subscribe: {e}"))?;
-        subscribed.insert(topic.clone());
+        subscribed.extend(new);
     }
     for topic in subscribed.clone().difference(wanted) {
         client

@@ -90,8 +90,10 @@ impl TokenSource {
         let answer: TokenAnswer = response.json().await.map_err(|_| {
             UpstreamError::Rejected("token endpoint answered without an access_token".into())
         })?;
-        let lifetime_ms = answer.expires_in.unwrap_or(3600).max(1) * 1000;
-        let until = now_ms + (lifetime_ms - REFRESH_MARGIN_MS).max(lifetime_ms / 2);
+        // A day at most: a bogus `expires_in` must not keep a token forever
+        // (or overflow).
+        let lifetime_ms = answer.expires_in.unwrap_or(3600).clamp(1, 86_400) * 1000;
+        let until = now_ms.saturating_add((lifetime_ms - REFRESH_MARGIN_MS).max(lifetime_ms / 2));
         let token = Secret::new(answer.access_token);
         *cached = Some((token.clone(), until));
         Ok(token)

@@ -390,8 +390,11 @@ async fn session(
         let answer = tokio::select! {
             answer = u.call(&u.events_client, Method::GET, request, None) => answer,
             () = wait_extend => {
-                if let Err(e) = u.extend(&c.subscription).await {
-                    return failed(e);
+                match u.extend(&c.subscription).await {
+                    Ok(()) => {}
+                    // The subscription (or its application) is gone.
+                    Err(UpstreamError::NotFound) => return Ended::ApplicationGone,
+                    Err(e) => return failed(e),
                 }
                 extended(c);
                 publish(c);
@@ -405,7 +408,8 @@ async fn session(
         };
         match status.as_u16() {
             200..=299 => {}
-            404 if text.contains("ApplicationNotFound") => return Ended::ApplicationGone,
+            // ApplicationNotFound, or any other 404: the channel is gone.
+            404 => return Ended::ApplicationGone,
             409 if text.contains("PGetReplaced") => return Ended::Replaced,
             _ => return Ended::Failed(format!("event channel answered {status}")),
         }
@@ -432,8 +436,10 @@ async fn session(
         }
         if !parsed.subscription_updates.is_empty() {
             // The server warns that the subscription is about to expire.
-            if let Err(e) = u.extend(&c.subscription).await {
-                return failed(e);
+            match u.extend(&c.subscription).await {
+                Ok(()) => {}
+                Err(UpstreamError::NotFound) => return Ended::ApplicationGone,
+                Err(e) => return failed(e),
             }
             extended(c);
             publish(c);

@@ -58,7 +58,7 @@ impl<'a> Verified<'a> {
 
     /// Marks a message from an authenticated transport (a TLS socket opened
     /// with the provider's token) as verified: the transport is the proof.
-    pub fn from_authenticated_transport(body: &'a [u8]) -> Self {
+    pub(crate) fn from_authenticated_transport(body: &'a [u8]) -> Self {
         Verified(body)
     }
 
