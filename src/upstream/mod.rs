@@ -34,12 +34,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// timeouts, no redirects to other hosts' credentials (bearer headers are
 /// dropped on cross-origin redirects by reqwest).
 pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
-    install_crypto_provider();
-    reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT)
-        .user_agent(concat!("presence-gateway/", env!("CARGO_PKG_VERSION")))
-        .build()
+    http_client_waiting(Duration::ZERO)
 }
 
 /// Starts a manager for every subscription the configured sources ask the
@@ -90,12 +85,7 @@ pub fn spawn_managers(
         if let Some(u) = &managed.ucwa {
             let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
             ready.push(ready_rx);
-            install_crypto_provider();
-            let events_client = reqwest::Client::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .timeout(u.event_timeout + REQUEST_TIMEOUT)
-                .user_agent(concat!("presence-gateway/", env!("CARGO_PKG_VERSION")))
-                .build()?;
+            let events_client = http_client_waiting(u.event_timeout)?;
             let run = ucwa::run(
                 ucwa::Ucwa {
                     client: client.clone(),
@@ -300,22 +290,30 @@ pub fn install_crypto_provider() {
     });
 }
 
-/// Sends an API request with the source's bearer token and maps the answer:
-/// success → its JSON body (if any); 404 → `NotFound`; 409 → `Conflict`;
-/// 429 and 5xx → `Transient` with `Retry-After`; other statuses →
-/// `Rejected`. On a 401 the token is replaced and the request sent once more.
-async fn send_with_token(
+/// An HTTP answer of a provider API: status, `Retry-After` (ms) and body.
+pub(crate) struct Answer {
+    pub status: reqwest::StatusCode,
+    pub retry_after_ms: Option<i64>,
+    pub body: axum::body::Bytes,
+}
+
+/// Sends an API request with the source's bearer token; on a 401 the token
+/// is replaced and the request sent once more. Any HTTP answer is returned;
+/// only transport failures are errors.
+pub(crate) async fn send_raw(
     client: &reqwest::Client,
     token: &TokenSource,
     clock: &Clock,
     method: reqwest::Method,
-    url: &str,
+    url: reqwest::Url,
     body: Option<&serde_json::Value>,
-) -> Result<Option<serde_json::Value>, UpstreamError> {
-    for attempt in 0..2 {
+) -> Result<Answer, UpstreamError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let bearer = token.token(client, clock.now_ms()).await?;
         let mut request = client
-            .request(method.clone(), url)
+            .request(method.clone(), url.clone())
             .bearer_auth(String::from_utf8_lossy(bearer.expose()));
         if let Some(body) = body {
             request = request.json(body);
@@ -325,32 +323,67 @@ async fn send_with_token(
             .await
             .map_err(|e| transport_error("API request", &e))?;
         let status = response.status();
-        if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+        if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 1 {
             token.invalidate(&bearer).await;
             continue;
         }
-        if status.is_success() {
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| transport_error("API answer", &e))?;
-            return Ok(serde_json::from_slice(&bytes).ok());
-        }
         let retry_after_ms = retry_after(&response);
-        return Err(match status.as_u16() {
-            404 => UpstreamError::NotFound,
-            409 => UpstreamError::Conflict,
-            401 => UpstreamError::Rejected("the API rejects the credentials (401)".into()),
-            429 | 500..=599 => UpstreamError::Transient {
-                message: format!("{method} answered {status}"),
-                retry_after_ms,
-            },
-            _ => UpstreamError::Rejected(format!("{method} answered {status}")),
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error("API answer", &e))?;
+        return Ok(Answer {
+            status,
+            retry_after_ms,
+            body,
         });
     }
-    Err(UpstreamError::Rejected(
-        "the API rejects fresh credentials (401)".into(),
-    ))
+}
+
+/// Maps a failed answer: 404 → `NotFound`; 409 → `Conflict`; 429 and 5xx →
+/// `Transient` with `Retry-After`; anything else → `Rejected`.
+pub(crate) fn failure(method: &reqwest::Method, answer: &Answer) -> UpstreamError {
+    let status = answer.status;
+    match status.as_u16() {
+        404 => UpstreamError::NotFound,
+        409 => UpstreamError::Conflict,
+        401 => UpstreamError::Rejected("the API rejects the credentials (401)".into()),
+        429 | 500..=599 => UpstreamError::Transient {
+            message: format!("{method} answered {status}"),
+            retry_after_ms: answer.retry_after_ms,
+        },
+        _ => UpstreamError::Rejected(format!("{method} answered {status}")),
+    }
+}
+
+/// [`send_raw`], then success → the JSON body (if any), else [`failure`].
+async fn send_with_token(
+    client: &reqwest::Client,
+    token: &TokenSource,
+    clock: &Clock,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<Option<serde_json::Value>, UpstreamError> {
+    let url = reqwest::Url::parse(url)
+        .map_err(|_| UpstreamError::Rejected(format!("not a URL: {url:?}")))?;
+    let answer = send_raw(client, token, clock, method.clone(), url, body).await?;
+    if answer.status.is_success() {
+        Ok(serde_json::from_slice(&answer.body).ok())
+    } else {
+        Err(failure(&method, &answer))
+    }
+}
+
+/// The client for upstream calls whose answers may take up to `wait` (a
+/// held pending GET), with the usual timeouts on top.
+fn http_client_waiting(wait: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(wait + REQUEST_TIMEOUT)
+        .user_agent(concat!("presence-gateway/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 /// A transport failure, described without the URL's query (which could

@@ -82,8 +82,8 @@ impl Ucwa {
             .map_err(|_| UpstreamError::Rejected(format!("cannot resolve link {href:?}")))
     }
 
-    /// One request with the bearer token (a 401 fetches a new token and
-    /// retries once); any HTTP answer is returned.
+    /// One request with the bearer token (see [`super::send_raw`]); any
+    /// HTTP answer is returned, as status and text.
     async fn call(
         &self,
         client: &reqwest::Client,
@@ -91,31 +91,10 @@ impl Ucwa {
         url: Url,
         body: Option<&Value>,
     ) -> Result<(StatusCode, String), UpstreamError> {
-        for attempt in 0..2 {
-            let bearer = self.token.token(&self.client, self.clock.now_ms()).await?;
-            let mut request = client
-                .request(method.clone(), url.clone())
-                .bearer_auth(String::from_utf8_lossy(bearer.expose()));
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| super::transport_error("UCWA request", &e))?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
-                self.token.invalidate(&bearer).await;
-                continue;
-            }
-            let text = response
-                .text()
-                .await
-                .map_err(|e| super::transport_error("UCWA answer", &e))?;
-            return Ok((status, text));
-        }
-        Err(UpstreamError::Rejected(
-            "UCWA rejects fresh credentials (401)".into(),
+        let answer = super::send_raw(client, &self.token, &self.clock, method, url, body).await?;
+        Ok((
+            answer.status,
+            String::from_utf8_lossy(&answer.body).into_owned(),
         ))
     }
 
@@ -125,18 +104,19 @@ impl Ucwa {
         url: Url,
         body: Option<&Value>,
     ) -> Result<Value, UpstreamError> {
-        let (status, text) = self.call(&self.client, method.clone(), url, body).await?;
-        if status.is_success() {
-            return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
+        let answer = super::send_raw(
+            &self.client,
+            &self.token,
+            &self.clock,
+            method.clone(),
+            url,
+            body,
+        )
+        .await?;
+        if answer.status.is_success() {
+            return Ok(serde_json::from_slice(&answer.body).unwrap_or(Value::Null));
         }
-        Err(match status.as_u16() {
-            404 => UpstreamError::NotFound,
-            429 | 500..=599 => UpstreamError::Transient {
-                message: format!("{method} answered {status}"),
-                retry_after_ms: None,
-            },
-            _ => UpstreamError::Rejected(format!("{method} answered {status}")),
-        })
+        Err(super::failure(&method, &answer))
     }
 
     async fn create_application(&self) -> Result<Application, UpstreamError> {
