@@ -6,6 +6,7 @@ pub mod consumers;
 pub mod edge;
 pub mod ops;
 pub mod problem;
+pub mod stream;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -84,6 +85,7 @@ struct Shared {
     in_flight: Semaphore,
     body_limit: usize,
     trusted_proxies: Vec<IpNet>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The parts [`AppState`] is built from.
@@ -95,6 +97,8 @@ pub struct StateParts {
     pub max_in_flight: usize,
     pub body_limit: usize,
     pub trusted_proxies: Vec<IpNet>,
+    /// Cancelled at shutdown: streams end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -115,6 +119,7 @@ impl AppState {
                 in_flight: Semaphore::new(parts.max_in_flight),
                 body_limit: parts.body_limit,
                 trusted_proxies: parts.trusted_proxies,
+                shutdown: parts.shutdown,
             }),
         }
     }
@@ -143,6 +148,9 @@ impl AppState {
     pub fn trusted_proxies(&self) -> &[IpNet] {
         &self.inner.trusted_proxies
     }
+    pub fn shutdown(&self) -> &tokio_util::sync::CancellationToken {
+        &self.inner.shutdown
+    }
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)
     }
@@ -157,6 +165,7 @@ fn routes(state: AppState) -> Router {
         .route("/presence/query", post(consumers::query))
         .route("/presence/{source}/{principal}", get(consumers::get_one))
         .route("/sources", get(consumers::sources))
+        .route("/stream", get(stream::sse))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             consumers::require_token,

@@ -1,0 +1,235 @@
+//! `GET /v1/stream`: presence changes as Server-Sent Events, with resume.
+//!
+//! Each change is `event: presence`, `id: <seq>`, `data: <record>`. Filters:
+//! `source` and `principal`, each repeatable (a record matches when it
+//! matches every given filter kind). Without `Last-Event-ID` (header, or
+//! `last_event_id` query parameter for clients that cannot set headers) the
+//! stream starts with the current snapshot of the matching records, in
+//! ascending `seq` (`snapshot=false` skips it); with it, every kept change
+//! after that id that matches is replayed in order. When those changes are
+//! no longer all kept, or the consumer falls behind the live fan-out, the
+//! stream sends `event: reset` (`{"reason":"history"}` or `{"reason":
+//! "lagged"}`) and then the snapshot, and goes on live. The gateway ends
+//! every stream at shutdown.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use tokio::sync::broadcast;
+
+use super::AppState;
+use super::problem::Problem;
+use crate::presence::PresenceRecord;
+
+/// Keep-alive comment interval.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// What a consumer asked for.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Filter {
+    sources: Vec<String>,
+    principals: Vec<String>,
+    pub(crate) snapshot: bool,
+    pub(crate) last_event_id: Option<u64>,
+}
+
+impl Filter {
+    /// Reads `source`, `principal` (repeatable), `snapshot` and
+    /// `last_event_id` from a query string; `access_token` is the
+    /// authentication middleware's and is ignored here.
+    pub(crate) fn parse(query: Option<&str>, headers: &HeaderMap) -> Result<Self, Problem> {
+        let mut f = Filter {
+            snapshot: true,
+            ..Filter::default()
+        };
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*key {
+                "source" => f.sources.push(value.into_owned()),
+                "principal" => f.principals.push(value.into_owned()),
+                "snapshot" => {
+                    f.snapshot = match &*value {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(bad("snapshot must be true or false")),
+                    }
+                }
+                "last_event_id" => f.last_event_id = Some(parse_id(&value)?),
+                "access_token" => {}
+                other => return Err(bad(&format!("unknown parameter {other:?}"))),
+            }
+        }
+        if let Some(id) = headers.get("last-event-id") {
+            let id = id.to_str().map_err(|_| bad("Last-Event-ID is not text"))?;
+            f.last_event_id = Some(parse_id(id)?);
+        }
+        Ok(f)
+    }
+
+    fn matches(&self, record: &PresenceRecord) -> bool {
+        (self.sources.is_empty() || self.sources.iter().any(|s| **s == *record.source))
+            && (self.principals.is_empty()
+                || self.principals.iter().any(|p| **p == *record.principal))
+    }
+}
+
+fn bad(detail: &str) -> Problem {
+    Problem::bad_request("bad-query", detail)
+}
+
+fn parse_id(text: &str) -> Result<u64, Problem> {
+    text.trim()
+        .parse()
+        .map_err(|_| bad("Last-Event-ID must be a sequence number"))
+}
+
+/// The matching records as they are now, in ascending `seq`.
+pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> Vec<Arc<PresenceRecord>> {
+    let sources: Vec<usize> = state
+        .sources()
+        .sorted_indexes()
+        .iter()
+        .copied()
+        .filter(|&i| {
+            filter.sources.is_empty()
+                || state
+                    .sources()
+                    .by_index(i)
+                    .is_some_and(|s| filter.sources.iter().any(|f| **f == *s.id))
+        })
+        .collect();
+    let mut records = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = state.store().page(&sources, cursor, 1000, |_| true);
+        records.extend(
+            page.items
+                .into_iter()
+                .filter(|r| filter.matches(r))
+                .map(Arc::new),
+        );
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    records.sort_by_key(|r| r.seq);
+    records
+}
+
+/// What the stream sends next.
+enum Item {
+    Record(Arc<PresenceRecord>),
+    Reset(&'static str),
+}
+
+struct Streamer {
+    state: AppState,
+    filter: Filter,
+    rx: broadcast::Receiver<Arc<PresenceRecord>>,
+    pending: VecDeque<Item>,
+    /// Live changes up to this `seq` are already covered by what was
+    /// queued (the replay, or the state a snapshot started from).
+    covered: u64,
+}
+
+impl Streamer {
+    /// Queues the snapshot. Live changes after the moment it starts are
+    /// all sent afterwards, even one the snapshot already shows (a repeat
+    /// of the same `seq` is harmless; a gap would not be).
+    fn queue_snapshot(&mut self) {
+        self.covered = self.state.store().changes().last_seq();
+        let records = snapshot(&self.state, &self.filter);
+        self.pending.extend(records.into_iter().map(Item::Record));
+    }
+
+    fn reset(&mut self, reason: &'static str) {
+        self.pending.push_back(Item::Reset(reason));
+        self.queue_snapshot();
+    }
+
+    async fn next(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            let record = tokio::select! {
+                received = self.rx.recv() => received,
+                () = self.state.shutdown().cancelled() => return None,
+            };
+            match record {
+                Ok(record) if record.seq > self.covered && self.filter.matches(&record) => {
+                    self.covered = record.seq;
+                    return Some(Item::Record(record));
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => self.reset("lagged"),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+fn event(item: &Item) -> Event {
+    match item {
+        Item::Record(record) => Event::default()
+            .event("presence")
+            .id(record.seq.to_string())
+            .json_data(&**record)
+            .unwrap_or_else(|_| Event::default().comment("unserializable record")),
+        Item::Reset(reason) => Event::default()
+            .event("reset")
+            .data(format!("{{\"reason\":\"{reason}\"}}")),
+    }
+}
+
+/// `GET /v1/stream`.
+pub async fn sse(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let filter = match Filter::parse(query.as_deref(), &headers) {
+        Ok(f) => f,
+        Err(problem) => return problem.into_response(),
+    };
+    // Subscribe first: nothing committed after this point can be missed.
+    let rx = state.store().changes().subscribe();
+    let mut streamer = Streamer {
+        state: state.clone(),
+        filter: filter.clone(),
+        rx,
+        pending: VecDeque::new(),
+        covered: 0,
+    };
+    match filter.last_event_id {
+        Some(after) => match state.store().changes().since(after) {
+            Ok(records) => {
+                // The history and the fan-out share one order: everything
+                // replayed is exactly what the fan-out must not repeat.
+                streamer.covered = records.last().map_or(after, |r| r.seq).max(after);
+                streamer.pending.extend(
+                    records
+                        .into_iter()
+                        .filter(|r| filter.matches(r))
+                        .map(Item::Record),
+                );
+            }
+            Err(_gap) => streamer.reset("history"),
+        },
+        None if filter.snapshot => streamer.queue_snapshot(),
+        None => streamer.covered = state.store().changes().last_seq(),
+    }
+    let stream = futures_util::stream::unfold(streamer, |mut s| async move {
+        let item = s.next().await?;
+        Some((Ok::<_, Infallible>(event(&item)), s))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
