@@ -12,13 +12,10 @@
 //! first) new subscriptions use the new key while the old ones, signed with
 //! the old key, keep verifying until they are gone.
 
-use std::sync::Arc;
-
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
-use super::manager::{Clock, Remote, Upstream, UpstreamError};
-use super::token::TokenSource;
+use super::manager::{Remote, Upstream, UpstreamError};
 use crate::config::Secret;
 use crate::presence::Millis;
 
@@ -40,32 +37,13 @@ pub struct Request {
 
 /// The Notifications API for one subscription.
 pub struct Mitel {
-    pub client: reqwest::Client,
-    pub api_base: String,
-    pub token: Arc<TokenSource>,
+    pub api: super::Api,
     pub request: Request,
-    pub clock: Clock,
 }
 
 impl Mitel {
     fn url(&self, id: Option<&str>) -> String {
-        let base = self.api_base.trim_end_matches('/');
-        match id {
-            None => format!("{base}/2017-09-01/subscriptions"),
-            Some(id) => format!(
-                "{base}/2017-09-01/subscriptions/{}",
-                super::netsapiens::encode_segment(id)
-            ),
-        }
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        url: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>, UpstreamError> {
-        super::send_with_token(&self.client, &self.token, &self.clock, method, url, body).await
+        self.api.url("2017-09-01/subscriptions", id)
     }
 
     fn matches(&self, item: &Map<String, Value>) -> bool {
@@ -85,10 +63,10 @@ impl Mitel {
     /// WebSocket URL for MQTT, valid for about a minute. The field's name is
     /// not documented: the first `ws://` or `wss://` string of the answer.
     pub async fn websocket_url(&self) -> Result<String, UpstreamError> {
-        let base = self.api_base.trim_end_matches('/');
+        let base = self.api.base.trim_end_matches('/');
         let url = format!("{base}/2017-09-01/connections");
         let body = json!({"transport": "websocket"});
-        let answer = self.send(Method::POST, &url, Some(&body)).await?;
+        let answer = self.api.send(Method::POST, &url, Some(&body)).await?;
         fn find(value: &Value) -> Option<&str> {
             match value {
                 Value::String(s) if s.starts_with("ws://") || s.starts_with("wss://") => Some(s),
@@ -108,7 +86,7 @@ impl Mitel {
 
     /// Every listed subscription (`{count, _embedded: {items}}` or a bare array).
     async fn list(&self) -> Result<Vec<Map<String, Value>>, UpstreamError> {
-        let body = self.send(Method::GET, &self.url(None), None).await?;
+        let body = self.api.send(Method::GET, &self.url(None), None).await?;
         let items = match body {
             Some(Value::Array(items)) => items,
             Some(Value::Object(mut map)) => match map
@@ -171,6 +149,7 @@ impl Upstream for Mitel {
             map.insert("methodFilter".into(), Value::String(filter.clone()));
         }
         let answer = self
+            .api
             .send(Method::POST, &self.url(None), Some(&body))
             .await?;
         answer
@@ -193,7 +172,8 @@ impl Upstream for Mitel {
     }
 
     async fn delete(&self, id: &str) -> Result<(), UpstreamError> {
-        self.send(Method::DELETE, &self.url(Some(id)), None)
+        self.api
+            .send(Method::DELETE, &self.url(Some(id)), None)
             .await
             .map(drop)
     }

@@ -82,6 +82,12 @@ pub fn spawn_managers(
             }),
         });
         let backoff = || Backoff::new(millis(managed.retry_initial), millis(managed.retry_max));
+        let api = Api {
+            client: client.clone(),
+            base: managed.api_base.clone(),
+            token: Arc::clone(&token),
+            clock,
+        };
         if let Some(u) = &managed.ucwa {
             let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
             ready.push(ready_rx);
@@ -132,9 +138,7 @@ pub fn spawn_managers(
             let topics = m.mqtt_client_id.as_ref().map(|_| mitel_ws::Topics::new());
             for (kind, topic, subject_filter) in wanted {
                 let upstream = mitel::Mitel {
-                    client: client.clone(),
-                    api_base: managed.api_base.clone(),
-                    token: Arc::clone(&token),
+                    api: api.clone(),
                     request: mitel::Request {
                         application_id: m.application_id.clone(),
                         device_id: m
@@ -150,7 +154,6 @@ pub fn spawn_managers(
                         subject_filter,
                         method_filter: m.method_filter.clone(),
                     },
-                    clock,
                 };
                 let settings = Settings {
                     timing,
@@ -177,9 +180,7 @@ pub fn spawn_managers(
             if let (Some(topics), Some(client_id)) = (topics, &m.mqtt_client_id) {
                 let connection = mitel_ws::Connection {
                     api: mitel::Mitel {
-                        client: client.clone(),
-                        api_base: managed.api_base.clone(),
-                        token: Arc::clone(&token),
+                        api: api.clone(),
                         request: mitel::Request {
                             application_id: m.application_id.clone(),
                             device_id: client_id.clone(),
@@ -188,7 +189,6 @@ pub fn spawn_managers(
                             subject_filter: String::new(),
                             method_filter: None,
                         },
-                        clock,
                     },
                     client_id: client_id.clone(),
                     topics,
@@ -213,9 +213,7 @@ pub fn spawn_managers(
         }
         for (model, name) in managed.models.iter().zip(&managed.model_names) {
             let upstream = netsapiens::NetSapiens {
-                client: client.clone(),
-                api_base: managed.api_base.clone(),
-                token: Arc::clone(&token),
+                api: api.clone(),
                 request: netsapiens::Request {
                     model: name.clone(),
                     post_url: managed.callback_url.clone(),
@@ -225,7 +223,6 @@ pub fn spawn_managers(
                     geo_support: managed.geo_support,
                     preferred_server: managed.preferred_server.clone(),
                 },
-                clock,
             };
             let sink: Arc<dyn IdSink> = Arc::new(netsapiens::CorrelationSink {
                 ids: Arc::clone(ids),
@@ -288,6 +285,38 @@ pub fn install_crypto_provider() {
         // just as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// A provider API as one source reaches it: client, root URL and token.
+#[derive(Clone)]
+pub struct Api {
+    pub client: reqwest::Client,
+    /// The API root, without a trailing `/`.
+    pub base: String,
+    pub token: Arc<TokenSource>,
+    pub clock: Clock,
+}
+
+impl Api {
+    /// `{base}/{collection}`, or `{base}/{collection}/{id}` with the id
+    /// percent-encoded as one path segment.
+    fn url(&self, collection: &str, id: Option<&str>) -> String {
+        let base = self.base.trim_end_matches('/');
+        match id {
+            None => format!("{base}/{collection}"),
+            Some(id) => format!("{base}/{collection}/{}", netsapiens::encode_segment(id)),
+        }
+    }
+
+    /// [`send_with_token`] with this API's client and token.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Option<serde_json::Value>, UpstreamError> {
+        send_with_token(&self.client, &self.token, &self.clock, method, url, body).await
+    }
 }
 
 /// An HTTP answer of a provider API: status, `Retry-After` (ms) and body.

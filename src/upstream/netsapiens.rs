@@ -13,8 +13,7 @@ use std::sync::Arc;
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
-use super::manager::{Clock, IdSink, Remote, Upstream, UpstreamError};
-use super::token::TokenSource;
+use super::manager::{IdSink, Remote, Upstream, UpstreamError};
 use crate::presence::Millis;
 use crate::providers::netsapiens::Model;
 use crate::verify::CorrelationIds;
@@ -33,29 +32,13 @@ pub struct Request {
 
 /// The NetSapiens API for one subscription.
 pub struct NetSapiens {
-    pub client: reqwest::Client,
-    pub api_base: String,
-    pub token: Arc<TokenSource>,
+    pub api: super::Api,
     pub request: Request,
-    pub clock: Clock,
 }
 
 impl NetSapiens {
     fn url(&self, id: Option<&str>) -> String {
-        let base = self.api_base.trim_end_matches('/');
-        match id {
-            None => format!("{base}/ns-api/v2/subscriptions"),
-            Some(id) => format!("{base}/ns-api/v2/subscriptions/{}", encode_segment(id)),
-        }
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        url: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>, UpstreamError> {
-        super::send_with_token(&self.client, &self.token, &self.clock, method, url, body).await
+        self.api.url("ns-api/v2/subscriptions", id)
     }
 
     fn matches(&self, item: &Map<String, Value>) -> bool {
@@ -75,7 +58,7 @@ impl NetSapiens {
 
 impl Upstream for NetSapiens {
     async fn find(&self) -> Result<Option<Remote>, UpstreamError> {
-        let body = self.send(Method::GET, &self.url(None), None).await?;
+        let body = self.api.send(Method::GET, &self.url(None), None).await?;
         let items = match body {
             Some(Value::Array(items)) => items,
             _ => {
@@ -111,6 +94,7 @@ impl Upstream for NetSapiens {
             }
         }
         let answer = self
+            .api
             .send(Method::POST, &self.url(None), Some(&body))
             .await?;
         answer
@@ -125,6 +109,7 @@ impl Upstream for NetSapiens {
     async fn renew(&self, id: &str, expires_at: Millis) -> Result<Remote, UpstreamError> {
         let body = json!({ "subscription-expires-datetime": rfc3339(expires_at) });
         let answer = self
+            .api
             .send(Method::PUT, &self.url(Some(id)), Some(&body))
             .await?;
         // Some versions answer with the object, others with nothing.
@@ -142,7 +127,8 @@ impl Upstream for NetSapiens {
     }
 
     async fn delete(&self, id: &str) -> Result<(), UpstreamError> {
-        self.send(Method::DELETE, &self.url(Some(id)), None)
+        self.api
+            .send(Method::DELETE, &self.url(Some(id)), None)
             .await
             .map(drop)
     }
