@@ -220,6 +220,7 @@ fn prefilled() -> Store {
             history: 65_536,
             dedup_window_ms: 600_000,
             dedup_capacity: 8_000_000,
+            stream_buffer: 4096,
         },
     );
     for i in 0..PREFILL {

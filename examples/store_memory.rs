@@ -67,6 +67,7 @@ fn main() {
             history: 0,
             dedup_window_ms: 600_000,
             dedup_capacity: 1,
+            stream_buffer: 64,
         },
     );
     let ids: Vec<String> = (0..n)

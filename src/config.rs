@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     pub shutdown_grace: Duration,
     pub max_in_flight: usize,
+    /// A connection whose peer takes no bytes for this long is closed.
+    pub write_timeout: Duration,
 }
 
 /// `[store]`.
@@ -93,6 +95,8 @@ pub struct StoreConfig {
 pub struct ConsumersConfig {
     /// Bearer tokens accepted on `/v1`; empty means open.
     pub tokens: Vec<Secret>,
+    /// Changes a stream consumer may fall behind the live fan-out.
+    pub stream_buffer: usize,
 }
 
 /// The kinds of source this build receives.
@@ -291,6 +295,7 @@ struct RawServer {
     trusted_proxies: Vec<String>,
     shutdown_grace_secs: u64,
     max_in_flight: u64,
+    write_timeout_secs: u64,
 }
 
 impl Default for RawServer {
@@ -301,6 +306,7 @@ impl Default for RawServer {
             trusted_proxies: Vec::new(),
             shutdown_grace_secs: 10,
             max_in_flight: 1024,
+            write_timeout_secs: 30,
         }
     }
 }
@@ -323,11 +329,20 @@ impl Default for RawStore {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawConsumers {
-    #[serde(default)]
     tokens: Vec<String>,
+    stream_buffer: u64,
+}
+
+impl Default for RawConsumers {
+    fn default() -> Self {
+        RawConsumers {
+            tokens: Vec::new(),
+            stream_buffer: 4096,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -517,6 +532,18 @@ impl Config {
             problem(
                 "server.shutdown_grace_secs".into(),
                 "must be at most 3600".into(),
+            );
+        }
+        if !(16..=1 << 20).contains(&raw.consumers.stream_buffer) {
+            problem(
+                "consumers.stream_buffer".into(),
+                "must be between 16 and 1048576".into(),
+            );
+        }
+        if !(1..=3600).contains(&raw.server.write_timeout_secs) {
+            problem(
+                "server.write_timeout_secs".into(),
+                "must be between 1 and 3600".into(),
             );
         }
         let trusted_proxies = parse_nets(
@@ -775,13 +802,17 @@ impl Config {
                 trusted_proxies,
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
                 max_in_flight: usize::try_from(raw.server.max_in_flight).unwrap_or(usize::MAX),
+                write_timeout: Duration::from_secs(raw.server.write_timeout_secs),
             },
             store: StoreConfig {
                 history: usize::try_from(raw.store.history).unwrap_or(usize::MAX),
                 dedup_window: Duration::from_secs(raw.store.dedup_window_secs),
                 dedup_capacity: usize::try_from(raw.store.dedup_capacity).unwrap_or(usize::MAX),
             },
-            consumers: ConsumersConfig { tokens },
+            consumers: ConsumersConfig {
+                tokens,
+                stream_buffer: usize::try_from(raw.consumers.stream_buffer).unwrap_or(usize::MAX),
+            },
             sources,
         })
     }

@@ -17,7 +17,6 @@ pub mod telemetry;
 pub mod upstream;
 pub mod verify;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::ServiceExt as _;
@@ -59,6 +58,7 @@ pub async fn run(
             dedup_window_ms: i64::try_from(config.store.dedup_window.as_millis())
                 .unwrap_or(i64::MAX),
             dedup_capacity: config.store.dedup_capacity,
+            stream_buffer: config.consumers.stream_buffer,
         },
     ));
     // Socket transports hand each message to the source's parser and the
@@ -117,10 +117,11 @@ pub async fn run(
     };
     let mut managers = spawned.tasks;
     let mut startup = spawned.ready;
+    let global = Arc::new(GlobalStats::default());
     let state = AppState::new(StateParts {
         sources,
         store,
-        global: Arc::new(GlobalStats::default()),
+        global: Arc::clone(&global),
         consumer_tokens: config.consumers.tokens.clone(),
         max_in_flight: config.server.max_in_flight,
         body_limit: config.server.body_limit_bytes,
@@ -145,9 +146,11 @@ pub async fn run(
             tracing::info!("shutdown requested: draining");
         }
     };
+    let listener =
+        http::listener::GuardedListener::new(listener, config.server.write_timeout, global);
     let server = axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<http::listener::Peer>(),
     )
     .with_graceful_shutdown(draining);
     // Ready once every source that fills the store at start-up has done so.

@@ -27,6 +27,56 @@ pub struct GlobalStats {
     pub unknown_source: AtomicU64,
     /// Consumer API requests without a valid bearer token.
     pub consumer_unauthorized: AtomicU64,
+    /// Connections closed because the peer took no bytes for `write_timeout`.
+    pub write_timeouts: AtomicU64,
+    /// Open streams, Server-Sent Events and WebSocket.
+    pub streams: [AtomicU64; 2],
+    /// Stream consumers that fell behind the fan-out (SSE reset, WebSocket
+    /// closed), Server-Sent Events and WebSocket.
+    pub streams_lagged: [AtomicU64; 2],
+}
+
+/// Index into [`GlobalStats::streams`] and [`GlobalStats::streams_lagged`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    Sse = 0,
+    WebSocket = 1,
+}
+
+impl StreamKind {
+    const ALL: [StreamKind; 2] = [StreamKind::Sse, StreamKind::WebSocket];
+
+    fn label(self) -> &'static str {
+        match self {
+            StreamKind::Sse => "sse",
+            StreamKind::WebSocket => "websocket",
+        }
+    }
+}
+
+/// Counts an open stream until dropped.
+#[derive(Debug)]
+pub struct OpenStream {
+    global: Arc<GlobalStats>,
+    kind: StreamKind,
+}
+
+impl OpenStream {
+    pub fn new(global: Arc<GlobalStats>, kind: StreamKind) -> Self {
+        global.streams[kind as usize].fetch_add(1, Ordering::Relaxed);
+        OpenStream { global, kind }
+    }
+
+    /// Counts a fall behind the fan-out.
+    pub fn lagged(&self) {
+        self.global.streams_lagged[self.kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.global.streams[self.kind as usize].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Renders every metric of the daemon.
@@ -294,6 +344,37 @@ impl Collector for GatewayCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(load(&self.global.consumer_unauthorized)).encode(unauthorized)?;
+
+        let timeouts = encoder.encode_descriptor(
+            "presence_gateway_write_timeouts",
+            "Connections closed because the peer took no bytes for server.write_timeout_secs.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(load(&self.global.write_timeouts)).encode(timeouts)?;
+
+        let mut open = encoder.encode_descriptor(
+            "presence_gateway_stream_consumers",
+            "Open consumer streams.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for kind in StreamKind::ALL {
+            ConstGauge::new(
+                i64::try_from(load(&self.global.streams[kind as usize])).unwrap_or(i64::MAX),
+            )
+            .encode(open.encode_family(&[("transport", kind.label())])?)?;
+        }
+        let mut lagged = encoder.encode_descriptor(
+            "presence_gateway_stream_lagged",
+            "Stream consumers that fell behind the fan-out (reset for SSE, closed for WebSocket).",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in StreamKind::ALL {
+            ConstCounter::new(load(&self.global.streams_lagged[kind as usize]))
+                .encode(lagged.encode_family(&[("transport", kind.label())])?)?;
+        }
         Ok(())
     }
 }

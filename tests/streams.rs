@@ -1,6 +1,8 @@
 //! `GET /v1/stream` (Server-Sent Events): filters, snapshot, resume with
 //! `Last-Event-ID`, reset when the history no longer has the missed
-//! changes, the `access_token` query parameter, and the end at shutdown.
+//! changes, the `access_token` query parameter, slow consumers (reset when
+//! they fall behind, cut off when they stop reading, never slowing the
+//! others or ingestion), and the end at shutdown.
 
 mod common;
 
@@ -18,11 +20,12 @@ struct Sse {
     data: Value,
 }
 
+type Body =
+    std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<axum::body::Bytes, String>> + Send>>;
+
 /// An open event stream.
 struct Client {
-    body: std::pin::Pin<
-        Box<dyn futures_core::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>,
-    >,
+    body: Body,
     buffer: String,
 }
 
@@ -39,9 +42,52 @@ impl Client {
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-type"], "text/event-stream");
         Client {
-            body: Box::pin(response.bytes_stream()),
+            body: Box::pin(
+                response
+                    .bytes_stream()
+                    .map(|r| r.map_err(|e| e.to_string())),
+            ),
             buffer: String::new(),
         }
+    }
+
+    /// A stream on a socket with a 4 KiB receive buffer, through which the
+    /// test stops reading: the gateway's writes block after a few events.
+    async fn open_small_window(gw: &Gateway, query: &str) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(gw.addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::get(format!("/v1/stream{query}"))
+            .header("host", gw.addr.to_string())
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(http_body_util::Empty::<axum::body::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let frames = http_body_util::BodyStream::new(response.into_body());
+        Client {
+            body: Box::pin(frames.filter_map(|frame| async move {
+                match frame {
+                    Ok(frame) => frame.into_data().ok().map(Ok),
+                    Err(e) => Some(Err(e.to_string())),
+                }
+            })),
+            buffer: String::new(),
+        }
+    }
+
+    /// Every event until the stream ends (reading as fast as it can).
+    async fn drain(&mut self) -> Vec<Sse> {
+        let mut out = Vec::new();
+        while let Some(e) = self.next().await {
+            out.push(e);
+        }
+        out
     }
 
     /// The next event (keep-alive comments skipped), within 5 s.
@@ -263,5 +309,154 @@ async fn shutdown_ends_open_streams() {
     assert!(
         matches!(ended, Ok(None) | Ok(Some(Err(_)))),
         "the stream ended"
+    );
+}
+
+/// A gateway whose stream consumers may fall `stream_buffer` changes behind
+/// and whose connections close after `write_timeout_secs` without progress.
+fn slow_consumer_config(stream_buffer: usize, write_timeout_secs: u64) -> String {
+    common::mitel_config("")
+        .replace(
+            "body_limit_bytes = 4096",
+            &format!("body_limit_bytes = 8192\nwrite_timeout_secs = {write_timeout_secs}"),
+        )
+        .replace(
+            "[consumers]\n",
+            &format!("[consumers]\nstream_buffer = {stream_buffer}\n"),
+        )
+}
+
+/// Posts `count` changes (principals `p{from}`.., each new, each with a
+/// 3.5 KB status message so that socket buffers fill after a few hundred)
+/// with 16 posts in flight, as a provider's burst would arrive.
+async fn flood(gw: &Gateway, from: usize, count: usize) {
+    let note = "n".repeat(3500);
+    futures_util::stream::iter(from..from + count)
+        .for_each_concurrent(16, |i| {
+            let body = json!({"topic": "platform-api-presence",
+                "subject": format!("/presentities/p{i}"),
+                "content": {"presence": "Busy", "statusMessage": note, "timestamp": i + 1}})
+            .to_string();
+            async move { gw.post_signed("mitel", MITEL_KEY, &body).await }
+        })
+        .await;
+}
+
+async fn metrics(gw: &Gateway) -> String {
+    gw.client
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of `name{transport="sse"}` (or another label set).
+fn labelled(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every `presence` id is the one after the previous: nothing skipped,
+/// nothing twice.
+fn assert_contiguous(events: &[Sse], first: u64) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(
+            (e.event.as_str(), e.id),
+            ("presence", Some(first + i as u64))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_that_stops_reading_is_cut_off_while_another_keeps_receiving() {
+    const TOTAL: usize = 3000;
+    let gw = Gateway::start(&slow_consumer_config(4096, 1)).await;
+    let mut stalled = Client::open_small_window(&gw, "?snapshot=false").await;
+    // (It may fall up to 4096 changes behind: more than are posted, so
+    // only the stalled one can be cut off, whatever the machine's speed.)
+    let mut reader = Client::open(&gw, "?snapshot=false", None).await;
+    let reading = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(e) = reader.next().await {
+            got.push(e);
+            if got.len() == TOTAL {
+                break;
+            }
+        }
+        (got, reader)
+    });
+    // Bursts until the gateway gives up on the consumer that stopped
+    // reading; every post is answered 204 meanwhile (post() asserts it).
+    let mut posted = 0;
+    while labelled(&metrics(&gw).await, "presence_gateway_write_timeouts_total") == 0 {
+        assert!(posted < TOTAL, "the stalled consumer was never cut off");
+        flood(&gw, posted, 100).await;
+        posted += 100;
+        // Real time for the write timeout to pass (1 s) in small steps.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    flood(&gw, posted, TOTAL - posted).await;
+    // The reading consumer got every change, in order.
+    let (got, _still_open) = reading.await.unwrap();
+    assert_contiguous(&got, 1);
+    // The stalled one gets what was in the buffers, in order, then the end.
+    let partial = stalled.drain().await;
+    assert!(
+        !partial.is_empty() && partial.len() < posted,
+        "{}",
+        partial.len()
+    );
+    assert_contiguous(&partial, 1);
+    let text = metrics(&gw).await;
+    assert_eq!(labelled(&text, "presence_gateway_write_timeouts_total"), 1);
+    assert_eq!(
+        labelled(
+            &text,
+            r#"presence_gateway_stream_consumers{transport="sse"}"#
+        ),
+        1,
+        "only the reader is still connected"
+    );
+    assert_eq!(gw.counter("mitel", "accepted").await, TOTAL as u64);
+}
+
+#[tokio::test]
+async fn a_consumer_that_falls_behind_gets_reset_and_the_snapshot() {
+    let gw = Gateway::start(&slow_consumer_config(64, 60)).await;
+    let mut slow = Client::open_small_window(&gw, "?snapshot=false").await;
+    // Far more changes than the socket buffers and the 64 the fan-out
+    // keeps for one consumer, while it does not read.
+    flood(&gw, 0, 3000).await;
+    let mut got = Vec::new();
+    let reset_at = loop {
+        let e = slow.next().await.expect("stream open");
+        if e.event == "reset" {
+            assert_eq!(e.data, json!({"reason": "lagged"}));
+            break got.len();
+        }
+        got.push(e);
+    };
+    assert_contiguous(&got, 1);
+    assert!(reset_at < 3000);
+    // Then the snapshot: every current record, in seq order, then live.
+    let snapshot = slow.take(3000).await;
+    assert_contiguous(&snapshot, 1);
+    post(&gw, "late", "Away", 9999).await;
+    let live = slow.next().await.unwrap();
+    assert_eq!(
+        (live.id, &live.data["principal"]),
+        (Some(3001), &json!("late"))
+    );
+    let text = metrics(&gw).await;
+    assert_eq!(
+        labelled(
+            &text,
+            r#"presence_gateway_stream_lagged_total{transport="sse"}"#
+        ),
+        1
     );
 }

@@ -41,11 +41,15 @@ pub async fn require_token(
             let (scheme, token) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
-    // Browsers cannot set headers on EventSource: the stream also takes
-    // the token as `access_token` (paths are logged, query strings never).
-    // (Inside the nested /v1 router the path is seen without its prefix.)
+    // Browsers cannot set headers on EventSource or WebSocket: the streams
+    // also take the token as `access_token` (paths are logged, query
+    // strings never). (Inside the nested /v1 router the path is seen
+    // without its prefix.)
     let from_query = (presented.is_none()
-        && matches!(request.uri().path(), "/stream" | "/v1/stream"))
+        && matches!(
+            request.uri().path(),
+            "/stream" | "/v1/stream" | "/ws" | "/v1/ws"
+        ))
     .then(|| {
         form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
             .find(|(k, _)| k == "access_token")

@@ -4,10 +4,12 @@
 pub mod client_addr;
 pub mod consumers;
 pub mod edge;
+pub mod listener;
 pub mod ops;
 pub mod problem;
 pub mod stream;
 pub mod webhooks;
+pub mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,6 +135,9 @@ impl AppState {
     pub fn global(&self) -> &GlobalStats {
         &self.inner.global
     }
+    pub fn global_arc(&self) -> Arc<GlobalStats> {
+        Arc::clone(&self.inner.global)
+    }
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
@@ -166,6 +171,7 @@ fn routes(state: AppState) -> Router {
         .route("/presence/{source}/{principal}", get(consumers::get_one))
         .route("/sources", get(consumers::sources))
         .route("/stream", get(stream::sse))
+        .route("/ws", get(ws::ws))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             consumers::require_token,

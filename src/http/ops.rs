@@ -67,6 +67,7 @@ mod tests {
             history: 0,
             dedup_window_ms: 0,
             dedup_capacity: 1,
+            stream_buffer: 64,
         };
         AppState::new(StateParts {
             store: Arc::new(Store::new(&sources.ids(), limits)),
@@ -115,7 +116,9 @@ mod tests {
         let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         request
             .extensions_mut()
-            .insert(axum::extract::ConnectInfo(peer));
+            .insert(axum::extract::ConnectInfo(crate::http::listener::Peer(
+                peer,
+            )));
         let response = router(state.clone()).oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()["retry-after"], "1");

@@ -26,9 +26,10 @@ use tokio::sync::broadcast;
 use super::AppState;
 use super::problem::Problem;
 use crate::presence::PresenceRecord;
+use crate::telemetry::{OpenStream, StreamKind};
 
 /// Keep-alive comment interval.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// What a consumer asked for.
 #[derive(Clone, Debug, Default)]
@@ -122,13 +123,31 @@ pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> Vec<Arc<PresenceRec
     records
 }
 
-/// What the stream sends next.
-enum Item {
+/// What a stream sends next.
+pub(crate) enum Item {
     Record(Arc<PresenceRecord>),
+    /// The consumer must drop what it holds: a snapshot follows.
     Reset(&'static str),
+    /// The consumer fell behind the fan-out; everything up to `after` was
+    /// sent (only for streams that close instead of resetting).
+    Lagged {
+        after: u64,
+    },
 }
 
-struct Streamer {
+/// What happens when a consumer falls behind the live fan-out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OnLag {
+    /// `reset` and a fresh snapshot (Server-Sent Events).
+    Reset,
+    /// [`Item::Lagged`]; the transport closes and the consumer resumes by
+    /// seq (WebSocket).
+    Close,
+}
+
+/// One consumer's position: replay or snapshot first, then the live
+/// fan-out, filtered.
+pub(crate) struct Streamer {
     state: AppState,
     filter: Filter,
     rx: broadcast::Receiver<Arc<PresenceRecord>>,
@@ -136,9 +155,66 @@ struct Streamer {
     /// Live changes up to this `seq` are already covered by what was
     /// queued (the replay, or the state a snapshot started from).
     covered: u64,
+    /// The last `seq` handed out.
+    sent: u64,
+    on_lag: OnLag,
+    open: OpenStream,
 }
 
 impl Streamer {
+    /// A stream positioned as `filter` asks: after `last_event_id` (replay,
+    /// or reset and snapshot when the history no longer reaches back), at
+    /// the snapshot, or at the live end.
+    pub(crate) fn start(state: &AppState, filter: Filter, on_lag: OnLag, open: OpenStream) -> Self {
+        // Subscribe first: nothing committed after this point can be missed.
+        let rx = state.store().changes().subscribe();
+        let mut streamer = Streamer {
+            state: state.clone(),
+            filter,
+            rx,
+            pending: VecDeque::new(),
+            covered: 0,
+            sent: 0,
+            on_lag,
+            open,
+        };
+        streamer.position();
+        streamer
+    }
+
+    fn position(&mut self) {
+        match self.filter.last_event_id {
+            Some(after) => match self.state.store().changes().since(after) {
+                Ok(records) => {
+                    // The history and the fan-out share one order:
+                    // everything replayed is exactly what the fan-out must
+                    // not repeat.
+                    self.covered = records.last().map_or(after, |r| r.seq).max(after);
+                    self.sent = after;
+                    let filter = &self.filter;
+                    self.pending.extend(
+                        records
+                            .into_iter()
+                            .filter(|r| filter.matches(r))
+                            .map(Item::Record),
+                    );
+                }
+                Err(_gap) => self.reset("history"),
+            },
+            None if self.filter.snapshot => self.queue_snapshot(),
+            None => self.covered = self.state.store().changes().last_seq(),
+        }
+    }
+
+    /// Starts over after `after`, as a new stream with `last_event_id` would
+    /// (a WebSocket consumer's resume message).
+    pub(crate) fn resume(&mut self, after: u64) {
+        self.rx = self.state.store().changes().subscribe();
+        self.pending.clear();
+        self.filter.last_event_id = Some(after);
+        self.position();
+    }
+
     /// Queues the snapshot. Live changes after the moment it starts are
     /// all sent afterwards, even one the snapshot already shows (a repeat
     /// of the same `seq` is harmless; a gap would not be).
@@ -153,9 +229,13 @@ impl Streamer {
         self.queue_snapshot();
     }
 
-    async fn next(&mut self) -> Option<Item> {
+    /// The next item, or `None` at shutdown.
+    pub(crate) async fn next(&mut self) -> Option<Item> {
         loop {
             if let Some(item) = self.pending.pop_front() {
+                if let Item::Record(record) = &item {
+                    self.sent = record.seq;
+                }
                 return Some(item);
             }
             let record = tokio::select! {
@@ -165,10 +245,17 @@ impl Streamer {
             match record {
                 Ok(record) if record.seq > self.covered && self.filter.matches(&record) => {
                     self.covered = record.seq;
+                    self.sent = record.seq;
                     return Some(Item::Record(record));
                 }
                 Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => self.reset("lagged"),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.open.lagged();
+                    match self.on_lag {
+                        OnLag::Reset => self.reset("lagged"),
+                        OnLag::Close => return Some(Item::Lagged { after: self.sent }),
+                    }
+                }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
@@ -185,6 +272,8 @@ fn event(item: &Item) -> Event {
         Item::Reset(reason) => Event::default()
             .event("reset")
             .data(format!("{{\"reason\":\"{reason}\"}}")),
+        // Server-Sent Events reset instead (OnLag::Reset).
+        Item::Lagged { .. } => Event::default().comment("lagged"),
     }
 }
 
@@ -198,33 +287,8 @@ pub async fn sse(
         Ok(f) => f,
         Err(problem) => return problem.into_response(),
     };
-    // Subscribe first: nothing committed after this point can be missed.
-    let rx = state.store().changes().subscribe();
-    let mut streamer = Streamer {
-        state: state.clone(),
-        filter: filter.clone(),
-        rx,
-        pending: VecDeque::new(),
-        covered: 0,
-    };
-    match filter.last_event_id {
-        Some(after) => match state.store().changes().since(after) {
-            Ok(records) => {
-                // The history and the fan-out share one order: everything
-                // replayed is exactly what the fan-out must not repeat.
-                streamer.covered = records.last().map_or(after, |r| r.seq).max(after);
-                streamer.pending.extend(
-                    records
-                        .into_iter()
-                        .filter(|r| filter.matches(r))
-                        .map(Item::Record),
-                );
-            }
-            Err(_gap) => streamer.reset("history"),
-        },
-        None if filter.snapshot => streamer.queue_snapshot(),
-        None => streamer.covered = state.store().changes().last_seq(),
-    }
+    let open = OpenStream::new(state.global_arc(), StreamKind::Sse);
+    let streamer = Streamer::start(&state, filter, OnLag::Reset, open);
     let stream = futures_util::stream::unfold(streamer, |mut s| async move {
         let item = s.next().await?;
         Some((Ok::<_, Infallible>(event(&item)), s))

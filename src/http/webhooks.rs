@@ -8,7 +8,8 @@
 //! that providers do not retry them.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
+
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 
 use super::client_addr::client_addr;
+use super::listener::Peer;
 use super::problem::Problem;
 use super::{AppState, REQUEST_ID};
 use crate::sources::{Rejection, Source, Verifier};
@@ -57,7 +59,7 @@ impl Rejected {
 pub async fn receive(
     State(state): State<AppState>,
     Path(source_id): Path<String>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     request: Request<Body>,
 ) -> Response {
     let started = Instant::now();

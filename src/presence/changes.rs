@@ -16,10 +16,6 @@ use tokio::sync::broadcast;
 
 use super::model::PresenceRecord;
 
-/// Capacity of the live fan-out channel; a consumer further behind than this
-/// is told it lagged.
-const FANOUT_CAPACITY: usize = 4096;
-
 /// Sequence numbers, history and subscribers of applied changes.
 pub struct ChangeLog {
     inner: Mutex<LogInner>,
@@ -38,9 +34,10 @@ struct LogInner {
 pub struct HistoryGap;
 
 impl ChangeLog {
-    /// A log keeping the last `history` changes for replay.
-    pub fn new(history: usize) -> Self {
-        let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
+    /// A log keeping the last `history` changes for replay, whose
+    /// subscribers may fall `fanout` changes behind before they lag.
+    pub fn new(history: usize, fanout: usize) -> Self {
+        let (tx, _) = broadcast::channel(fanout.max(1));
         ChangeLog {
             inner: Mutex::new(LogInner {
                 last_seq: 0,
@@ -116,7 +113,7 @@ mod tests {
 
     #[test]
     fn history_replays_after_position_and_reports_gaps() {
-        let log = ChangeLog::new(3);
+        let log = ChangeLog::new(3, 16);
         for _ in 0..5 {
             log.commit(record);
         }
@@ -130,7 +127,7 @@ mod tests {
 
     #[tokio::test]
     async fn subscribers_receive_changes_in_seq_order() {
-        let log = ChangeLog::new(0);
+        let log = ChangeLog::new(0, 16);
         let mut rx = log.subscribe();
         log.commit(record);
         log.commit(record);

@@ -47,6 +47,8 @@ pub struct StoreLimits {
     pub history: usize,
     pub dedup_window_ms: i64,
     pub dedup_capacity: usize,
+    /// Changes a stream consumer may fall behind (the fan-out ring).
+    pub stream_buffer: usize,
 }
 
 /// Current presence of every principal of every source.
@@ -94,7 +96,7 @@ impl Store {
             .collect();
         Store {
             sources,
-            changes: ChangeLog::new(limits.history),
+            changes: ChangeLog::new(limits.history, limits.stream_buffer),
             hash_a: RandomState::default(),
             hash_b: RandomState::default(),
         }
@@ -429,6 +431,7 @@ mod tests {
             history: 16,
             dedup_window_ms: 1_000,
             dedup_capacity: 100,
+            stream_buffer: 64,
         }
     }
 

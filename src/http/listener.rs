@@ -1,0 +1,223 @@
+//! The accept side: a TCP listener whose connections close when the peer
+//! stops taking bytes.
+//!
+//! hyper has no write timeout: a client that never reads (a stalled stream
+//! consumer, a slow-read attacker) keeps its connection, its buffers and, for
+//! a stream, its place in the fan-out for as long as it likes. [`Guarded`]
+//! arms a timer whenever a write would block and fails the write with
+//! `TimedOut` when the socket has accepted nothing for the whole
+//! `write_timeout`; hyper then closes the connection. A write that goes
+//! through disarms the timer, so a slow but moving peer is never cut off,
+//! and nothing is allocated or read from the clock while writes succeed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+
+use crate::telemetry::GlobalStats;
+
+/// [`TcpListener`] handing out [`Guarded`] connections.
+pub struct GuardedListener {
+    inner: TcpListener,
+    write_timeout: Duration,
+    global: Arc<GlobalStats>,
+}
+
+impl GuardedListener {
+    pub fn new(inner: TcpListener, write_timeout: Duration, global: Arc<GlobalStats>) -> Self {
+        GuardedListener {
+            inner,
+            write_timeout,
+            global,
+        }
+    }
+}
+
+impl axum::serve::Listener for GuardedListener {
+    type Io = Guarded;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Guarded, SocketAddr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, peer)) => {
+                    let io = Guarded {
+                        stream,
+                        write_timeout: self.write_timeout,
+                        stalled: None,
+                        global: Arc::clone(&self.global),
+                    };
+                    return (io, peer);
+                }
+                // Out of descriptors or a connection reset before accept:
+                // pause briefly instead of spinning, as axum's own loop does.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// The peer address of a connection, for `ConnectInfo<Peer>`.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, GuardedListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, GuardedListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<SocketAddr> for Peer {
+    fn connect_info(addr: SocketAddr) -> Self {
+        Peer(addr)
+    }
+}
+
+/// A TCP connection with a write deadline.
+pub struct Guarded {
+    stream: TcpStream,
+    write_timeout: Duration,
+    /// Armed while a write is blocked: when the peer must have taken bytes.
+    stalled: Option<Pin<Box<Sleep>>>,
+    global: Arc<GlobalStats>,
+}
+
+impl Guarded {
+    /// Wraps a write attempt: a blocked write arms the deadline (once), a
+    /// completed one disarms it, and a deadline that passed fails the write.
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        attempt: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match attempt(Pin::new(&mut self.stream), cx) {
+            Poll::Ready(result) => {
+                self.stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let deadline = Instant::now() + self.write_timeout;
+                let timer = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                ready!(timer.as_mut().poll(cx));
+                self.global.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "peer took no bytes within the write timeout",
+                )))
+            }
+        }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.guard(cx, |s, cx| s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.guard(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.guard(cx, |s, cx| s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.guard(cx, |s, cx| s.poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair(timeout: Duration) -> (Guarded, TcpStream, Arc<GlobalStats>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let global = Arc::new(GlobalStats::default());
+        let mut guarded = GuardedListener::new(listener, timeout, Arc::clone(&global));
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (io, _) = axum::serve::Listener::accept(&mut guarded).await;
+        (io, client, global)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reads_is_timed_out() {
+        let (mut io, _client, global) = pair(Duration::from_millis(200)).await;
+        let chunk = vec![0u8; 64 * 1024];
+        let error = loop {
+            if let Err(e) = io.write_all(&chunk).await {
+                break e;
+            }
+        };
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(global.write_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_is_not_timed_out() {
+        let (mut io, mut client, global) = pair(Duration::from_millis(300)).await;
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+            }
+        });
+        let chunk = vec![0u8; 64 * 1024];
+        // Far more than the socket buffers hold: the writer blocks many times,
+        // each time for less than the timeout.
+        for _ in 0..40 {
+            io.write_all(&chunk).await.unwrap();
+        }
+        drop(io);
+        assert_eq!(reader.await.unwrap(), 40 * chunk.len());
+        assert_eq!(global.write_timeouts.load(Ordering::Relaxed), 0);
+    }
+}

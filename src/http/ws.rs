@@ -1,0 +1,138 @@
+//! `GET /v1/ws`: the presence stream over WebSocket.
+//!
+//! Same query as `GET /v1/stream` (`source`, `principal`, `snapshot`,
+//! `last_event_id`, `access_token`) and the same order: replay or snapshot,
+//! then live changes. Every message is one JSON text frame:
+//!
+//! - `{"event":"presence","id":<seq>,"data":<record>}`
+//! - `{"event":"reset","data":{"reason":"history"}}`, then the snapshot
+//!
+//! The consumer may send `{"resume":<seq>}` at any time: the stream starts
+//! over after that seq, exactly as a new connection with `last_event_id`
+//! would. A consumer that falls behind the live fan-out is closed with code
+//! 4000 and the reason `lagged; resume from <seq>` (the last seq it was
+//! sent); at shutdown the gateway closes with 1001. Pings keep idle
+//! connections alive through proxies.
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::AppState;
+use super::problem::Problem;
+use super::stream::{Filter, Item, KEEP_ALIVE, OnLag, Streamer};
+use crate::telemetry::{OpenStream, StreamKind};
+
+/// Close code for a consumer that fell behind (private-use range).
+pub const CLOSE_LAGGED: u16 = 4000;
+
+/// The largest message a consumer may send (they only send resumes).
+const MAX_INCOMING: usize = 4096;
+
+/// What a consumer may send.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resume {
+    resume: u64,
+}
+
+/// `GET /v1/ws`.
+pub async fn ws(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let filter = match Filter::parse(query.as_deref(), &headers) {
+        Ok(f) => f,
+        Err(problem) => return problem.into_response(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return Problem::new(
+                rejection.status(),
+                "websocket-required",
+                "this resource speaks WebSocket only (GET with Upgrade: websocket)",
+            )
+            .into_response();
+        }
+    };
+    upgrade
+        .max_message_size(MAX_INCOMING)
+        .max_frame_size(MAX_INCOMING)
+        .on_upgrade(move |socket| serve(state, filter, socket))
+}
+
+async fn serve(state: AppState, filter: Filter, mut socket: WebSocket) {
+    let open = OpenStream::new(state.global_arc(), StreamKind::WebSocket);
+    let mut streamer = Streamer::start(&state, filter, OnLag::Close, open);
+    let mut keep_alive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    loop {
+        let outgoing = tokio::select! {
+            item = streamer.next() => match item {
+                Some(Item::Lagged { after }) => {
+                    close(socket, CLOSE_LAGGED, &format!("lagged; resume from {after}")).await;
+                    return;
+                }
+                Some(item) => message(&item),
+                None => {
+                    close(socket, close_code::AWAY, "shutdown").await;
+                    return;
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<Resume>(&text) {
+                    Ok(Resume { resume }) => {
+                        streamer.resume(resume);
+                        continue;
+                    }
+                    Err(_) => {
+                        close(socket, close_code::INVALID, r#"expected {"resume":<seq>}"#).await;
+                        return;
+                    }
+                },
+                Some(Ok(Message::Binary(_))) => {
+                    close(socket, close_code::UNSUPPORTED, "text frames only").await;
+                    return;
+                }
+                // Pongs are answered by the library; a close is echoed by it.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+            },
+            _ = keep_alive.tick() => Message::Ping(Default::default()),
+        };
+        if socket.send(outgoing).await.is_err() {
+            // The peer is gone or stopped reading (write timeout).
+            return;
+        }
+    }
+}
+
+/// The JSON frame for an item.
+fn message(item: &Item) -> Message {
+    let text = match item {
+        Item::Record(record) => {
+            let data = serde_json::to_string(&**record).unwrap_or_else(|_| "null".into());
+            format!(
+                r#"{{"event":"presence","id":{},"data":{data}}}"#,
+                record.seq
+            )
+        }
+        Item::Reset(reason) => format!(r#"{{"event":"reset","data":{{"reason":"{reason}"}}}}"#),
+        Item::Lagged { .. } => String::new(),
+    };
+    Message::Text(text.into())
+}
+
+async fn close(mut socket: WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    // Best effort: the peer may already be gone.
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
