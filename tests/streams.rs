@@ -249,6 +249,15 @@ async fn an_id_older_than_the_history_gets_reset_and_the_snapshot() {
         snapshot.iter().map(|e| e.id.unwrap()).collect::<Vec<_>>(),
         [1, 2, 3, 4]
     );
+    // A position this gateway never handed out (from before a restart):
+    // the same reset, so the consumer does not wait for seq to catch up.
+    let mut client = Client::open(&gw, "", Some(99)).await;
+    let first = client.next().await.unwrap();
+    assert_eq!(
+        (first.event.as_str(), &first.data),
+        ("reset", &json!({"reason": "history"}))
+    );
+    assert_eq!(client.take(4).await.len(), 4);
     // Within the history: a plain replay.
     let mut client = Client::open(&gw, "", Some(2)).await;
     assert_eq!(

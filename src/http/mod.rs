@@ -182,6 +182,9 @@ fn routes(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/", get(ops::dashboard))
+        .route("/assets/dashboard.js", get(ops::dashboard_js))
+        .route("/assets/dashboard.css", get(ops::dashboard_css))
         .fallback(|| async { Problem::not_found("no such resource").into_response() })
         .method_not_allowed_fallback(|| async {
             Problem::new(

@@ -1,4 +1,4 @@
-//! Operations endpoints: liveness, readiness and metrics.
+//! Operations endpoints: liveness, readiness, metrics and the dashboard.
 
 use axum::Json;
 use axum::extract::State;
@@ -24,6 +24,47 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         Problem::unavailable("not-ready", "the gateway is starting or draining", 1).into_response()
     }
+}
+
+/// The dashboard's files, embedded in the binary.
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
+
+/// The page loads only its own script and style and talks only to this
+/// origin; nothing may frame it.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; \
+     frame-ancestors 'none'";
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /`: the live dashboard (a static page; its data comes from `/v1`
+/// with the consumer token).
+pub async fn dashboard() -> Response {
+    asset("text/html; charset=utf-8", DASHBOARD_HTML)
+}
+
+/// `GET /assets/dashboard.js`.
+pub async fn dashboard_js() -> Response {
+    asset("text/javascript; charset=utf-8", DASHBOARD_JS)
+}
+
+/// `GET /assets/dashboard.css`.
+pub async fn dashboard_css() -> Response {
+    asset("text/css; charset=utf-8", DASHBOARD_CSS)
 }
 
 /// `GET /metrics`.

@@ -77,11 +77,17 @@ impl ChangeLog {
     }
 
     /// Every kept change with `seq > after`, in order, or [`HistoryGap`] when
-    /// some of them are no longer kept.
+    /// some of them are no longer kept or `after` is beyond the last `seq`
+    /// (a position from before a restart).
     pub fn since(&self, after: u64) -> Result<Vec<Arc<PresenceRecord>>, HistoryGap> {
         let inner = self.inner.lock();
-        if after >= inner.last_seq {
+        if after == inner.last_seq {
             return Ok(Vec::new());
+        }
+        // A position this log never handed out (a previous run's): what
+        // happened since is unknown.
+        if after > inner.last_seq {
+            return Err(HistoryGap);
         }
         let oldest = inner.history.front().map_or(inner.last_seq + 1, |r| r.seq);
         if after + 1 < oldest {
@@ -122,6 +128,7 @@ mod tests {
         assert_eq!(seqs(log.since(2).unwrap()), vec![3, 4, 5]);
         assert_eq!(seqs(log.since(4).unwrap()), vec![5]);
         assert!(log.since(5).unwrap().is_empty());
+        assert_eq!(log.since(6), Err(HistoryGap), "a previous run's position");
         assert_eq!(log.since(1), Err(HistoryGap));
     }
 

@@ -1,0 +1,319 @@
+//! The dashboard in a real browser: headless Chromium driven through
+//! ChromeDriver's WebDriver API (Debian's `chromium` and `chromium-driver`;
+//! `.ci/run` installs them). Loads `/`, watches rows appear and change
+//! colour as signed webhooks arrive, filters, reads the source counters,
+//! sees the connection indicator follow a gateway restart, and saves a
+//! screenshot under the test's output directory.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Gateway, MITEL_KEY, TOKEN};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// The WebDriver element reference key.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A ChromeDriver process and one browser session in it.
+struct Browser {
+    http: reqwest::Client,
+    session: String,
+    _driver: Child,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        for path in [CHROMIUM, CHROMEDRIVER] {
+            assert!(
+                std::path::Path::new(path).exists(),
+                "{path} is missing: install Debian's chromium and chromium-driver \
+                 (bash .ci/run does)"
+            );
+        }
+        let (port, _) = common::pick_port("unused");
+        let driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start chromedriver");
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut ready = false;
+        for _ in 0..100 {
+            if let Ok(r) = http.get(format!("{base}/status")).send().await {
+                let status: Value = r.json().await.unwrap_or_default();
+                if status["value"]["ready"] == true {
+                    ready = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready, "chromedriver did not become ready");
+        let profile = std::env::temp_dir().join(format!("pg-dashboard-{port}"));
+        let created: Value = http
+            .post(format!("{base}/session"))
+            .json(&json!({"capabilities": {"alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": CHROMIUM,
+                    "args": ["--headless", "--no-sandbox", "--disable-gpu",
+                             "--disable-background-networking", "--disable-dev-shm-usage",
+                             "--window-size=1280,900",
+                             format!("--user-data-dir={}", profile.display())]
+                }
+            }}}))
+            .send()
+            .await
+            .expect("new session")
+            .json()
+            .await
+            .expect("session JSON");
+        let session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_owned();
+        Browser {
+            http,
+            session: format!("{base}/session/{session}"),
+            _driver: driver,
+        }
+    }
+
+    async fn command(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let mut request = self.http.request(method, format!("{}{path}", self.session));
+        if !body.is_null() {
+            request = request.json(&body);
+        }
+        let response: Value = request
+            .send()
+            .await
+            .expect("webdriver command")
+            .json()
+            .await
+            .expect("webdriver JSON");
+        assert!(
+            response["value"]["error"].is_null(),
+            "webdriver {path}: {response}"
+        );
+        response["value"].clone()
+    }
+
+    async fn go(&self, url: &str) {
+        self.command(reqwest::Method::POST, "/url", json!({"url": url}))
+            .await;
+    }
+
+    /// Runs `script` (a function body) in the page and returns its value.
+    async fn eval(&self, script: &str) -> Value {
+        self.command(
+            reqwest::Method::POST,
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    /// Polls `script` until it returns `expected` (10 s at most).
+    async fn wait_for(&self, script: &str, expected: Value) {
+        let mut last = Value::Null;
+        for _ in 0..100 {
+            last = self.eval(script).await;
+            if last == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{script}\nexpected {expected}, last {last}");
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let found = self
+            .command(
+                reqwest::Method::POST,
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        let id = found[ELEMENT].as_str().expect("element id").to_owned();
+        self.command(
+            reqwest::Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": text}),
+        )
+        .await;
+    }
+
+    async fn screenshot(&self) -> Vec<u8> {
+        use base64::Engine;
+        let png = self
+            .command(reqwest::Method::GET, "/screenshot", Value::Null)
+            .await;
+        base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().expect("base64 PNG"))
+            .expect("PNG")
+    }
+
+    async fn close(self) {
+        let _ = self.http.delete(&self.session).send().await;
+    }
+}
+
+/// Posts a presence change observed `step` ms after the test's start.
+async fn post(gw: &Gateway, principal: &str, status: &str, note: &str, step: i64) {
+    static START: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        i64::try_from(now.expect("clock").as_millis()).expect("ms")
+    });
+    let body = json!({"topic": "platform-api-presence",
+        "subject": format!("/presentities/{principal}"),
+        "content": {"presence": status, "statusMessage": note, "timestamp": start + step}})
+    .to_string();
+    gw.post_signed("mitel", MITEL_KEY, &body).await;
+}
+
+/// The row of `principal`: its availability and badge colour, or null.
+fn row(principal: &str) -> String {
+    format!(
+        "const r = document.querySelector('tr[data-principal=\"{principal}\"]');
+         if (!r) return null;
+         const b = r.querySelector('.badge');
+         return [r.dataset.availability, getComputedStyle(b).backgroundColor];"
+    )
+}
+
+const CONNECTION: &str = "return document.getElementById('connection').textContent;";
+const VISIBLE_ROWS: &str =
+    "return [...document.querySelectorAll('#rows tr')].map(r => r.dataset.principal);";
+
+#[tokio::test]
+async fn the_dashboard_follows_webhooks_live_in_a_real_browser() {
+    let (port, _) = common::pick_port("mitel");
+    // A second source whose managed subscription cannot be created (its
+    // API is a closed port): the page shows its state.
+    let config = common::mitel_config(&format!(
+        r#"
+[[sources]]
+id = "ns"
+kind = "netsapiens"
+api_base = "http://127.0.0.1:9"
+
+[sources.auth]
+type = "bearer"
+token = "t"
+
+[sources.subscription]
+callback_url = "http://127.0.0.1:{port}/webhooks/ns"
+domain = "acme.example"
+"#
+    ));
+    let gw = Gateway::start_on_port(&config, port).await;
+    post(&gw, "alice", "Busy", "in a meeting", 1).await;
+    let browser = Browser::start().await;
+    // The token in the fragment: the page keeps it and drops it from the URL.
+    browser
+        .go(&format!("http://127.0.0.1:{port}/#token={TOKEN}"))
+        .await;
+    browser.wait_for(CONNECTION, json!("live")).await;
+    let busy = json!(["busy", "rgb(197, 48, 48)"]);
+    browser.wait_for(&row("alice"), busy).await;
+    assert_eq!(browser.eval("return location.hash;").await, json!(""));
+    // Changes arrive without a reload: a marker set now survives them.
+    browser.eval("window.marker = 42; return null;").await;
+    post(&gw, "alice", "Available", "", 2).await;
+    browser
+        .wait_for(&row("alice"), json!(["available", "rgb(31, 157, 85)"]))
+        .await;
+    post(&gw, "bob", "Away", "lunch", 3).await;
+    browser
+        .wait_for(&row("bob"), json!(["away", "rgb(214, 158, 46)"]))
+        .await;
+    assert_eq!(browser.eval("return window.marker;").await, json!(42));
+    let text = browser
+        .eval("return document.querySelector('tr[data-principal=\"bob\"]').innerText;")
+        .await;
+    assert!(
+        text.as_str()
+            .is_some_and(|t| t.contains("lunch") && t.contains("mitel")),
+        "{text}"
+    );
+    // The filter box narrows the table.
+    browser.type_into("#filter", "bob").await;
+    browser.wait_for(VISIBLE_ROWS, json!(["bob"])).await;
+    // Per-source counters (refreshed every 5 s).
+    browser
+        .wait_for(
+            "const d = document.querySelector('[data-source=\"mitel\"] [data-counter=\"accepted\"]');
+             return d && d.textContent;",
+            json!("3"),
+        )
+        .await;
+    browser
+        .wait_for(
+            "const s = document.querySelector('[data-source=\"ns\"] .subscription');
+             return s && s.className + ' ' + s.textContent.startsWith('presence: failed');",
+            json!("subscription state-failed true"),
+        )
+        .await;
+    let png = browser.screenshot().await;
+    assert_eq!(&png[1..4], b"PNG");
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    std::fs::write(&out, &png).expect("save the screenshot");
+    eprintln!("screenshot: {}", out.display());
+
+    // The gateway goes away: the indicator says so; it comes back (empty,
+    // a new process) and the page reconnects and shows the new state.
+    gw.stop().await;
+    browser
+        .wait_for(
+            "const t = document.getElementById('connection').textContent;
+             return t === 'reconnecting' || t === 'disconnected';",
+            json!(true),
+        )
+        .await;
+    let gw = Gateway::start_on_port(&config, port).await;
+    post(&gw, "carol", "DoNotDisturb", "", 4).await;
+    browser
+        .eval("document.getElementById('filter').value = ''; return null;")
+        .await;
+    browser.wait_for(CONNECTION, json!("live")).await;
+    browser.wait_for(VISIBLE_ROWS, json!(["carol"])).await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn the_page_and_its_assets_are_embedded_and_locked_down() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    for (path, kind) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/assets/dashboard.js", "text/javascript; charset=utf-8"),
+        ("/assets/dashboard.css", "text/css; charset=utf-8"),
+    ] {
+        // No token needed for the page itself: its data needs one.
+        let response = gw.client.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers().clone();
+        assert_eq!(headers["content-type"], kind);
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
+        let text = response.text().await.unwrap();
+        // Nothing from elsewhere: no CDN, no external fonts or scripts.
+        assert!(
+            !text.contains("http://") && !text.contains("https://"),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        gw.client.post(gw.url("/")).send().await.unwrap().status(),
+        405
+    );
+}
