@@ -19,7 +19,6 @@ pub mod verify;
 
 use std::sync::Arc;
 
-use axum::ServiceExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -143,16 +142,14 @@ pub async fn run(
         async move {
             shutdown.cancelled().await;
             state.set_ready(false);
+            // Streams end: they need not be waited for.
+            state.store().changes().close();
             tracing::info!("shutdown requested: draining");
         }
     };
     let listener =
         http::listener::GuardedListener::new(listener, config.server.write_timeout, global);
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<http::listener::Peer>(),
-    )
-    .with_graceful_shutdown(draining);
+    let server = http::server::serve(listener, app, draining);
     // Ready once every source that fills the store at start-up has done so.
     if startup.is_empty() {
         state.set_ready(true);
@@ -184,10 +181,7 @@ pub async fn run(
     };
     tokio::pin!(deadline);
     let out_of_time = tokio::select! {
-        result = server.into_future() => {
-            result?;
-            false
-        }
+        () = server => false,
         () = &mut deadline => {
             tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight; stopping");
             true

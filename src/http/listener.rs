@@ -18,8 +18,6 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
@@ -43,11 +41,10 @@ impl GuardedListener {
     }
 }
 
-impl axum::serve::Listener for GuardedListener {
-    type Io = Guarded;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Guarded, SocketAddr) {
+impl GuardedListener {
+    /// The next connection. Errors (out of descriptors, a connection reset
+    /// before accept) are logged and retried after a short pause.
+    pub async fn accept(&self) -> (Guarded, SocketAddr) {
         loop {
             match self.inner.accept().await {
                 Ok((stream, peer)) => {
@@ -59,8 +56,6 @@ impl axum::serve::Listener for GuardedListener {
                     };
                     return (io, peer);
                 }
-                // Out of descriptors or a connection reset before accept:
-                // pause briefly instead of spinning, as axum's own loop does.
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -69,26 +64,14 @@ impl axum::serve::Listener for GuardedListener {
         }
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
 }
 
-/// The peer address of a connection, for `ConnectInfo<Peer>`.
+/// The peer address of a connection, as `ConnectInfo<Peer>` on every request.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, GuardedListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, GuardedListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl Connected<SocketAddr> for Peer {
-    fn connect_info(addr: SocketAddr) -> Self {
-        Peer(addr)
-    }
-}
 
 /// A TCP connection with a write deadline.
 pub struct Guarded {
@@ -177,9 +160,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let global = Arc::new(GlobalStats::default());
-        let mut guarded = GuardedListener::new(listener, timeout, Arc::clone(&global));
+        let guarded = GuardedListener::new(listener, timeout, Arc::clone(&global));
         let client = TcpStream::connect(addr).await.unwrap();
-        let (io, _) = axum::serve::Listener::accept(&mut guarded).await;
+        let (io, _) = guarded.accept().await;
         (io, client, global)
     }
 

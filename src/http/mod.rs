@@ -7,6 +7,7 @@ pub mod edge;
 pub mod listener;
 pub mod ops;
 pub mod problem;
+pub mod server;
 pub mod stream;
 pub mod webhooks;
 pub mod ws;

@@ -17,15 +17,16 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::IntoResponse;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use tokio::sync::broadcast;
+use tokio::time::MissedTickBehavior;
 
 use super::AppState;
 use super::problem::Problem;
-use crate::presence::PresenceRecord;
+use crate::presence::{Change, PresenceRecord};
 use crate::telemetry::{OpenStream, StreamKind};
 
 /// Keep-alive comment interval.
@@ -90,7 +91,7 @@ fn parse_id(text: &str) -> Result<u64, Problem> {
 }
 
 /// The matching records as they are now, in ascending `seq`.
-pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> Vec<Arc<PresenceRecord>> {
+pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> Vec<Arc<Change>> {
     let sources: Vec<usize> = state
         .sources()
         .sorted_indexes()
@@ -112,27 +113,36 @@ pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> Vec<Arc<PresenceRec
             page.items
                 .into_iter()
                 .filter(|r| filter.matches(r))
-                .map(Arc::new),
+                .map(|r| Arc::new(Change::new(r))),
         );
         match page.next {
             Some(next) => cursor = Some(next),
             None => break,
         }
     }
-    records.sort_by_key(|r| r.seq);
+    records.sort_by_key(|c| c.record.seq);
     records
 }
 
 /// What a stream sends next.
 pub(crate) enum Item {
-    Record(Arc<PresenceRecord>),
+    Record(Arc<Change>),
     /// The consumer must drop what it holds: a snapshot follows.
-    Reset(&'static str),
+    Reset(Reset),
     /// The consumer fell behind the fan-out; everything up to `after` was
     /// sent (only for streams that close instead of resetting).
     Lagged {
         after: u64,
     },
+}
+
+/// Why a stream starts over from a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reset {
+    /// The changes after the consumer's position are no longer all kept.
+    History,
+    /// The consumer fell behind the live fan-out.
+    Lagged,
 }
 
 /// What happens when a consumer falls behind the live fan-out.
@@ -150,7 +160,7 @@ pub(crate) enum OnLag {
 pub(crate) struct Streamer {
     state: AppState,
     filter: Filter,
-    rx: broadcast::Receiver<Arc<PresenceRecord>>,
+    rx: broadcast::Receiver<Arc<Change>>,
     pending: VecDeque<Item>,
     /// Live changes up to this `seq` are already covered by what was
     /// queued (the replay, or the state a snapshot started from).
@@ -189,17 +199,17 @@ impl Streamer {
                     // The history and the fan-out share one order:
                     // everything replayed is exactly what the fan-out must
                     // not repeat.
-                    self.covered = records.last().map_or(after, |r| r.seq).max(after);
+                    self.covered = records.last().map_or(after, |c| c.record.seq).max(after);
                     self.sent = after;
                     let filter = &self.filter;
                     self.pending.extend(
                         records
                             .into_iter()
-                            .filter(|r| filter.matches(r))
+                            .filter(|c| filter.matches(&c.record))
                             .map(Item::Record),
                     );
                 }
-                Err(_gap) => self.reset("history"),
+                Err(_gap) => self.reset(Reset::History),
             },
             None if self.filter.snapshot => self.queue_snapshot(),
             None => self.covered = self.state.store().changes().last_seq(),
@@ -224,7 +234,7 @@ impl Streamer {
         self.pending.extend(records.into_iter().map(Item::Record));
     }
 
-    fn reset(&mut self, reason: &'static str) {
+    fn reset(&mut self, reason: Reset) {
         self.pending.push_back(Item::Reset(reason));
         self.queue_snapshot();
     }
@@ -232,27 +242,28 @@ impl Streamer {
     /// The next item, or `None` at shutdown.
     pub(crate) async fn next(&mut self) -> Option<Item> {
         loop {
+            if self.state.store().changes().is_closed() {
+                return None;
+            }
             if let Some(item) = self.pending.pop_front() {
-                if let Item::Record(record) = &item {
-                    self.sent = record.seq;
+                if let Item::Record(change) = &item {
+                    self.sent = change.record.seq;
                 }
                 return Some(item);
             }
-            let record = tokio::select! {
-                received = self.rx.recv() => received,
-                () = self.state.shutdown().cancelled() => return None,
-            };
-            match record {
-                Ok(record) if record.seq > self.covered && self.filter.matches(&record) => {
-                    self.covered = record.seq;
-                    self.sent = record.seq;
-                    return Some(Item::Record(record));
+            match self.rx.recv().await {
+                Ok(change)
+                    if change.record.seq > self.covered && self.filter.matches(&change.record) =>
+                {
+                    self.covered = change.record.seq;
+                    self.sent = change.record.seq;
+                    return Some(Item::Record(change));
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     self.open.lagged();
                     match self.on_lag {
-                        OnLag::Reset => self.reset("lagged"),
+                        OnLag::Reset => self.reset(Reset::Lagged),
                         OnLag::Close => return Some(Item::Lagged { after: self.sent }),
                     }
                 }
@@ -262,19 +273,45 @@ impl Streamer {
     }
 }
 
-fn event(item: &Item) -> Event {
+/// The Server-Sent Events text of an item: one allocation, the record's
+/// JSON shared with every other consumer of the change.
+fn event(item: &Item) -> Bytes {
     match item {
-        Item::Record(record) => Event::default()
-            .event("presence")
-            .id(record.seq.to_string())
-            .json_data(&**record)
-            .unwrap_or_else(|_| Event::default().comment("unserializable record")),
-        Item::Reset(reason) => Event::default()
-            .event("reset")
-            .data(format!("{{\"reason\":\"{reason}\"}}")),
+        Item::Record(change) => {
+            let json = change.json();
+            let seq = change.record.seq;
+            let mut frame = String::with_capacity(json.len() + 48);
+            frame.push_str("event: presence\nid: ");
+            frame.push_str(itoa_u64(seq, &mut [0u8; 20]));
+            frame.push_str("\ndata: ");
+            frame.push_str(json);
+            frame.push_str("\n\n");
+            Bytes::from(frame)
+        }
+        Item::Reset(Reset::History) => {
+            Bytes::from_static(b"event: reset\ndata: {\"reason\":\"history\"}\n\n")
+        }
+        Item::Reset(Reset::Lagged) => {
+            Bytes::from_static(b"event: reset\ndata: {\"reason\":\"lagged\"}\n\n")
+        }
         // Server-Sent Events reset instead (OnLag::Reset).
-        Item::Lagged { .. } => Event::default().comment("lagged"),
+        Item::Lagged { .. } => Bytes::from_static(b": lagged\n\n"),
     }
+}
+
+/// `n` in decimal, written into `buf`.
+pub(crate) fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
 /// `GET /v1/stream`.
@@ -289,11 +326,45 @@ pub async fn sse(
     };
     let open = OpenStream::new(state.global_arc(), StreamKind::Sse);
     let streamer = Streamer::start(&state, filter, OnLag::Reset, open);
-    let stream = futures_util::stream::unfold(streamer, |mut s| async move {
-        let item = s.next().await?;
-        Some((Ok::<_, Infallible>(event(&item)), s))
-    });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    let mut keep_alive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    keep_alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let stream = futures_util::stream::unfold(
+        (streamer, keep_alive),
+        |(mut s, mut keep_alive)| async move {
+            let frame = tokio::select! {
+                item = s.next() => event(&item?),
+                _ = keep_alive.tick() => Bytes::from_static(b":\n\n"),
+            };
+            Some((Ok::<_, Infallible>(frame), (s, keep_alive)))
+        },
+    );
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // Tells nginx not to buffer the stream.
+            (
+                axum::http::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_digits() {
+        for n in [0, 7, 10, 1_234_567_890, u64::MAX] {
+            assert_eq!(itoa_u64(n, &mut [0u8; 20]), n.to_string());
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! sent); at shutdown the gateway closes with 1001. Pings keep idle
 //! connections alive through proxies.
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::problem::Problem;
-use super::stream::{Filter, Item, KEEP_ALIVE, OnLag, Streamer};
+use super::stream::{Filter, Item, KEEP_ALIVE, OnLag, Reset, Streamer, itoa_u64};
 use crate::telemetry::{OpenStream, StreamKind};
 
 /// Close code for a consumer that fell behind (private-use range).
@@ -112,20 +112,30 @@ async fn serve(state: AppState, filter: Filter, mut socket: WebSocket) {
     }
 }
 
-/// The JSON frame for an item.
+/// The JSON frame for an item: one allocation, the record's JSON shared
+/// with every other consumer of the change.
 fn message(item: &Item) -> Message {
     let text = match item {
-        Item::Record(record) => {
-            let data = serde_json::to_string(&**record).unwrap_or_else(|_| "null".into());
-            format!(
-                r#"{{"event":"presence","id":{},"data":{data}}}"#,
-                record.seq
-            )
+        Item::Record(change) => {
+            let json = change.json();
+            let mut text = String::with_capacity(json.len() + 48);
+            text.push_str(r#"{"event":"presence","id":"#);
+            text.push_str(itoa_u64(change.record.seq, &mut [0u8; 20]));
+            text.push_str(r#","data":"#);
+            text.push_str(json);
+            text.push('}');
+            Utf8Bytes::from(text)
         }
-        Item::Reset(reason) => format!(r#"{{"event":"reset","data":{{"reason":"{reason}"}}}}"#),
-        Item::Lagged { .. } => String::new(),
+        Item::Reset(Reset::History) => {
+            Utf8Bytes::from_static(r#"{"event":"reset","data":{"reason":"history"}}"#)
+        }
+        Item::Reset(Reset::Lagged) => {
+            Utf8Bytes::from_static(r#"{"event":"reset","data":{"reason":"lagged"}}"#)
+        }
+        // Closed instead (OnLag::Close).
+        Item::Lagged { .. } => Utf8Bytes::from_static(""),
     };
-    Message::Text(text.into())
+    Message::Text(text)
 }
 
 async fn close(mut socket: WebSocket, code: u16, reason: &str) {

@@ -9,7 +9,8 @@
 //! gets `RecvError::Lagged` and must recover from the history (or a snapshot).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
@@ -19,14 +20,45 @@ use super::model::PresenceRecord;
 /// Sequence numbers, history and subscribers of applied changes.
 pub struct ChangeLog {
     inner: Mutex<LogInner>,
-    tx: broadcast::Sender<Arc<PresenceRecord>>,
+    /// Set by [`ChangeLog::close`].
+    closed: AtomicBool,
 }
 
 struct LogInner {
     /// The last `seq` handed out; 0 before the first change.
     last_seq: u64,
-    history: VecDeque<Arc<PresenceRecord>>,
+    history: VecDeque<Arc<Change>>,
     capacity: usize,
+    /// The fan-out; `None` once closed, which ends every subscriber.
+    tx: Option<broadcast::Sender<Arc<Change>>>,
+}
+
+/// A record as consumers receive it, with its JSON text made once, by the
+/// first consumer that needs it, and shared by all the others (a change
+/// fanned out to thousands of streams is serialized once, not per stream).
+#[derive(Debug)]
+pub struct Change {
+    pub record: PresenceRecord,
+    json: OnceLock<Box<str>>,
+}
+
+impl Change {
+    pub fn new(record: PresenceRecord) -> Self {
+        Change {
+            record,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The record's JSON text.
+    pub fn json(&self) -> &str {
+        self.json.get_or_init(|| {
+            // A record is strings, numbers and enums: it always serializes.
+            serde_json::to_string(&self.record)
+                .unwrap_or_default()
+                .into_boxed_str()
+        })
+    }
 }
 
 /// The requested position is older than the history keeps.
@@ -43,8 +75,9 @@ impl ChangeLog {
                 last_seq: 0,
                 history: VecDeque::with_capacity(history.min(65_536)),
                 capacity: history,
+                tx: Some(tx),
             }),
-            tx,
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -54,15 +87,17 @@ impl ChangeLog {
         let mut inner = self.inner.lock();
         inner.last_seq += 1;
         let seq = inner.last_seq;
-        let record = Arc::new(make(seq));
+        let record = Arc::new(Change::new(make(seq)));
         if inner.capacity > 0 {
             if inner.history.len() == inner.capacity {
                 inner.history.pop_front();
             }
             inner.history.push_back(Arc::clone(&record));
         }
-        // No receivers is not an error worth reporting: nobody is listening.
-        let _ = self.tx.send(record);
+        if let Some(tx) = &inner.tx {
+            // No receivers is not an error worth reporting: nobody listens.
+            let _ = tx.send(record);
+        }
         seq
     }
 
@@ -71,15 +106,33 @@ impl ChangeLog {
         self.inner.lock().last_seq
     }
 
-    /// A receiver of every change committed after this call.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<PresenceRecord>> {
-        self.tx.subscribe()
+    /// A receiver of every change committed after this call (closed at
+    /// once when the log is closed).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        match &self.inner.lock().tx {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    /// Ends the fan-out (at shutdown): every subscriber receives what was
+    /// sent before and then `Closed`. Changes are still numbered and kept.
+    /// Streams learn of shutdown this way instead of each watching a signal
+    /// on every wake-up.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.inner.lock().tx = None;
+    }
+
+    /// Whether [`ChangeLog::close`] was called (one atomic load).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Every kept change with `seq > after`, in order, or [`HistoryGap`] when
     /// some of them are no longer kept or `after` is beyond the last `seq`
     /// (a position from before a restart).
-    pub fn since(&self, after: u64) -> Result<Vec<Arc<PresenceRecord>>, HistoryGap> {
+    pub fn since(&self, after: u64) -> Result<Vec<Arc<Change>>, HistoryGap> {
         let inner = self.inner.lock();
         if after == inner.last_seq {
             return Ok(Vec::new());
@@ -89,7 +142,10 @@ impl ChangeLog {
         if after > inner.last_seq {
             return Err(HistoryGap);
         }
-        let oldest = inner.history.front().map_or(inner.last_seq + 1, |r| r.seq);
+        let oldest = inner
+            .history
+            .front()
+            .map_or(inner.last_seq + 1, |c| c.record.seq);
         if after + 1 < oldest {
             return Err(HistoryGap);
         }
@@ -124,12 +180,34 @@ mod tests {
             log.commit(record);
         }
         assert_eq!(log.last_seq(), 5);
-        let seqs = |v: Vec<Arc<PresenceRecord>>| v.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let seqs = |v: Vec<Arc<Change>>| v.iter().map(|c| c.record.seq).collect::<Vec<_>>();
         assert_eq!(seqs(log.since(2).unwrap()), vec![3, 4, 5]);
         assert_eq!(seqs(log.since(4).unwrap()), vec![5]);
         assert!(log.since(5).unwrap().is_empty());
-        assert_eq!(log.since(6), Err(HistoryGap), "a previous run's position");
-        assert_eq!(log.since(1), Err(HistoryGap));
+        assert_eq!(
+            log.since(6).err(),
+            Some(HistoryGap),
+            "a previous run's position"
+        );
+        assert_eq!(log.since(1).err(), Some(HistoryGap));
+    }
+
+    #[tokio::test]
+    async fn closing_ends_subscribers_after_what_was_sent() {
+        let log = ChangeLog::new(4, 16);
+        let mut rx = log.subscribe();
+        log.commit(record);
+        log.close();
+        log.commit(record);
+        assert!(log.is_closed());
+        assert_eq!(rx.recv().await.unwrap().record.seq, 1);
+        assert!(matches!(
+            rx.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        let mut late = log.subscribe();
+        assert!(late.recv().await.is_err());
+        assert_eq!(log.since(0).unwrap().len(), 2, "still kept");
     }
 
     #[tokio::test]
@@ -138,7 +216,11 @@ mod tests {
         let mut rx = log.subscribe();
         log.commit(record);
         log.commit(record);
-        assert_eq!(rx.recv().await.unwrap().seq, 1);
-        assert_eq!(rx.recv().await.unwrap().seq, 2);
+        assert_eq!(rx.recv().await.unwrap().record.seq, 1);
+        let second = rx.recv().await.unwrap();
+        assert_eq!(second.record.seq, 2);
+        let json: serde_json::Value = serde_json::from_str(second.json()).unwrap();
+        assert_eq!(json["seq"], 2);
+        assert!(std::ptr::eq(second.json(), second.json()), "made once");
     }
 }

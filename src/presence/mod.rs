@@ -12,7 +12,7 @@ pub mod store;
 
 use std::borrow::Cow;
 
-pub use changes::ChangeLog;
+pub use changes::{Change, ChangeLog};
 pub use model::{Availability, CallState, Millis, Presence, PresenceRecord};
 pub use store::{ApplyOutcome, Cursor, Page, Store};
 
