@@ -17,10 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 
 #[derive(Parser)]
 struct Args {
@@ -86,7 +83,8 @@ fn main() {
             max_requests,
         } => {
             assert!(addr.ip().is_loopback(), "load targets loopback only");
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // One thread: the harness pins the generator to one CPU.
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
@@ -211,6 +209,11 @@ async fn load(plan: Arc<Plan>, connections: usize) -> Report {
 }
 
 /// One keep-alive connection sending requests back to back.
+///
+/// HTTP/1.1 is written and read by hand on the socket (request head and
+/// body in one write, response head parsed for status and length): the
+/// generator must stay cheaper than the fastest server it measures, or the
+/// comparison measures the generator.
 async fn connection(
     plan: Arc<Plan>,
     counter: Arc<AtomicU64>,
@@ -219,20 +222,15 @@ async fn connection(
 ) -> (Vec<u32>, u64) {
     let mut latencies = Vec::with_capacity(1 << 16);
     let mut errors = 0u64;
+    let mut request = Vec::with_capacity(1024);
+    let mut response = vec![0u8; 16 * 1024];
     'reconnect: while !stop.load(Ordering::Relaxed) {
-        let Ok(stream) = tokio::net::TcpStream::connect(plan.addr).await else {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(plan.addr).await else {
             errors += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let Ok((mut sender, conn)) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-        else {
-            errors += 1;
-            continue;
-        };
-        tokio::spawn(conn);
         while !stop.load(Ordering::Relaxed) {
             let n = counter.fetch_add(1, Ordering::Relaxed);
             if n >= plan.max_requests {
@@ -241,27 +239,26 @@ async fn connection(
             let body = envelope(n, plan.principals);
             let signature =
                 presence_gateway::verify::hmac_hex::sign_hex(&plan.key, body.as_bytes());
-            let request = hyper::Request::post(plan.path.as_str())
-                .header("host", "loadgen")
-                .header("content-type", "application/json")
-                .header("x-notify-signature", signature)
-                .body(Full::new(Bytes::from(body)))
-                .expect("request");
+            request.clear();
+            let _ = write!(
+                request,
+                "POST {} HTTP/1.1\r\nhost: loadgen\r\ncontent-type: application/json\r\n\
+                 x-notify-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
+                plan.path,
+                body.len()
+            );
+            request.extend_from_slice(body.as_bytes());
             let sent = Instant::now();
-            let ok = match sender.send_request(request).await {
-                Ok(response) => {
-                    let ok = response.status().is_success();
-                    let _ = response.into_body().collect().await;
-                    ok
-                }
-                Err(_) => {
+            let status = match exchange(&mut stream, &request, &mut response).await {
+                Some(status) => status,
+                None => {
                     errors += 1;
                     continue 'reconnect;
                 }
             };
             let took = sent.elapsed();
             if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-                if ok {
+                if (200..300).contains(&status) {
                     latencies.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
                 } else {
                     errors += 1;
@@ -270,6 +267,49 @@ async fn connection(
         }
     }
     (latencies, errors)
+}
+
+/// Sends one request and reads its whole response; the status, or `None`
+/// when the connection failed or the answer was not HTTP/1.1.
+async fn exchange(stream: &mut tokio::net::TcpStream, request: &[u8], buf: &mut [u8]) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await.ok()?;
+    let mut filled = 0;
+    loop {
+        let n = stream.read(&mut buf[filled..]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        filled += n;
+        let Some(head_end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") else {
+            if filled == buf.len() {
+                return None;
+            }
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+        let status: u16 = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+        let length: usize = head
+            .split("\r\n")
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let total = head_end + 4 + length;
+        if total > buf.len() {
+            return None;
+        }
+        while filled < total {
+            let n = stream.read(&mut buf[filled..]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            filled += n;
+        }
+        return Some(status);
+    }
 }
 
 /// Spawns the gateway `runs` times and prints the time to the first
