@@ -271,7 +271,11 @@ async fn connection(
 
 /// Sends one request and reads its whole response; the status, or `None`
 /// when the connection failed or the answer was not HTTP/1.1.
-async fn exchange(stream: &mut tokio::net::TcpStream, request: &[u8], buf: &mut [u8]) -> Option<u16> {
+async fn exchange(
+    stream: &mut tokio::net::TcpStream,
+    request: &[u8],
+    buf: &mut [u8],
+) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream.write_all(request).await.ok()?;
     let mut filled = 0;
