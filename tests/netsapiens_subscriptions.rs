@@ -323,15 +323,7 @@ async fn from_an_empty_provider_to_presence_in_the_store() {
         shown.starts_with("sha256:") && !sources.to_string().contains("sub-mock-1"),
         "{subs}"
     );
-    let metrics = gw
-        .client
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(&format!(
             "presence_gateway_subscription_state{{source=\"ns\",kind=\"presence\",subscription=\"{shown}\",state=\"active\"}} 1"

@@ -351,17 +351,6 @@ async fn flood(gw: &Gateway, from: usize, count: usize) {
         .await;
 }
 
-async fn metrics(gw: &Gateway) -> String {
-    gw.client
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of `name{transport="sse"}` (or another label set).
 fn labelled(text: &str, name_and_labels: &str) -> u64 {
     text.lines()
@@ -401,7 +390,7 @@ async fn a_consumer_that_stops_reading_is_cut_off_while_another_keeps_receiving(
     // Bursts until the gateway gives up on the consumer that stopped
     // reading; every post is answered 204 meanwhile (post() asserts it).
     let mut posted = 0;
-    while labelled(&metrics(&gw).await, "presence_gateway_write_timeouts_total") == 0 {
+    while labelled(&gw.metrics().await, "presence_gateway_write_timeouts_total") == 0 {
         assert!(posted < TOTAL, "the stalled consumer was never cut off");
         flood(&gw, posted, 100).await;
         posted += 100;
@@ -420,7 +409,7 @@ async fn a_consumer_that_stops_reading_is_cut_off_while_another_keeps_receiving(
         partial.len()
     );
     assert_contiguous(&partial, 1);
-    let text = metrics(&gw).await;
+    let text = gw.metrics().await;
     assert_eq!(labelled(&text, "presence_gateway_write_timeouts_total"), 1);
     assert_eq!(
         labelled(
@@ -460,7 +449,7 @@ async fn a_consumer_that_falls_behind_gets_reset_and_the_snapshot() {
         (live.id, &live.data["principal"]),
         (Some(3001), &json!("late"))
     );
-    let text = metrics(&gw).await;
+    let text = gw.metrics().await;
     assert_eq!(
         labelled(
             &text,

@@ -183,21 +183,25 @@ impl Gateway {
                 None => break,
             }
         }
-        let metrics = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = self.metrics().await;
         let last_seq = metric_value(&metrics, "presence_gateway_store_last_seq");
         Snapshot {
             sources,
             records,
             last_seq,
         }
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// Counter `name` of source `id` in `/v1/sources`.
