@@ -88,7 +88,6 @@ struct Shared {
     in_flight: Semaphore,
     body_limit: usize,
     trusted_proxies: Vec<IpNet>,
-    shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The parts [`AppState`] is built from.
@@ -100,8 +99,6 @@ pub struct StateParts {
     pub max_in_flight: usize,
     pub body_limit: usize,
     pub trusted_proxies: Vec<IpNet>,
-    /// Cancelled at shutdown: streams end then.
-    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -122,7 +119,6 @@ impl AppState {
                 in_flight: Semaphore::new(parts.max_in_flight),
                 body_limit: parts.body_limit,
                 trusted_proxies: parts.trusted_proxies,
-                shutdown: parts.shutdown,
             }),
         }
     }
@@ -153,9 +149,6 @@ impl AppState {
     }
     pub fn trusted_proxies(&self) -> &[IpNet] {
         &self.inner.trusted_proxies
-    }
-    pub fn shutdown(&self) -> &tokio_util::sync::CancellationToken {
-        &self.inner.shutdown
     }
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)

@@ -118,7 +118,6 @@ mod tests {
             max_in_flight: 1,
             body_limit: 1024,
             trusted_proxies: Vec::new(),
-            shutdown: tokio_util::sync::CancellationToken::new(),
         })
     }
 
