@@ -186,8 +186,18 @@ pub async fn run(
             true
         }
     };
-    // Managers delete their subscriptions (when configured) within what is
-    // left of the grace period.
+    // WebSocket streams send their close frames, then managers delete their
+    // subscriptions (when configured), within what is left of the grace
+    // period.
+    if !out_of_time {
+        state.detached().close();
+        tokio::select! {
+            () = state.detached().wait() => {}
+            () = &mut deadline => {
+                tracing::warn!("grace period over before every WebSocket stream closed; stopping");
+            }
+        }
+    }
     if !out_of_time {
         let managers_done = async {
             for task in &mut managers {

@@ -282,7 +282,10 @@ domain = "acme.example"
     let gw = Gateway::start_on_port(&config, port).await;
     post(&gw, "carol", "DoNotDisturb", "", 4).await;
     browser
-        .eval("document.getElementById('filter').value = ''; return null;")
+        .eval(
+            "const f = document.getElementById('filter'); f.value = '';
+             f.dispatchEvent(new Event('input')); return null;",
+        )
         .await;
     browser.wait_for(CONNECTION, json!("live")).await;
     browser.wait_for(VISIBLE_ROWS, json!(["carol"])).await;

@@ -134,9 +134,11 @@ async fn resume_by_message_or_query_replays_exactly_the_missed_changes() {
     // Or with last_event_id in the URL.
     let mut by_query = connect(&gw, "?last_event_id=2&principal=d").await;
     assert_eq!(take(&mut by_query, 1).await, [p(4, "d")]);
-    // Older than the history (keeps 2..4): reset, then the snapshot.
+    // Older than the history (keeps 3..5): reset, then the snapshot (on
+    // a new connection: one resume a second per connection).
     post(&gw, "e", "Busy", 5).await;
     assert_eq!(take(&mut socket, 1).await, [p(5, "e")]);
+    let mut socket = connect(&gw, "?snapshot=false").await;
     socket
         .send(Message::Text(r#"{"resume":0}"#.into()))
         .await
@@ -156,8 +158,12 @@ async fn resume_by_message_or_query_replays_exactly_the_missed_changes() {
 
 #[tokio::test]
 async fn a_consumer_that_falls_behind_is_closed_with_the_seq_to_resume_from() {
+    // The write timeout is long: only the lag may end this consumer.
     let config = common::mitel_config("")
-        .replace("body_limit_bytes = 4096", "body_limit_bytes = 8192")
+        .replace(
+            "body_limit_bytes = 4096",
+            "body_limit_bytes = 8192\nwrite_timeout_secs = 60",
+        )
         .replace("[consumers]\n", "[consumers]\nstream_buffer = 64\n");
     let gw = Gateway::start(&config).await;
     // A 4 KiB receive window, and nobody reading.
@@ -242,6 +248,65 @@ async fn bad_requests_and_messages_are_refused() {
     }
     // Nothing was stored by any of it.
     assert_eq!(gw.snapshot().await.records.len(), 0);
+}
+
+/// As in the binary: the runtime is dropped as soon as `run` returns, so
+/// the close frames must have gone out before.
+#[tokio::test]
+async fn the_close_frame_goes_out_before_the_gateway_returns() {
+    let config = presence_gateway::Config::parse_with_env(
+        &common::mitel_config(""),
+        std::path::Path::new("test.toml"),
+        Vec::new(),
+        |_| None,
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    let server = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            presence_gateway::run(config, listener, token)
+                .await
+                .unwrap();
+        });
+        drop(runtime);
+    });
+    let mut sockets = Vec::new();
+    for _ in 0..10 {
+        let url = format!("ws://{addr}/v1/ws?snapshot=false&access_token={TOKEN}");
+        sockets.push(tokio_tungstenite::connect_async(url).await.unwrap().0);
+    }
+    shutdown.cancel();
+    tokio::task::spawn_blocking(move || server.join().unwrap())
+        .await
+        .unwrap();
+    for socket in &mut sockets {
+        match next(socket).await {
+            Frame::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn resuming_more_than_once_a_second_is_refused() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let mut socket = connect(&gw, "?snapshot=false").await;
+    for _ in 0..2 {
+        socket
+            .send(Message::Text(r#"{"resume":0}"#.into()))
+            .await
+            .unwrap();
+    }
+    match next(&mut socket).await {
+        Frame::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1008),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
 }
 
 #[tokio::test]

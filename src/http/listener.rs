@@ -7,8 +7,17 @@
 //! arms a timer whenever a write would block and fails the write with
 //! `TimedOut` when the socket has accepted nothing for the whole
 //! `write_timeout`; hyper then closes the connection. A write that goes
-//! through disarms the timer, so a slow but moving peer is never cut off,
+//! through disarms the timer, so a peer that keeps reading is not cut off
+//! (a write is retried when the kernel reports room, about a third of the
+//! send buffer, so a peer draining less than that per `write_timeout` is),
 //! and nothing is allocated or read from the clock while writes succeed.
+//!
+//! Accepted sockets get `TCP_NODELAY`: stream events are small writes that
+//! must not wait for the acknowledgement of the previous one.
+//!
+//! A peer that vanished without a FIN is not noticed by this timer while
+//! only small writes (keep-alive comments) fit into the send buffer; the
+//! kernel's retransmission timeout ends such connections.
 
 use std::io;
 use std::net::SocketAddr;
@@ -48,6 +57,8 @@ impl GuardedListener {
         loop {
             match self.inner.accept().await {
                 Ok((stream, peer)) => {
+                    // Best effort: a socket that refuses still works.
+                    let _ = stream.set_nodelay(true);
                     let io = Guarded {
                         stream,
                         write_timeout: self.write_timeout,
@@ -181,7 +192,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_reader_is_not_timed_out() {
-        let (mut io, mut client, global) = pair(Duration::from_millis(300)).await;
+        // Reads every 20 ms; the timeout leaves room for a slow machine.
+        let (mut io, mut client, global) = pair(Duration::from_secs(2)).await;
         let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
             let mut total = 0;

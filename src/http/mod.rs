@@ -88,6 +88,9 @@ struct Shared {
     in_flight: Semaphore,
     body_limit: usize,
     trusted_proxies: Vec<IpNet>,
+    /// Tasks that outlive their HTTP exchange (WebSocket streams): shutdown
+    /// waits for them to send their close frames.
+    detached: tokio_util::task::TaskTracker,
 }
 
 /// The parts [`AppState`] is built from.
@@ -119,6 +122,7 @@ impl AppState {
                 in_flight: Semaphore::new(parts.max_in_flight),
                 body_limit: parts.body_limit,
                 trusted_proxies: parts.trusted_proxies,
+                detached: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -149,6 +153,10 @@ impl AppState {
     }
     pub fn trusted_proxies(&self) -> &[IpNet] {
         &self.inner.trusted_proxies
+    }
+    /// Tasks that outlive their HTTP exchange (WebSocket streams).
+    pub fn detached(&self) -> &tokio_util::task::TaskTracker {
+        &self.inner.detached
     }
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)

@@ -12,7 +12,7 @@
 //! "lagged"}`) and then the snapshot, and goes on live. The gateway ends
 //! every stream at shutdown.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,8 +90,67 @@ fn parse_id(text: &str) -> Result<u64, Problem> {
         .map_err(|_| bad("Last-Event-ID must be a sequence number"))
 }
 
-/// The matching records as they are now, in ascending `seq`.
-pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> Vec<Arc<Change>> {
+/// The matching records as they were at one position of the change log,
+/// in ascending `seq`, and that position.
+///
+/// The store is read page by page while webhooks keep changing it, so the
+/// pages alone would mix older and newer states: a record changed after
+/// the read began could show its new `seq` while another change before it
+/// is in no page yet, and a consumer resuming from the highest id it saw
+/// would skip that one. Every change committed during the read is therefore
+/// laid over the pages (from the history), which makes the result exactly
+/// the state at the returned position, and no record in it is newer.
+pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> (Vec<Arc<Change>>, u64) {
+    let changes = state.store().changes();
+    // A read during which more changes arrive than the history keeps is
+    // read again; after that, the unmerged read and the position it began
+    // at (live changes after it still follow).
+    let mut attempts = 3;
+    loop {
+        let from = changes.last_seq();
+        let mut records = read_store(state, filter);
+        let during = match changes.since(from) {
+            Ok(during) => during,
+            Err(_gap) if attempts > 1 => {
+                attempts -= 1;
+                continue;
+            }
+            Err(_gap) => {
+                records.sort_by_key(|c| c.record.seq);
+                return (records, from);
+            }
+        };
+        let at = during.last().map_or(from, |c| c.record.seq);
+        // (The pages were read before this position was fixed, so none of
+        // them is newer than it.)
+        let mut latest: HashMap<(Arc<str>, Arc<str>), Arc<Change>> = HashMap::new();
+        for change in during.into_iter().filter(|c| filter.matches(&c.record)) {
+            let key = (
+                Arc::clone(&change.record.source),
+                Arc::clone(&change.record.principal),
+            );
+            latest.insert(key, change);
+        }
+        if !latest.is_empty() {
+            for record in &mut records {
+                let key = (
+                    Arc::clone(&record.record.source),
+                    Arc::clone(&record.record.principal),
+                );
+                if let Some(newer) = latest.remove(&key) {
+                    *record = newer;
+                }
+            }
+            // Principals first seen during the read.
+            records.extend(latest.into_values());
+        }
+        records.sort_by_key(|c| c.record.seq);
+        return (records, at);
+    }
+}
+
+/// Every matching record, page by page.
+fn read_store(state: &AppState, filter: &Filter) -> Vec<Arc<Change>> {
     let sources: Vec<usize> = state
         .sources()
         .sorted_indexes()
@@ -120,7 +179,6 @@ pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> Vec<Arc<Change>> {
             None => break,
         }
     }
-    records.sort_by_key(|c| c.record.seq);
     records
 }
 
@@ -129,8 +187,9 @@ pub(crate) enum Item {
     Record(Arc<Change>),
     /// The consumer must drop what it holds: a snapshot follows.
     Reset(Reset),
-    /// The consumer fell behind the fan-out; everything up to `after` was
-    /// sent (only for streams that close instead of resetting).
+    /// The consumer fell behind the fan-out; what it was sent reflects
+    /// every change up to `after`, the position to resume from (only for
+    /// streams that close instead of resetting).
     Lagged {
         after: u64,
     },
@@ -163,10 +222,9 @@ pub(crate) struct Streamer {
     rx: broadcast::Receiver<Arc<Change>>,
     pending: VecDeque<Item>,
     /// Live changes up to this `seq` are already covered by what was
-    /// queued (the replay, or the state a snapshot started from).
+    /// queued (the replay, the state a snapshot shows, or live changes
+    /// received, whether they matched or not).
     covered: u64,
-    /// The last `seq` handed out.
-    sent: u64,
     on_lag: OnLag,
     open: OpenStream,
 }
@@ -184,7 +242,6 @@ impl Streamer {
             rx,
             pending: VecDeque::new(),
             covered: 0,
-            sent: 0,
             on_lag,
             open,
         };
@@ -200,7 +257,6 @@ impl Streamer {
                     // everything replayed is exactly what the fan-out must
                     // not repeat.
                     self.covered = records.last().map_or(after, |c| c.record.seq).max(after);
-                    self.sent = after;
                     let filter = &self.filter;
                     self.pending.extend(
                         records
@@ -225,12 +281,10 @@ impl Streamer {
         self.position();
     }
 
-    /// Queues the snapshot. Live changes after the moment it starts are
-    /// all sent afterwards, even one the snapshot already shows (a repeat
-    /// of the same `seq` is harmless; a gap would not be).
+    /// Queues the snapshot; live changes after its position follow.
     fn queue_snapshot(&mut self) {
-        self.covered = self.state.store().changes().last_seq();
-        let records = snapshot(&self.state, &self.filter);
+        let (records, at) = snapshot(&self.state, &self.filter);
+        self.covered = at;
         self.pending.extend(records.into_iter().map(Item::Record));
     }
 
@@ -246,25 +300,25 @@ impl Streamer {
                 return None;
             }
             if let Some(item) = self.pending.pop_front() {
-                if let Item::Record(change) = &item {
-                    self.sent = change.record.seq;
-                }
                 return Some(item);
             }
             match self.rx.recv().await {
-                Ok(change)
-                    if change.record.seq > self.covered && self.filter.matches(&change.record) =>
-                {
+                Ok(change) if change.record.seq > self.covered => {
                     self.covered = change.record.seq;
-                    self.sent = change.record.seq;
-                    return Some(Item::Record(change));
+                    if self.filter.matches(&change.record) {
+                        return Some(Item::Record(change));
+                    }
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     self.open.lagged();
                     match self.on_lag {
                         OnLag::Reset => self.reset(Reset::Lagged),
-                        OnLag::Close => return Some(Item::Lagged { after: self.sent }),
+                        OnLag::Close => {
+                            return Some(Item::Lagged {
+                                after: self.covered,
+                            });
+                        }
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
@@ -360,6 +414,109 @@ pub async fn sse(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::StateParts;
+    use crate::presence::store::StoreLimits;
+    use crate::presence::{Availability, Millis, PresenceUpdate, Store};
+    use crate::sources::Sources;
+    use std::borrow::Cow;
+
+    fn state(history: usize) -> AppState {
+        let text = "[[sources]]\nid = \"m\"\nkind = \"mitel\"\nsigning_keys = [\"k\"]\n";
+        let config =
+            crate::Config::parse_with_env(text, std::path::Path::new("t.toml"), Vec::new(), |_| {
+                None
+            })
+            .unwrap();
+        let sources = Arc::new(Sources::new(&config.sources).unwrap());
+        let limits = StoreLimits {
+            history,
+            dedup_window_ms: 0,
+            dedup_capacity: 1,
+            stream_buffer: 64,
+        };
+        AppState::new(StateParts {
+            store: Arc::new(Store::new(&sources.ids(), limits)),
+            sources,
+            global: Arc::default(),
+            consumer_tokens: Vec::new(),
+            max_in_flight: 1,
+            body_limit: 1024,
+            trusted_proxies: Vec::new(),
+        })
+    }
+
+    fn update(principal: String, n: u64) -> PresenceUpdate<'static> {
+        let availability = [
+            Availability::Busy,
+            Availability::Away,
+            Availability::Available,
+        ][(n % 3) as usize];
+        PresenceUpdate {
+            principal: Cow::Owned(principal),
+            availability,
+            activity: None,
+            status_text: None,
+            raw_status: None,
+            observed_at: Some(Millis(n as i64 + 1)),
+            event_id: None,
+        }
+    }
+
+    /// A snapshot taken while another thread keeps changing the store is
+    /// exactly the state at its position: laying every later change over
+    /// it gives the final state, and no record in it is newer.
+    #[test]
+    fn a_snapshot_is_the_state_at_its_position_despite_concurrent_writes() {
+        let state = state(1 << 20);
+        let store = state.store();
+        for i in 0..20_000u64 {
+            store.apply(0, &update(format!("p{i}"), i), Millis(0));
+        }
+        let writing = std::sync::atomic::AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Updates to old principals, and some new ones; bounded.
+                for n in 20_000u64..120_000 {
+                    let p = if n % 10 == 0 { n } else { (n * 7919) % 20_000 };
+                    store.apply(0, &update(format!("p{p}"), n), Millis(0));
+                }
+                writing.store(false, std::sync::atomic::Ordering::Relaxed);
+            });
+            let mut rounds = 0;
+            while rounds < 3 || writing.load(std::sync::atomic::Ordering::Relaxed) && rounds < 20 {
+                rounds += 1;
+                let (records, at) = snapshot(&state, &Filter::default());
+                assert!(records.iter().all(|c| c.record.seq <= at));
+                assert!(
+                    records
+                        .windows(2)
+                        .all(|w| w[0].record.seq < w[1].record.seq)
+                );
+                let mut view: HashMap<String, u64> = records
+                    .iter()
+                    .map(|c| (c.record.principal.to_string(), c.record.seq))
+                    .collect();
+                // Lay everything after the position over it.
+                let later = store.changes().since(at).unwrap();
+                for c in &later {
+                    view.insert(c.record.principal.to_string(), c.record.seq);
+                }
+                let (now, _) = snapshot(&state, &Filter::default());
+                let truth: HashMap<String, u64> = now
+                    .iter()
+                    .map(|c| (c.record.principal.to_string(), c.record.seq))
+                    .collect();
+                // Changes may land between `since` and the second read:
+                // compare only up to the second read's position.
+                let settled = later.last().map_or(at, |c| c.record.seq);
+                for (principal, seq) in &truth {
+                    if *seq <= settled {
+                        assert_eq!(view.get(principal), Some(seq), "{principal}");
+                    }
+                }
+            }
+        });
+    }
 
     #[test]
     fn decimal_digits() {

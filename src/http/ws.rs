@@ -7,9 +7,9 @@
 //! - `{"event":"presence","id":<seq>,"data":<record>}`
 //! - `{"event":"reset","data":{"reason":"history"}}`, then the snapshot
 //!
-//! The consumer may send `{"resume":<seq>}` at any time: the stream starts
-//! over after that seq, exactly as a new connection with `last_event_id`
-//! would. A consumer that falls behind the live fan-out is closed with code
+//! The consumer may send `{"resume":<seq>}` at any time (at most once a
+//! second; more often closes with 1008): the stream starts over after that
+//! seq, exactly as a new connection with `last_event_id` would. A consumer that falls behind the live fan-out is closed with code
 //! 4000 and the reason `lagged; resume from <seq>` (the last seq it was
 //! sent); at shutdown the gateway closes with 1001. Pings keep idle
 //! connections alive through proxies.
@@ -30,6 +30,9 @@ pub const CLOSE_LAGGED: u16 = 4000;
 
 /// The largest message a consumer may send (they only send resumes).
 const MAX_INCOMING: usize = 4096;
+
+/// The shortest time between two resume messages of one consumer.
+const MIN_RESUME_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a consumer may send.
 #[derive(Deserialize)]
@@ -60,15 +63,20 @@ pub async fn ws(
             .into_response();
         }
     };
+    // Positioned now, before the 101 goes out: nothing committed after the
+    // consumer sees the upgrade can be missed.
+    let open = OpenStream::new(state.global_arc(), StreamKind::WebSocket);
+    let streamer = Streamer::start(&state, filter, OnLag::Close, open);
+    // Tracked, so that shutdown waits for the close frame to go out.
+    let detached = state.detached().clone();
     upgrade
         .max_message_size(MAX_INCOMING)
         .max_frame_size(MAX_INCOMING)
-        .on_upgrade(move |socket| serve(state, filter, socket))
+        .on_upgrade(move |socket| detached.track_future(serve(streamer, socket)))
 }
 
-async fn serve(state: AppState, filter: Filter, mut socket: WebSocket) {
-    let open = OpenStream::new(state.global_arc(), StreamKind::WebSocket);
-    let mut streamer = Streamer::start(&state, filter, OnLag::Close, open);
+async fn serve(mut streamer: Streamer, mut socket: WebSocket) {
+    let mut last_resume: Option<tokio::time::Instant> = None;
     let mut keep_alive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
     loop {
@@ -87,6 +95,14 @@ async fn serve(state: AppState, filter: Filter, mut socket: WebSocket) {
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<Resume>(&text) {
                     Ok(Resume { resume }) => {
+                        // A resume copies history and may take a snapshot:
+                        // one per interval per consumer.
+                        let now = tokio::time::Instant::now();
+                        if last_resume.is_some_and(|t| now < t + MIN_RESUME_INTERVAL) {
+                            close(socket, close_code::POLICY, "resume at most once a second").await;
+                            return;
+                        }
+                        last_resume = Some(now);
                         streamer.resume(resume);
                         continue;
                     }
@@ -99,9 +115,14 @@ async fn serve(state: AppState, filter: Filter, mut socket: WebSocket) {
                     close(socket, close_code::UNSUPPORTED, "text frames only").await;
                     return;
                 }
-                // Pongs are answered by the library; a close is echoed by it.
+                // Pings are answered by the library.
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                // The library queued the echo of the close: flush it.
+                Some(Ok(Message::Close(_))) => {
+                    let _ = futures_util::SinkExt::flush(&mut socket).await;
+                    return;
+                }
+                Some(Err(_)) | None => return,
             },
             _ = keep_alive.tick() => Message::Ping(Default::default()),
         };

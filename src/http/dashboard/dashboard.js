@@ -57,10 +57,23 @@ function connect() {
   const t = token();
   const url = "/v1/stream" + (t ? "?access_token=" + encodeURIComponent(t) : "");
   setConnection("connecting", "connecting");
-  stream = new EventSource(url);
-  stream.onopen = () => setConnection("live", "live");
-  stream.onerror = () => {
-    if (stream.readyState === EventSource.CLOSED) {
+  const es = new EventSource(url);
+  stream = es;
+  // A new EventSource starts without Last-Event-ID, so the gateway sends the
+  // whole snapshot: drop what the previous one left. (The browser's own
+  // reconnects keep Last-Event-ID and get only what was missed, or a reset.)
+  let fresh = true;
+  es.onopen = () => {
+    if (fresh) {
+      fresh = false;
+      records.clear();
+      queueRender();
+    }
+    setConnection("live", "live");
+  };
+  es.onerror = () => {
+    if (stream !== es) return; // replaced meanwhile
+    if (es.readyState === EventSource.CLOSED) {
       // Not a stream at all (401, for instance): find out why.
       fetchJson("/v1/sources").then(
         () => { setConnection("offline", "disconnected"); setTimeout(connect, 2000); },
@@ -71,14 +84,14 @@ function connect() {
       setConnection("reconnecting", "reconnecting");
     }
   };
-  stream.addEventListener("presence", (event) => {
+  es.addEventListener("presence", (event) => {
     const record = JSON.parse(event.data);
     const key = record.source + "\u0000" + record.principal;
     records.set(key, record);
     changed.add(key);
     queueRender();
   });
-  stream.addEventListener("reset", () => {
+  es.addEventListener("reset", () => {
     // The snapshot follows: start over from it.
     records.clear();
     queueRender();
