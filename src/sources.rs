@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use http::HeaderMap;
 use ipnet::IpNet;
-use prometheus_client::metrics::histogram::Histogram;
 
 use crate::config::{SourceConfig, SourceKind};
 use crate::presence::{ApplyOutcome, Millis};
@@ -18,6 +17,7 @@ use crate::providers::Parser;
 use crate::providers::fields::FieldsError;
 use crate::providers::mitel::MitelParser;
 use crate::providers::netsapiens::{Model, NetSapiensParser};
+use crate::telemetry::LatencyHistogram;
 use crate::upstream::manager::Board;
 use crate::verify::{CorrelationIds, HmacHexVerifier, Verified, VerifyError};
 
@@ -122,7 +122,7 @@ pub struct SourceStats {
     rejected: [AtomicU64; Rejection::ALL.len()],
     /// Receive time of the last authentic event, epoch ms; 0 for never.
     last_event_at: AtomicI64,
-    pub latency: Histogram,
+    pub latency: LatencyHistogram,
 }
 
 /// Request latency buckets, seconds: 50 µs to 1 s.
@@ -143,7 +143,7 @@ impl Default for SourceStats {
             ignored: AtomicU64::new(0),
             rejected: Default::default(),
             last_event_at: AtomicI64::new(0),
-            latency: Histogram::new(LATENCY_BUCKETS),
+            latency: LatencyHistogram::new(&LATENCY_BUCKETS),
         }
     }
 }

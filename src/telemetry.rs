@@ -20,6 +20,65 @@ use prometheus_client::registry::Registry;
 use crate::presence::{Availability, Store};
 use crate::sources::{Rejection, Sources};
 
+/// A latency histogram of atomics: observing is three relaxed additions,
+/// where `prometheus_client`'s histogram takes a mutex shared by every
+/// request of a source.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    /// Upper bounds in nanoseconds; the last bucket (+Inf) has none.
+    bounds_ns: Box<[u64]>,
+    bounds_s: Box<[f64]>,
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Buckets with these upper bounds (seconds, ascending) and +Inf.
+    pub fn new(bounds_s: &[f64]) -> Self {
+        LatencyHistogram {
+            bounds_ns: bounds_s.iter().map(|s| (s * 1e9) as u64).collect(),
+            bounds_s: bounds_s.iter().copied().chain([f64::INFINITY]).collect(),
+            buckets: (0..=bounds_s.len()).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, took: std::time::Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = self.bounds_ns.partition_point(|&b| b < ns);
+        if let Some(b) = self.buckets.get(bucket) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), fmt::Error> {
+        let buckets: Vec<(f64, u64)> = self
+            .bounds_s
+            .iter()
+            .zip(self.buckets.iter())
+            .map(|(&le, n)| (le, load(n)))
+            .collect();
+        // Buckets are read one by one while requests go on: the count is
+        // their sum, so the exposition stays consistent.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = load(&self.sum_ns) as f64 / 1e9;
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+}
+
 /// Counters that belong to no source.
 #[derive(Debug, Default)]
 pub struct GlobalStats {
@@ -402,4 +461,45 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn observations_land_in_inclusive_buckets_and_render_cumulatively() {
+        let h = LatencyHistogram::new(&[0.000_05, 0.001]);
+        h.observe(Duration::from_micros(30));
+        h.observe(Duration::from_millis(1)); // le is inclusive
+        h.observe(Duration::from_secs(2));
+        let counts: Vec<u64> = h.buckets.iter().map(load).collect();
+        assert_eq!(counts, [1, 1, 1]);
+        assert_eq!(h.count(), 3);
+
+        struct One(&'static LatencyHistogram);
+        impl fmt::Debug for One {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("One")
+            }
+        }
+        impl Collector for One {
+            fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+                let metric = encoder.encode_descriptor("t", "test", None, MetricType::Histogram)?;
+                self.0.encode(metric)
+            }
+        }
+        // A collector is 'static: leak one for the test.
+        let leaked: &'static LatencyHistogram =
+            Box::leak(Box::new(LatencyHistogram::new(&[0.000_05, 0.001])));
+        leaked.observe(Duration::from_micros(30));
+        leaked.observe(Duration::from_secs(2));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(One(leaked)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("t_bucket{le=\"+Inf\"} 2"), "{text}");
+        assert!(text.contains("t_count 2"), "{text}");
+    }
 }

@@ -93,10 +93,7 @@ pub async fn receive(
     // Derived once: used for allow_ips and for the log line of a rejection.
     let client = client_addr(peer.ip(), request.headers(), state.trusted_proxies());
     let result = handle(&state, source, client, request).await;
-    source
-        .stats
-        .latency
-        .observe(started.elapsed().as_secs_f64());
+    source.stats.latency.observe(started.elapsed());
     match result {
         Ok(response) => response,
         Err(rejected) => {
