@@ -335,22 +335,6 @@ fn slow_consumer_config(stream_buffer: usize, write_timeout_secs: u64) -> String
         )
 }
 
-/// Posts `count` changes (principals `p{from}`.., each new, each with a
-/// 3.5 KB status message so that socket buffers fill after a few hundred)
-/// with 16 posts in flight, as a provider's burst would arrive.
-async fn flood(gw: &Gateway, from: usize, count: usize) {
-    let note = "n".repeat(3500);
-    futures_util::stream::iter(from..from + count)
-        .for_each_concurrent(16, |i| {
-            let body = json!({"topic": "platform-api-presence",
-                "subject": format!("/presentities/p{i}"),
-                "content": {"presence": "Busy", "statusMessage": note, "timestamp": i + 1}})
-            .to_string();
-            async move { gw.post_signed("mitel", MITEL_KEY, &body).await }
-        })
-        .await;
-}
-
 /// The value of `name{transport="sse"}` (or another label set).
 fn labelled(text: &str, name_and_labels: &str) -> u64 {
     text.lines()
@@ -392,12 +376,12 @@ async fn a_consumer_that_stops_reading_is_cut_off_while_another_keeps_receiving(
     let mut posted = 0;
     while labelled(&gw.metrics().await, "presence_gateway_write_timeouts_total") == 0 {
         assert!(posted < TOTAL, "the stalled consumer was never cut off");
-        flood(&gw, posted, 100).await;
+        gw.flood(posted, 100).await;
         posted += 100;
         // Real time for the write timeout to pass (1 s) in small steps.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    flood(&gw, posted, TOTAL - posted).await;
+    gw.flood(posted, TOTAL - posted).await;
     // The reading consumer got every change, in order.
     let (got, _still_open) = reading.await.unwrap();
     assert_contiguous(&got, 1);
@@ -428,7 +412,7 @@ async fn a_consumer_that_falls_behind_gets_reset_and_the_snapshot() {
     let mut slow = Client::open_small_window(&gw, "?snapshot=false").await;
     // Far more changes than the socket buffers and the 64 the fan-out
     // keeps for one consumer, while it does not read.
-    flood(&gw, 0, 3000).await;
+    gw.flood(0, 3000).await;
     let mut got = Vec::new();
     let reset_at = loop {
         let e = slow.next().await.expect("stream open");

@@ -174,17 +174,7 @@ async fn a_consumer_that_falls_behind_is_closed_with_the_seq_to_resume_from() {
     let (mut slow, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
         .await
         .expect("upgrade");
-    let note = "n".repeat(3500);
-    futures_util::stream::iter(0..3000)
-        .for_each_concurrent(16, |i| {
-            let body = json!({"topic": "platform-api-presence",
-                "subject": format!("/presentities/p{i}"),
-                "content": {"presence": "Busy", "statusMessage": note, "timestamp": i + 1}})
-            .to_string();
-            let gw = &gw;
-            async move { gw.post_signed("mitel", MITEL_KEY, &body).await }
-        })
-        .await;
+    gw.flood(0, 3000).await;
     let mut last = 0;
     let close = loop {
         match next(&mut slow).await {

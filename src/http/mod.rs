@@ -199,6 +199,33 @@ fn routes(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A state with one Mitel source `m` (key `k`), no tokens, one request in
+/// flight at most and a store keeping `history` changes, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_state(history: usize) -> AppState {
+    use crate::presence::store::StoreLimits;
+    let text = "[[sources]]\nid = \"m\"\nkind = \"mitel\"\nsigning_keys = [\"k\"]\n";
+    let config =
+        crate::Config::parse_with_env(text, std::path::Path::new("t.toml"), Vec::new(), |_| None)
+            .expect("test config");
+    let sources = Arc::new(Sources::new(&config.sources).expect("test sources"));
+    let limits = StoreLimits {
+        history,
+        dedup_window_ms: 0,
+        dedup_capacity: 1,
+        stream_buffer: 64,
+    };
+    AppState::new(StateParts {
+        store: Arc::new(Store::new(&sources.ids(), limits)),
+        sources,
+        global: Arc::default(),
+        consumer_tokens: Vec::new(),
+        max_in_flight: 1,
+        body_limit: 1024,
+        trusted_proxies: Vec::new(),
+    })
+}
+
 /// The whole application: routes wrapped in request ids, tracing and panic
 /// catching.
 ///

@@ -85,40 +85,15 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
     use tower::ServiceExt;
 
-    use crate::http::{AppState, StateParts, router};
-    use crate::presence::Store;
-    use crate::presence::store::StoreLimits;
-    use crate::sources::Sources;
+    use crate::http::{AppState, router};
 
     fn state() -> AppState {
-        let text = "[[sources]]\nid = \"m\"\nkind = \"mitel\"\nsigning_keys = [\"k\"]\n";
-        let config =
-            crate::Config::parse_with_env(text, std::path::Path::new("t.toml"), Vec::new(), |_| {
-                None
-            })
-            .unwrap();
-        let sources = Arc::new(Sources::new(&config.sources).unwrap());
-        let limits = StoreLimits {
-            history: 0,
-            dedup_window_ms: 0,
-            dedup_capacity: 1,
-            stream_buffer: 64,
-        };
-        AppState::new(StateParts {
-            store: Arc::new(Store::new(&sources.ids(), limits)),
-            sources,
-            global: Arc::default(),
-            consumer_tokens: Vec::new(),
-            max_in_flight: 1,
-            body_limit: 1024,
-            trusted_proxies: Vec::new(),
-        })
+        crate::http::test_state(0)
     }
 
     async fn readyz(state: &AppState) -> StatusCode {

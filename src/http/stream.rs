@@ -414,36 +414,8 @@ pub async fn sse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::StateParts;
-    use crate::presence::store::StoreLimits;
-    use crate::presence::{Availability, Millis, PresenceUpdate, Store};
-    use crate::sources::Sources;
+    use crate::presence::{Availability, Millis, PresenceUpdate};
     use std::borrow::Cow;
-
-    fn state(history: usize) -> AppState {
-        let text = "[[sources]]\nid = \"m\"\nkind = \"mitel\"\nsigning_keys = [\"k\"]\n";
-        let config =
-            crate::Config::parse_with_env(text, std::path::Path::new("t.toml"), Vec::new(), |_| {
-                None
-            })
-            .unwrap();
-        let sources = Arc::new(Sources::new(&config.sources).unwrap());
-        let limits = StoreLimits {
-            history,
-            dedup_window_ms: 0,
-            dedup_capacity: 1,
-            stream_buffer: 64,
-        };
-        AppState::new(StateParts {
-            store: Arc::new(Store::new(&sources.ids(), limits)),
-            sources,
-            global: Arc::default(),
-            consumer_tokens: Vec::new(),
-            max_in_flight: 1,
-            body_limit: 1024,
-            trusted_proxies: Vec::new(),
-        })
-    }
 
     fn update(principal: String, n: u64) -> PresenceUpdate<'static> {
         let availability = [
@@ -467,7 +439,7 @@ mod tests {
     /// it gives the final state, and no record in it is newer.
     #[test]
     fn a_snapshot_is_the_state_at_its_position_despite_concurrent_writes() {
-        let state = state(1 << 20);
+        let state = crate::http::test_state(1 << 20);
         let store = state.store();
         for i in 0..20_000u64 {
             store.apply(0, &update(format!("p{i}"), i), Millis(0));

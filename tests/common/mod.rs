@@ -192,6 +192,24 @@ impl Gateway {
         }
     }
 
+    /// Posts `count` signed Mitel changes to source `mitel` (principals
+    /// `p{from}`.., each new, each with a 3.5 KB status message so that
+    /// a stream's socket buffers fill after a few hundred), 16 in flight, as
+    /// a provider's burst would arrive; asserts 204 for each.
+    pub async fn flood(&self, from: usize, count: usize) {
+        use futures_util::StreamExt;
+        let note = "n".repeat(3500);
+        futures_util::stream::iter(from..from + count)
+            .for_each_concurrent(16, |i| {
+                let body = serde_json::json!({"topic": "platform-api-presence",
+                    "subject": format!("/presentities/p{i}"),
+                    "content": {"presence": "Busy", "statusMessage": note, "timestamp": i + 1}})
+                .to_string();
+                async move { self.post_signed("mitel", MITEL_KEY, &body).await }
+            })
+            .await;
+    }
+
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.client
