@@ -79,6 +79,7 @@ async fn serve(mut streamer: Streamer, mut socket: WebSocket) {
     let mut last_resume: Option<tokio::time::Instant> = None;
     let mut keep_alive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let outgoing = tokio::select! {
             item = streamer.next() => match item {
