@@ -16,8 +16,10 @@
 //! must not wait for the acknowledgement of the previous one.
 //!
 //! A peer that vanished without a FIN is not noticed by this timer while
-//! only small writes (keep-alive comments) fit into the send buffer; the
-//! kernel's retransmission timeout ends such connections.
+//! only small writes (keep-alive comments) fit into the send buffer: on
+//! Linux, accepted sockets also get `TCP_USER_TIMEOUT` = `write_timeout`,
+//! so the kernel ends a connection whose sent data stays unacknowledged
+//! that long (instead of after its retransmission timeout, ~15 minutes).
 
 use std::io;
 use std::net::SocketAddr;
@@ -59,6 +61,9 @@ impl GuardedListener {
                 Ok((stream, peer)) => {
                     // Best effort: a socket that refuses still works.
                     let _ = stream.set_nodelay(true);
+                    #[cfg(target_os = "linux")]
+                    let _ = socket2::SockRef::from(&stream)
+                        .set_tcp_user_timeout(Some(self.write_timeout));
                     let io = Guarded {
                         stream,
                         write_timeout: self.write_timeout,
@@ -94,6 +99,14 @@ pub struct Guarded {
 }
 
 impl Guarded {
+    /// The kernel's side of the same limit (TCP_USER_TIMEOUT) may end the
+    /// connection first; a read or a write then reports it.
+    fn count_kernel_timeout(&self, e: &io::Error) {
+        if e.kind() == io::ErrorKind::TimedOut {
+            self.global.write_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Wraps a write attempt: a blocked write arms the deadline (once), a
     /// completed one disarms it, and a deadline that passed fails the write.
     fn guard<T>(
@@ -104,6 +117,9 @@ impl Guarded {
         match attempt(Pin::new(&mut self.stream), cx) {
             Poll::Ready(result) => {
                 self.stalled = None;
+                if let Err(e) = &result {
+                    self.count_kernel_timeout(e);
+                }
                 Poll::Ready(result)
             }
             Poll::Pending => {
@@ -128,7 +144,11 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &polled {
+            self.count_kernel_timeout(e);
+        }
+        polled
     }
 }
 
@@ -175,6 +195,18 @@ mod tests {
         let client = TcpStream::connect(addr).await.unwrap();
         let (io, _) = guarded.accept().await;
         (io, client, global)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_abort_unacknowledged_data_after_the_write_timeout() {
+        let (io, _client, _) = pair(Duration::from_secs(7)).await;
+        let socket = socket2::SockRef::from(&io.stream);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(7))
+        );
+        assert!(socket.tcp_nodelay().unwrap());
     }
 
     #[tokio::test]
