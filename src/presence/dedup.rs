@@ -74,8 +74,10 @@ impl Dedup {
             .buckets
             .get(bucket_hash as usize & self.buckets.len().wrapping_sub(1))
             .map(|b| &b.0);
-        let first = bucket.map_or(0, |b| b[0].load(Ordering::Relaxed));
-        Probe { bucket, first }
+        if let Some(bucket) = bucket {
+            prefetch(bucket);
+        }
+        Probe { bucket }
     }
 
     /// Records the id with digest `(bucket_hash, fingerprint_hash)` seen at
@@ -89,7 +91,20 @@ impl Dedup {
 /// A bucket being read; see [`Dedup::probe`].
 pub(crate) struct Probe<'a> {
     bucket: Option<&'a [AtomicU64; WAYS]>,
-    first: u64,
+}
+
+/// Asks the CPU to start loading `bucket`'s cache line without waiting for
+/// it.
+fn prefetch(bucket: &[AtomicU64; WAYS]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults, reads nothing into the
+    // program and writes nothing; the pointer is valid besides.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(bucket.as_ptr().cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bucket;
 }
 
 impl Probe<'_> {
@@ -108,11 +123,7 @@ impl Probe<'_> {
         let mut victim = 0;
         let mut victim_age = 0;
         for (i, slot) in bucket.iter().enumerate() {
-            let value = if i == 0 {
-                self.first
-            } else {
-                slot.load(Ordering::Relaxed)
-            };
+            let value = slot.load(Ordering::Relaxed);
             let value_age = if value == 0 { u64::MAX } else { age(value) };
             if value != 0 && value >> TICK_BITS == fingerprint && value_age < dedup.window {
                 return true;
