@@ -1,4 +1,4 @@
-//! After verification: Mitel and NetSapiens parse-and-normalize, then
+//! After verification: Mitel, NetSapiens and UCWA parse-and-normalize, then
 //! `Store::apply`.
 //!
 //! Parsing runs on the recorded fixtures, with the default field pointers and
@@ -25,11 +25,14 @@ use presence_gateway::presence::{ApplyOutcome, Availability, Millis, PresenceUpd
 use presence_gateway::providers::fields::OneOrMany;
 use presence_gateway::providers::mitel::{self, MitelParser};
 use presence_gateway::providers::netsapiens::{self, CallFieldOverrides, Model, NetSapiensParser};
+use presence_gateway::providers::ucwa;
 use presence_gateway::providers::{FieldOverrides, StatusMap};
 use presence_gateway::verify::Verified;
 
 const PRESENCE: &str = include_str!("../tests/fixtures/mitel-presence.json");
 const MEDIA: &str = include_str!("../tests/fixtures/mitel-media-call.json");
+const UCWA_EVENTS: &str = include_str!("../tests/fixtures/ucwa-events.json");
+const UCWA_PRESENCE: &str = include_str!("../tests/fixtures/ucwa-contact-presence.json");
 /// A topic the gateway does not handle.
 const OTHER_TOPIC: &str = r#"{"publicationId":"9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a","topic":"platform-api-conversations","method":"PUT","subject":"/2017-09-01/conversations/f4e3d2c1","content":{"eventId":"77aa88bb-99cc-4dde-8eff-001122334455","timestamp":1764000931000},"publisher":{"accountId":"acc-10042"}}"#;
 
@@ -140,6 +143,33 @@ fn netsapiens_parse(c: &mut Criterion) {
             parser.parse(
                 Verified::assume_verified_for_tests(black_box(body.as_bytes())),
                 Model::Presence,
+            )
+        });
+    });
+    group.finish();
+}
+
+/// UCWA: the event-channel answer (which presence resources to read), then one
+/// contact presence resource read into an update.
+fn ucwa_parse(c: &mut Criterion) {
+    let statuses = StatusMap::new(ucwa::STATUS_WORDS, []);
+    let events = ucwa::events(UCWA_EVENTS).expect("the events fixture parses");
+    assert!(!events.presence.is_empty());
+    let update = ucwa::presence_update("sarad@contoso.com", UCWA_PRESENCE, &statuses, None)
+        .expect("the presence fixture parses");
+    assert_eq!(update.availability, Availability::Offline);
+
+    let mut group = c.benchmark_group("ucwa_parse");
+    group.bench_function("event_channel_answer", |b| {
+        b.iter(|| ucwa::events(black_box(UCWA_EVENTS)));
+    });
+    group.bench_function("contact_presence", |b| {
+        b.iter(|| {
+            ucwa::presence_update(
+                black_box("sarad@contoso.com"),
+                black_box(UCWA_PRESENCE),
+                &statuses,
+                None,
             )
         });
     });
@@ -402,5 +432,5 @@ fn store_apply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse, netsapiens_parse, store_apply);
+criterion_group!(benches, parse, netsapiens_parse, ucwa_parse, store_apply);
 criterion_main!(benches);
