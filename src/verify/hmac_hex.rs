@@ -59,8 +59,7 @@ impl HmacHexVerifier {
         if signature.len() != HEX_LEN {
             return Err(VerifyError::Malformed);
         }
-        let mut expected = [0u8; HEX_LEN / 2];
-        hex::decode_to_slice(signature, &mut expected).map_err(|_| VerifyError::Malformed)?;
+        let expected = decode_hex(signature).ok_or(VerifyError::Malformed)?;
         // Which key matched is not secret (the caller signed with it), so
         // stopping at the first match leaks nothing; each comparison itself
         // is constant-time.
@@ -75,6 +74,41 @@ impl HmacHexVerifier {
             Err(VerifyError::Mismatch)
         }
     }
+}
+
+/// Value of each byte as a hex digit, or [`NOT_HEX`].
+const HEX_VALUES: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+const NOT_HEX: u8 = 0x10;
+
+/// Decodes the 64 hex digits of a signature, either case, or `None` if any
+/// is not a hex digit. One table lookup per digit and no branch per digit
+/// (a general decoder's per-digit checks cost more than the rest of
+/// verification besides hashing); the input is the caller's, not a secret.
+fn decode_hex(digits: &[u8]) -> Option<[u8; HEX_LEN / 2]> {
+    let digits: &[u8; HEX_LEN] = digits.try_into().ok()?;
+    let mut out = [0u8; HEX_LEN / 2];
+    let mut invalid = 0u8;
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let high = HEX_VALUES[usize::from(pair[0])];
+        let low = HEX_VALUES[usize::from(pair[1])];
+        invalid |= high | low;
+        *byte = (high << 4) | (low & 0xf);
+    }
+    (invalid & NOT_HEX == 0).then_some(out)
 }
 
 /// The lowercase hex signature of `body` under `key`: what a provider sends.
@@ -135,6 +169,24 @@ mod tests {
             v.verify(Some(sig.as_bytes()), b"{ }").unwrap_err(),
             VerifyError::Mismatch
         );
+    }
+
+    #[test]
+    fn decodes_hex_like_the_hex_crate() {
+        let mut digits = *b"00ff7a0B9cDe12345678aAbBcCdDeEfF0123456789abcdef0123456789ABCDEF";
+        assert_eq!(
+            decode_hex(&digits).unwrap().to_vec(),
+            hex::decode(digits).unwrap()
+        );
+        for bad in [b'g', b'G', b' ', b'/', b':', b'@', b'`', 0, 0x80, 0xff] {
+            for at in [0, 1, 31, 62, 63] {
+                let saved = digits[at];
+                digits[at] = bad;
+                assert_eq!(decode_hex(&digits), None, "{bad:#x} at {at}");
+                digits[at] = saved;
+            }
+        }
+        assert_eq!(decode_hex(&digits[1..]), None);
     }
 
     #[test]
