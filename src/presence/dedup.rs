@@ -65,20 +65,17 @@ impl Dedup {
         self.tick_ms != 0
     }
 
-    /// Starts fetching the bucket of `bucket_hash` and returns a handle for
-    /// [`Probe::seen`]. Fetching it before the caller's own lookups lets the
+    /// Starts reading the bucket of `bucket_hash` and returns a handle for
+    /// [`Dedup::seen`]. Reading it before the caller's own lookups lets the
     /// CPU wait for both cache misses at once instead of one after the other
-    /// (measured: a third off a duplicate check at a million ids); a
-    /// prefetch rather than a load, so nothing waits for it until `seen`.
+    /// (measured: a third off a duplicate check at a million ids).
     pub(crate) fn probe(&self, bucket_hash: u64) -> Probe<'_> {
         let bucket = self
             .buckets
             .get(bucket_hash as usize & self.buckets.len().wrapping_sub(1))
             .map(|b| &b.0);
-        if let Some(bucket) = bucket {
-            prefetch(bucket);
-        }
-        Probe { bucket }
+        let first = bucket.map_or(0, |b| b[0].load(Ordering::Relaxed));
+        Probe { bucket, first }
     }
 
     /// Records the id with digest `(bucket_hash, fingerprint_hash)` seen at
@@ -92,20 +89,7 @@ impl Dedup {
 /// A bucket being read; see [`Dedup::probe`].
 pub(crate) struct Probe<'a> {
     bucket: Option<&'a [AtomicU64; WAYS]>,
-}
-
-/// Asks the CPU to start loading `bucket`'s cache line without waiting for
-/// it.
-fn prefetch(bucket: &[AtomicU64; WAYS]) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint: it never faults, reads nothing into the
-    // program and writes nothing; the pointer is valid besides.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(bucket.as_ptr().cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bucket;
+    first: u64,
 }
 
 impl Probe<'_> {
@@ -124,7 +108,11 @@ impl Probe<'_> {
         let mut victim = 0;
         let mut victim_age = 0;
         for (i, slot) in bucket.iter().enumerate() {
-            let value = slot.load(Ordering::Relaxed);
+            let value = if i == 0 {
+                self.first
+            } else {
+                slot.load(Ordering::Relaxed)
+            };
             let value_age = if value == 0 { u64::MAX } else { age(value) };
             if value != 0 && value >> TICK_BITS == fingerprint && value_age < dedup.window {
                 return true;

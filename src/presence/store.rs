@@ -132,6 +132,9 @@ impl Store {
     ) -> ApplyOutcome {
         let src = &self.sources[source];
         let observed_at = update.observed_at.unwrap_or(received_at);
+        let activity = update.activity.as_deref();
+        let status_text = update.status_text.as_deref();
+        let raw_status = update.raw_status.as_deref();
         let event_digest = update
             .event_id
             .as_deref()
@@ -142,60 +145,17 @@ impl Store {
         let mut guard = src.shards[shard_no].write();
         let shard = &mut *guard;
         // Under the shard lock, so retries of one principal's event are
-        // decided one after the other. The dedup bucket is fetched first and
-        // read only after the index lookup, or at the very end (see below),
-        // so its cache miss overlaps other work instead of stalling it.
+        // decided one after the other. The dedup bucket is read first and
+        // checked after the index lookup: two independent cache misses,
+        // which the CPU then waits for together.
         let probe =
             event_digest.map(|(bucket, fingerprint)| (src.dedup.probe(bucket), fingerprint));
         let found = shard.find(hash, &update.principal);
-        // Every id the table holds belongs to an event that was applied,
-        // refreshed, or found stale or duplicate for its principal, and each
-        // of those leaves the principal's record with an `observed_at` at
-        // least the event's own. So a principal with no record, or an event
-        // carrying a provider timestamp newer than the record's, cannot be a
-        // retry: its id needs recording, not checking. That is the usual
-        // case, and recording it last gives the bucket's cache miss the
-        // whole apply to arrive.
-        let fresh = found.is_none_or(|position| {
-            let current = &shard.entries[position].presence;
-            current.reported
-                && update
-                    .observed_at
-                    .is_some_and(|at| at > current.observed_at)
-        });
-        let record = match probe {
-            Some((probe, fingerprint)) if !fresh => {
-                if probe.seen(&src.dedup, fingerprint, received_at.0) {
-                    return ApplyOutcome::Duplicate;
-                }
-                None
+        if let Some((probe, fingerprint)) = probe {
+            if probe.seen(&src.dedup, fingerprint, received_at.0) {
+                return ApplyOutcome::Duplicate;
             }
-            probe => probe,
-        };
-        let outcome = self.apply_in(src, shard, hash, found, update, observed_at, received_at);
-        if let Some((probe, fingerprint)) = record {
-            probe.seen(&src.dedup, fingerprint, received_at.0);
         }
-        outcome
-    }
-
-    /// The part of [`Store::apply`] after duplicate detection: the stale
-    /// check, then a refresh or a change of the record at `found` (or of a
-    /// new record).
-    #[allow(clippy::too_many_arguments)]
-    fn apply_in(
-        &self,
-        src: &SourceStore,
-        shard: &mut Shard,
-        hash: u64,
-        found: Option<usize>,
-        update: &PresenceUpdate<'_>,
-        observed_at: Millis,
-        received_at: Millis,
-    ) -> ApplyOutcome {
-        let activity = update.activity.as_deref();
-        let status_text = update.status_text.as_deref();
-        let raw_status = update.raw_status.as_deref();
         let words = &mut shard.words;
         let hasher = &self.hash_a;
         let position = match found {
@@ -535,20 +495,21 @@ mod tests {
         assert_eq!(s.apply(0, &u, Millis(2_001)), ApplyOutcome::Refreshed);
     }
 
-    /// Events that cannot be retries skip the duplicate check (see
-    /// `Store::apply`) but must still be remembered, so that their own
-    /// retries are caught in every order.
+    /// Every id is remembered however its event turned out, so retries are
+    /// duplicates in any order, also when a newer event came in between
+    /// (whose timestamp would otherwise make the retry merely stale, or,
+    /// with a redelivery that carries a new timestamp, applied again).
     #[test]
-    fn ids_skipped_by_the_fresh_path_are_still_remembered() {
+    fn retries_are_duplicates_in_any_order() {
         let s = store();
         let event = |availability, at, id| {
             let mut u = update("p", availability, at);
             u.event_id = Some(Cow::Borrowed(id));
             u
         };
-        let first = event(Availability::Busy, 100, "e1"); // new principal
-        let second = event(Availability::Away, 200, "e2"); // newer timestamp
-        let third = event(Availability::Away, 300, "e3"); // newer, a refresh
+        let first = event(Availability::Busy, 100, "e1");
+        let second = event(Availability::Away, 200, "e2");
+        let third = event(Availability::Away, 300, "e3"); // a refresh
         assert_eq!(s.apply(0, &first, Millis(0)), ApplyOutcome::Changed(1));
         assert_eq!(s.apply(0, &second, Millis(1)), ApplyOutcome::Changed(2));
         assert_eq!(s.apply(0, &third, Millis(2)), ApplyOutcome::Refreshed);
@@ -556,13 +517,17 @@ mod tests {
         for retry in [&third, &second, &first] {
             assert_eq!(s.apply(0, retry, Millis(3)), ApplyOutcome::Duplicate);
         }
-        // An event without a provider timestamp always takes the check.
+        // A redelivery of the first event stamped later than everything since.
+        let restamped = event(Availability::Busy, 400, "e1");
+        assert_eq!(s.apply(0, &restamped, Millis(3)), ApplyOutcome::Duplicate);
+        assert_eq!(s.get(0, "p").unwrap().availability, Availability::Away);
+        // Without a provider timestamp.
         let mut untimed = event(Availability::Busy, 0, "e4");
         untimed.observed_at = None;
         assert_eq!(s.apply(0, &untimed, Millis(400)), ApplyOutcome::Changed(3));
         assert_eq!(s.apply(0, &untimed, Millis(401)), ApplyOutcome::Duplicate);
         assert_eq!(s.get(0, "p").unwrap().seq, 3);
-        // A record made by a call has not been reported yet: checked too.
+        // A record made by a call.
         let c = call("q", "c1", Some(CallState::Ringing));
         assert!(matches!(
             s.apply_call(0, &c, Millis(6)),
