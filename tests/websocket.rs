@@ -58,6 +58,14 @@ async fn next(socket: &mut Socket) -> Frame {
     .expect("a frame within 5 s")
 }
 
+/// The next frame, which must be a close frame: its code and reason.
+async fn close_frame(socket: &mut Socket) -> (u16, String) {
+    match next(socket).await {
+        Frame::Close(Some(frame)) => (u16::from(frame.code), frame.reason.as_str().to_owned()),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
 /// The next `n` messages as (event, id, principal).
 async fn take(socket: &mut Socket, n: usize) -> Vec<(String, Option<u64>, String)> {
     let mut out = Vec::new();
@@ -232,10 +240,7 @@ async fn bad_requests_and_messages_are_refused() {
         .send(Message::Text(r#"{"resume":"soon"}"#.into()))
         .await
         .unwrap();
-    match next(&mut socket).await {
-        Frame::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1007),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
+    assert_eq!(close_frame(&mut socket).await.0, 1007);
     // Nothing was stored by any of it.
     assert_eq!(gw.snapshot().await.records.len(), 0);
 }
@@ -276,10 +281,7 @@ async fn the_close_frame_goes_out_before_the_gateway_returns() {
         .await
         .unwrap();
     for socket in &mut sockets {
-        match next(socket).await {
-            Frame::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
-            other => panic!("expected a close frame, got {other:?}"),
-        }
+        assert_eq!(close_frame(socket).await.0, 1001);
     }
 }
 
@@ -293,10 +295,7 @@ async fn resuming_more_than_once_a_second_is_refused() {
             .await
             .unwrap();
     }
-    match next(&mut socket).await {
-        Frame::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1008),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
+    assert_eq!(close_frame(&mut socket).await.0, 1008);
 }
 
 #[tokio::test]
@@ -304,11 +303,8 @@ async fn shutdown_closes_with_going_away() {
     let gw = Gateway::start(&common::mitel_config("")).await;
     let mut socket = connect(&gw, "?snapshot=false").await;
     gw.shutdown_token().cancel();
-    match next(&mut socket).await {
-        Frame::Close(Some(frame)) => {
-            assert_eq!(u16::from(frame.code), 1001);
-            assert_eq!(frame.reason.as_str(), "shutdown");
-        }
-        other => panic!("expected a close frame, got {other:?}"),
-    }
+    assert_eq!(
+        close_frame(&mut socket).await,
+        (1001, "shutdown".to_owned())
+    );
 }
