@@ -1,5 +1,5 @@
 //! After verification: Mitel, NetSapiens and UCWA parse-and-normalize, then
-//! `Store::apply`.
+//! `Records::apply` (the in-memory engine behind `Store`).
 //!
 //! Parsing runs on the recorded fixtures, with the default field pointers and
 //! with `[sources.fields]` overrides that point deeper into the payload, and on
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Bencher, Criterion, Throughput, criterion_group, criterion_main};
 use presence_gateway::presence::store::StoreLimits;
-use presence_gateway::presence::{ApplyOutcome, Availability, Millis, PresenceUpdate, Store};
+use presence_gateway::presence::{ApplyOutcome, Availability, Millis, PresenceUpdate, Records};
 use presence_gateway::providers::fields::OneOrMany;
 use presence_gateway::providers::mitel::{self, MitelParser};
 use presence_gateway::providers::netsapiens::{self, CallFieldOverrides, Model, NetSapiensParser};
@@ -238,13 +238,13 @@ fn update(
 
 /// A store holding `PREFILL` principals `principal(0..PREFILL)`, each
 /// available at `T0` with event id `event_id(i)` received at `T0`.
-fn prefilled() -> Store {
+fn prefilled() -> Records {
     // The defaults of `[store]` in config/example.toml, except a dedup
     // capacity large enough that every pre-filled event id stays remembered
     // (the duplicate case relies on it): at 8 M, a bucket of eight receives
     // 0.5 of the million ids on average, and the chance that any bucket
     // overflows at all is below one percent.
-    let store = Store::new(
+    let store = Records::new(
         &[Arc::from("mitel-bench")],
         StoreLimits {
             history: 65_536,
@@ -271,7 +271,7 @@ fn prefilled() -> Store {
 /// sample, so everything expensive lives here, outside the closure.
 #[derive(Default)]
 struct StoreCase {
-    store: Option<Store>,
+    store: Option<Records>,
     /// Number of updates made so far; keeps counting across samples, so a
     /// case keeps making progress (newer timestamps, fresh ids) for as long
     /// as Criterion keeps sampling.
@@ -303,7 +303,7 @@ impl StoreCase {
         expect: impl Fn(ApplyOutcome) -> bool,
     ) {
         b.iter_custom(|iters| {
-            let grown = |s: &Store| max_growth.is_some_and(|g| s.len(0) > PREFILL as usize + g);
+            let grown = |s: &Records| max_growth.is_some_and(|g| s.len(0) > PREFILL as usize + g);
             if self.store.as_ref().is_none_or(grown) {
                 // Drop the old store before building the next one.
                 self.store = None;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use presence_gateway::presence::store::StoreLimits;
-use presence_gateway::presence::{Availability, Millis, PresenceUpdate, Store};
+use presence_gateway::presence::{Availability, Millis, PresenceUpdate, Records};
 
 struct Counting;
 
@@ -61,7 +61,7 @@ fn main() {
         .unwrap_or(1_000_000);
     const ID_LEN: usize = 36;
     // No history and no dedup entries: this measures the records themselves.
-    let store = Store::new(
+    let store = Records::new(
         &[Arc::from("mitel")],
         StoreLimits {
             history: 0,

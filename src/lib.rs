@@ -41,6 +41,15 @@ pub enum RunError {
     Client(#[from] reqwest::Error),
 }
 
+/// Applies what a socket transport received; when the store cannot keep it,
+/// it is counted and logged (the transport has no way to ask for a retry).
+async fn keep(store: &Store, source: &sources::Source, parsed: &providers::Parsed<'_>, what: &str) {
+    if let Err(e) = sources::apply(store, source, parsed).await {
+        source.stats.reject(sources::Rejection::StoreUnavailable);
+        tracing::warn!(source = %source.id, error = %e, "{what} not kept: the store is unavailable");
+    }
+}
+
 /// Runs the daemon on `listener` until `shutdown` is cancelled, then drains:
 /// `/readyz` turns 503, the listener closes, in-flight requests get up to
 /// `server.shutdown_grace` to finish, and the function returns.
@@ -66,45 +75,53 @@ pub async fn run(
     let deliver = |source: &sources::Source| -> upstream::mitel_ws::Deliver {
         let (sources, store, index) = (Arc::clone(&sources), Arc::clone(&store), source.index);
         Arc::new(move |payload: &[u8]| {
-            let Some(source) = sources.by_index(index) else {
-                return;
-            };
-            let verified = verify::Verified::from_authenticated_transport(payload);
-            match source.parser.parse(verified, None) {
-                Ok(parsed) => sources::apply(&store, source, &parsed),
-                Err(e) => {
-                    source.stats.reject(sources::Rejection::BadPayload);
-                    tracing::info!(source = %source.id, error = %e, "MQTT message rejected");
+            let (sources, store) = (Arc::clone(&sources), Arc::clone(&store));
+            let payload = payload.to_vec();
+            Box::pin(async move {
+                let Some(source) = sources.by_index(index) else {
+                    return;
+                };
+                let verified = verify::Verified::from_authenticated_transport(&payload);
+                match source.parser.parse(verified, None) {
+                    Ok(parsed) => keep(&store, source, &parsed, "MQTT message").await,
+                    Err(e) => {
+                        source.stats.reject(sources::Rejection::BadPayload);
+                        tracing::info!(source = %source.id, error = %e, "MQTT message rejected");
+                    }
                 }
-            }
+            })
         })
     };
     let deliver_presence = |source: &sources::Source| -> upstream::ucwa::DeliverPresence {
         let (sources, store, index) = (Arc::clone(&sources), Arc::clone(&store), source.index);
         Arc::new(move |principal: &str, body: &str| {
-            let Some(source) = sources.by_index(index) else {
-                return;
-            };
-            let providers::Parser::Ucwa(statuses) = &source.parser else {
-                return;
-            };
-            // A GET returns the contact's current presence: it is as new as
-            // the read. (`lastActive` is when the user was last active; as
-            // `observed_at` it would make later reads look stale.)
-            let read_at = Some(presence::Millis::now());
-            match providers::ucwa::presence_update(principal, body, statuses, read_at) {
-                Ok(update) => {
-                    let parsed = providers::Parsed {
-                        updates: vec![update],
-                        ..providers::Parsed::default()
-                    };
-                    sources::apply(&store, source, &parsed);
+            let (sources, store) = (Arc::clone(&sources), Arc::clone(&store));
+            let (principal, body) = (principal.to_owned(), body.to_owned());
+            Box::pin(async move {
+                let Some(source) = sources.by_index(index) else {
+                    return;
+                };
+                let providers::Parser::Ucwa(statuses) = &source.parser else {
+                    return;
+                };
+                // A GET returns the contact's current presence: it is as new as
+                // the read. (`lastActive` is when the user was last active; as
+                // `observed_at` it would make later reads look stale.)
+                let read_at = Some(presence::Millis::now());
+                match providers::ucwa::presence_update(&principal, &body, statuses, read_at) {
+                    Ok(update) => {
+                        let parsed = providers::Parsed {
+                            updates: vec![update],
+                            ..providers::Parsed::default()
+                        };
+                        keep(&store, source, &parsed, "contact presence").await;
+                    }
+                    Err(e) => {
+                        source.stats.reject(sources::Rejection::BadPayload);
+                        tracing::info!(source = %source.id, %principal, error = %e, "contact presence rejected");
+                    }
                 }
-                Err(e) => {
-                    source.stats.reject(sources::Rejection::BadPayload);
-                    tracing::info!(source = %source.id, %principal, error = %e, "contact presence rejected");
-                }
-            }
+            })
         })
     };
     let spawned = {

@@ -39,10 +39,12 @@ pub enum Rejection {
     SignatureExpired,
     BadPayload,
     Overloaded,
+    /// The store could not keep the write (journal failing, Redis down).
+    StoreUnavailable,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 9] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::MethodNotAllowed,
         Rejection::BodyTooLarge,
         Rejection::IpNotAllowed,
@@ -52,6 +54,7 @@ impl Rejection {
         Rejection::SignatureExpired,
         Rejection::BadPayload,
         Rejection::Overloaded,
+        Rejection::StoreUnavailable,
     ];
 
     /// Stable label for metrics and `/v1/sources`.
@@ -66,6 +69,7 @@ impl Rejection {
             Rejection::SignatureExpired => "signature_expired",
             Rejection::BadPayload => "bad_payload",
             Rejection::Overloaded => "overloaded",
+            Rejection::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -81,6 +85,7 @@ impl Rejection {
             Rejection::SignatureExpired => "signature-expired",
             Rejection::BadPayload => "bad-payload",
             Rejection::Overloaded => "overloaded",
+            Rejection::StoreUnavailable => "store-unavailable",
         }
     }
 
@@ -369,24 +374,30 @@ impl Sources {
 
 /// Applies what a provider parsed from one authentic notification (a
 /// webhook, or a message of a socket transport) to the store, and counts it.
-pub fn apply(
+///
+/// Fails when the store cannot keep writes: then nothing of it was applied
+/// unless the store failed part-way (a retry of the whole notification then
+/// finds the applied part a duplicate or a refresh).
+pub async fn apply(
     store: &crate::presence::Store,
     source: &Source,
     parsed: &crate::providers::Parsed<'_>,
-) {
+) -> Result<(), crate::presence::StoreError> {
+    store.check_writable()?;
     let received_at = Millis::now();
     source.stats.touch(received_at);
     for update in &parsed.updates {
-        let outcome = store.apply(source.index, update, received_at);
+        let outcome = store.apply(source.index, update, received_at).await?;
         source.stats.applied(outcome);
         tracing::debug!(source = %source.id, principal = %update.principal, ?outcome, "event applied");
     }
     for call in &parsed.calls {
-        let outcome = store.apply_call(source.index, call, received_at);
+        let outcome = store.apply_call(source.index, call, received_at).await?;
         source.stats.applied(outcome);
         tracing::debug!(source = %source.id, principal = %call.principal, ?outcome, "call event applied");
     }
     if parsed.ignored > 0 {
         source.stats.ignored(parsed.ignored);
     }
+    Ok(())
 }

@@ -122,10 +122,10 @@ async fn pipe(
     let (mut ws_tx, mut ws_rx) = ws.split();
     let up = async {
         while let Some(Ok(message)) = ws_rx.next().await {
-            if let Message::Binary(bytes) = message {
-                if tcp_tx.write_all(&bytes).await.is_err() {
-                    break;
-                }
+            if let Message::Binary(bytes) = message
+                && tcp_tx.write_all(&bytes).await.is_err()
+            {
+                break;
             }
         }
     };

@@ -442,7 +442,9 @@ mod tests {
         let state = crate::http::test_state(1 << 20);
         let store = state.store();
         for i in 0..20_000u64 {
-            store.apply(0, &update(format!("p{i}"), i), Millis(0));
+            store
+                .records()
+                .apply(0, &update(format!("p{i}"), i), Millis(0));
         }
         let writing = std::sync::atomic::AtomicBool::new(true);
         std::thread::scope(|scope| {
@@ -450,7 +452,9 @@ mod tests {
                 // Updates to old principals, and some new ones; bounded.
                 for n in 20_000u64..120_000 {
                     let p = if n % 10 == 0 { n } else { (n * 7919) % 20_000 };
-                    store.apply(0, &update(format!("p{p}"), n), Millis(0));
+                    store
+                        .records()
+                        .apply(0, &update(format!("p{p}"), n), Millis(0));
                 }
                 writing.store(false, std::sync::atomic::Ordering::Relaxed);
             });

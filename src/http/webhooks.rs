@@ -167,7 +167,19 @@ async fn handle(
         )
     })?;
 
-    crate::sources::apply(state.store(), source, &parsed);
+    crate::sources::apply(state.store(), source, &parsed)
+        .await
+        .map_err(|e| {
+            tracing::warn!(source = %source.id, error = %e, "webhook not kept: the store is unavailable");
+            Rejected {
+                reason: Rejection::StoreUnavailable,
+                problem: Problem::unavailable(
+                    "store-unavailable",
+                    "the gateway cannot keep this notification right now; retry shortly",
+                    e.retry_after_secs(),
+                ),
+            }
+        })?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

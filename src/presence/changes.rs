@@ -112,6 +112,24 @@ impl ChangeLog {
         seq
     }
 
+    /// Starts the log where a persisted one ended: `last_seq` and the kept
+    /// changes, oldest first (at start-up, before any commit).
+    pub fn restore(&self, last_seq: u64, history: impl IntoIterator<Item = PresenceRecord>) {
+        let mut inner = self.inner.lock();
+        inner.history.clear();
+        for record in history {
+            if inner.capacity == 0 {
+                break;
+            }
+            if inner.history.len() == inner.capacity {
+                inner.history.pop_front();
+            }
+            inner.history.push_back(Arc::new(Change::new(record)));
+        }
+        let newest = inner.history.back().map_or(0, |c| c.record.seq);
+        inner.last_seq = last_seq.max(newest);
+    }
+
     /// The last `seq` handed out (0 when nothing was applied yet).
     pub fn last_seq(&self) -> u64 {
         self.inner.lock().last_seq

@@ -1,12 +1,16 @@
-//! Presence: the normalized model, the in-memory store and the change log.
+//! Presence: the normalized model, the store (in memory, journaled or on
+//! Redis) and the change log.
 //!
 //! Providers hand the store a [`PresenceUpdate`]; the store decides whether it
 //! is new, a duplicate or stale, and publishes every visible change to the
 //! [`changes::ChangeLog`]. Nothing here knows about HTTP or about providers.
 
 pub mod changes;
+pub mod codec;
 mod dedup;
+pub mod journal;
 pub mod model;
+pub mod records;
 mod shard;
 pub mod store;
 
@@ -14,7 +18,8 @@ use std::borrow::Cow;
 
 pub use changes::{Change, ChangeLog};
 pub use model::{Availability, CallState, Millis, Presence, PresenceRecord};
-pub use store::{ApplyOutcome, Cursor, Page, Store};
+pub use records::Records;
+pub use store::{ApplyOutcome, Cursor, Page, Store, StoreError};
 
 /// One normalized presence change for one principal, as a provider parsed it.
 ///

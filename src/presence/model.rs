@@ -166,14 +166,14 @@ pub struct Presence {
 /// reported (kept up to date during the call).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Calls {
-    /// Keyed digests of the provider's call ids, oldest first, with each
-    /// call's state.
-    pub active: Vec<(u64, CallState)>,
+    /// The provider's call ids, oldest first, with each call's state.
+    pub active: Vec<(Box<str>, CallState)>,
     pub previous: Option<Arc<str>>,
 }
 
 /// The state of one call of a principal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum CallState {
     Ringing,
     Connected,

@@ -303,18 +303,18 @@ pub async fn run<U: Upstream>(
             }
         }
     }
-    if let Some(current) = held {
-        if settings.delete_on_shutdown {
-            match upstream.delete(&current.id).await {
-                Ok(()) | Err(UpstreamError::NotFound) => {
-                    tracing::info!(subscription = %show(&current.id), "subscription deleted");
-                }
-                Err(e) => {
-                    tracing::warn!(subscription = %show(&current.id), error = %e, "could not delete subscription");
-                }
+    if let Some(current) = held
+        && settings.delete_on_shutdown
+    {
+        match upstream.delete(&current.id).await {
+            Ok(()) | Err(UpstreamError::NotFound) => {
+                tracing::info!(subscription = %show(&current.id), "subscription deleted");
             }
-            ids.remove(&current.id);
+            Err(e) => {
+                tracing::warn!(subscription = %show(&current.id), error = %e, "could not delete subscription");
+            }
         }
+        ids.remove(&current.id);
     }
 }
 

@@ -29,7 +29,7 @@ use super::schedule::{Backoff, jitter};
 use crate::presence::Millis;
 
 /// What to do with one message's payload (parse and apply it).
-pub type Deliver = Arc<dyn Fn(&[u8]) + Send + Sync>;
+pub type Deliver = Arc<dyn Fn(&[u8]) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// A socket that fails within this long after CONNECT or SUBSCRIBE is
 /// reported as a likely permissions problem.
@@ -212,7 +212,7 @@ async fn session(
                     v.next_action_at = None;
                 });
             }
-            Ok(Event::Incoming(Packet::Publish(message))) => (c.deliver)(&message.payload),
+            Ok(Event::Incoming(Packet::Publish(message))) => (c.deliver)(&message.payload).await,
             Ok(_) => {}
             Err(e) => {
                 let reason = if subscribe_sent_at.is_some() && early(subscribe_sent_at) {

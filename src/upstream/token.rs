@@ -59,10 +59,10 @@ impl TokenSource {
             TokenSource::Oauth { grant, cached } => (grant, cached),
         };
         let mut cached = cached.lock().await;
-        if let Some((token, until)) = &*cached {
-            if now_ms < *until {
-                return Ok(token.clone());
-            }
+        if let Some((token, until)) = &*cached
+            && now_ms < *until
+        {
+            return Ok(token.clone());
         }
         let form: Vec<(&str, String)> = grant
             .form

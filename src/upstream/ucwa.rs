@@ -38,7 +38,8 @@ pub const FETCH_PARALLELISM: usize = 8;
 pub const BATCH: usize = 50;
 
 /// Hands one contact's presence (principal, JSON body) to the store.
-pub type DeliverPresence = Arc<dyn Fn(&str, &str) + Send + Sync>;
+pub type DeliverPresence =
+    Arc<dyn Fn(&str, &str) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// One UCWA source's loop.
 pub struct Ucwa {
@@ -209,7 +210,7 @@ impl Ucwa {
                 let principal = crate::providers::ucwa::principal(url.path());
                 let (status, text) = this.call(&this.client, Method::GET, url, None).await?;
                 if status.is_success() {
-                    (this.deliver)(&principal, &text);
+                    (this.deliver)(&principal, &text).await;
                     Ok(())
                 } else if status.is_server_error() {
                     Err(UpstreamError::Transient {
