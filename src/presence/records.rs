@@ -170,10 +170,6 @@ impl Records {
         journal: Option<&Journal>,
     ) -> ApplyOutcome {
         let src = &self.sources[source];
-        let observed_at = update.observed_at.unwrap_or(received_at);
-        let activity = update.activity.as_deref();
-        let status_text = update.status_text.as_deref();
-        let raw_status = update.raw_status.as_deref();
         let event_id = update.event_id.as_deref().filter(|_| src.dedup.enabled());
         let event_digest = event_id.map(|id| (self.hash_a.hash_one(id), self.hash_b.hash_one(id)));
 
@@ -203,57 +199,29 @@ impl Records {
         }
         let words = &mut shard.words;
         let hasher = &self.hash_a;
+        let mut share =
+            |have: Option<&Arc<str>>, want: Option<&str>| words.share(have, want, hasher);
         let position = match found {
             Some(position) => {
                 let current = &mut shard.entries[position].presence;
-                // Only presence events order presence events: a record made
-                // by a call has nothing to be stale against yet.
-                if current.reported && observed_at < current.observed_at {
-                    return ApplyOutcome::Stale;
-                }
-                let raw_status = words.share(current.raw_status.as_ref(), raw_status, hasher);
-                // During a call the record shows the call; the reported
-                // activity is what it returns to afterwards.
-                let shown_activity = match current.calls.as_deref_mut() {
-                    Some(calls) => {
-                        calls.previous = words.share(calls.previous.as_ref(), activity, hasher);
-                        current.activity.clone()
+                match update_record(current, update, received_at, &mut share) {
+                    Step::Stale => return ApplyOutcome::Stale,
+                    Step::Refreshed => {
+                        if let Some(journal) = journal {
+                            journal.append(&record_entry(
+                                &src.id,
+                                &update.principal,
+                                current,
+                                false,
+                            ));
+                        }
+                        return ApplyOutcome::Refreshed;
                     }
-                    None => words.share(current.activity.as_ref(), activity, hasher),
-                };
-                if current.same_content(update.availability, shown_activity.as_deref(), status_text)
-                {
-                    current.observed_at = observed_at;
-                    current.received_at = received_at;
-                    current.raw_status = raw_status;
-                    current.reported = true;
-                    if let Some(journal) = journal {
-                        journal.append(&record_entry(&src.id, &update.principal, current, false));
-                    }
-                    return ApplyOutcome::Refreshed;
+                    Step::Changed => position,
                 }
-                current.availability = update.availability;
-                current.activity = shown_activity;
-                current.status_text =
-                    words.share(current.status_text.as_ref(), status_text, hasher);
-                current.raw_status = raw_status;
-                current.observed_at = observed_at;
-                current.received_at = received_at;
-                current.reported = true;
-                position
             }
             None => {
-                let presence = Presence {
-                    availability: update.availability,
-                    activity: words.share(None, activity, hasher),
-                    status_text: words.share(None, status_text, hasher),
-                    raw_status: words.share(None, raw_status, hasher),
-                    observed_at,
-                    received_at,
-                    seq: 0,
-                    calls: None,
-                    reported: true,
-                };
+                let presence = new_record(update, received_at, &mut share);
                 shard.push(hash, &update.principal, presence, hasher)
             }
         };
@@ -284,7 +252,6 @@ impl Records {
         journal: Option<&Journal>,
     ) -> ApplyOutcome {
         let src = &self.sources[source];
-        let observed_at = update.observed_at.unwrap_or(received_at);
         let (hash, shard_no) = self.locate(&update.principal);
         let mut guard = src.shards[shard_no].write();
         let shard = &mut *guard;
@@ -293,58 +260,24 @@ impl Records {
             // The end of a call never seen: nothing to show.
             (None, None) => return ApplyOutcome::Refreshed,
             (None, Some(_)) => {
-                let presence = Presence {
-                    availability: Availability::Unknown,
-                    activity: None,
-                    status_text: None,
-                    raw_status: None,
-                    observed_at,
-                    received_at,
-                    seq: 0,
-                    calls: None,
-                    reported: false,
-                };
+                let presence = new_call_record(update, received_at);
                 shard.push(hash, &update.principal, presence, &self.hash_a)
             }
         };
         let words = &mut shard.words;
+        let hasher = &self.hash_a;
+        let mut share =
+            |have: Option<&Arc<str>>, want: Option<&str>| words.share(have, want, hasher);
         let current = &mut shard.entries[position].presence;
-        let calls = current.calls.get_or_insert_with(|| {
-            Box::new(Calls {
-                active: Vec::new(),
-                previous: current.activity.clone(),
-            })
-        });
-        let call = &*update.call_id;
-        let known = calls.active.iter().position(|(id, _)| **id == *call);
-        match (known, update.state) {
-            (Some(i), Some(state)) => calls.active[i].1 = state,
-            (None, Some(state)) => calls.active.push((call.into(), state)),
-            (Some(i), None) => {
-                calls.active.remove(i);
+        match update_call(current, update, received_at, &mut share) {
+            Step::Changed => self.publish(&src.id, current, &update.principal, journal),
+            _ => {
+                if let Some(journal) = journal {
+                    journal.append(&record_entry(&src.id, &update.principal, current, false));
+                }
+                ApplyOutcome::Refreshed
             }
-            (None, None) => {}
         }
-        let shown = match calls.active.last() {
-            Some((_, state)) => words.share(
-                current.activity.as_ref(),
-                Some(state.activity()),
-                &self.hash_a,
-            ),
-            None => calls.previous.take(),
-        };
-        if calls.active.is_empty() {
-            current.calls = None;
-        }
-        current.received_at = received_at;
-        if current.activity == shown {
-            if let Some(journal) = journal {
-                journal.append(&record_entry(&src.id, &update.principal, current, false));
-            }
-            return ApplyOutcome::Refreshed;
-        }
-        current.activity = shown;
-        self.publish(&src.id, current, &update.principal, journal)
     }
 
     /// Gives a changed record its `seq` and publishes it (and journals it,
@@ -535,6 +468,135 @@ impl Records {
         }
         counts
     }
+}
+
+/// What an update does to a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Older than the record: nothing changed.
+    Stale,
+    /// Timestamps (and the raw word, or a call's bookkeeping) changed,
+    /// nothing a consumer sees.
+    Refreshed,
+    /// A visible change: it needs a new `seq`.
+    Changed,
+}
+
+/// Shares a text with what a record already holds, or makes it (see
+/// [`super::shard::Words`]).
+pub(crate) type Share<'a> = dyn FnMut(Option<&Arc<str>>, Option<&str>) -> Option<Arc<str>> + 'a;
+
+/// The rules of a presence update, applied to `current` in place (which is
+/// left as it was when the update is stale). Both backends decide with this.
+pub(crate) fn update_record(
+    current: &mut Presence,
+    update: &PresenceUpdate<'_>,
+    received_at: Millis,
+    share: &mut Share<'_>,
+) -> Step {
+    let observed_at = update.observed_at.unwrap_or(received_at);
+    // Only presence events order presence events: a record made by a call
+    // has nothing to be stale against yet.
+    if current.reported && observed_at < current.observed_at {
+        return Step::Stale;
+    }
+    let activity = update.activity.as_deref();
+    let status_text = update.status_text.as_deref();
+    let raw_status = share(current.raw_status.as_ref(), update.raw_status.as_deref());
+    // During a call the record shows the call; the reported activity is
+    // what it returns to afterwards.
+    let shown_activity = match current.calls.as_deref_mut() {
+        Some(calls) => {
+            calls.previous = share(calls.previous.as_ref(), activity);
+            current.activity.clone()
+        }
+        None => share(current.activity.as_ref(), activity),
+    };
+    current.observed_at = observed_at;
+    current.received_at = received_at;
+    current.raw_status = raw_status;
+    current.reported = true;
+    if current.same_content(update.availability, shown_activity.as_deref(), status_text) {
+        return Step::Refreshed;
+    }
+    current.availability = update.availability;
+    current.activity = shown_activity;
+    current.status_text = share(current.status_text.as_ref(), status_text);
+    Step::Changed
+}
+
+/// The record a principal's first presence update makes.
+pub(crate) fn new_record(
+    update: &PresenceUpdate<'_>,
+    received_at: Millis,
+    share: &mut Share<'_>,
+) -> Presence {
+    Presence {
+        availability: update.availability,
+        activity: share(None, update.activity.as_deref()),
+        status_text: share(None, update.status_text.as_deref()),
+        raw_status: share(None, update.raw_status.as_deref()),
+        observed_at: update.observed_at.unwrap_or(received_at),
+        received_at,
+        seq: 0,
+        calls: None,
+        reported: true,
+    }
+}
+
+/// The record a principal first seen in a call gets: availability
+/// `unknown`, and the call applied to it by [`update_call`].
+pub(crate) fn new_call_record(update: &CallUpdate<'_>, received_at: Millis) -> Presence {
+    Presence {
+        availability: Availability::Unknown,
+        activity: None,
+        status_text: None,
+        raw_status: None,
+        observed_at: update.observed_at.unwrap_or(received_at),
+        received_at,
+        seq: 0,
+        calls: None,
+        reported: false,
+    }
+}
+
+/// The rules of a call update, applied to `current` in place: never stale;
+/// [`Step::Changed`] when the shown activity changed.
+pub(crate) fn update_call(
+    current: &mut Presence,
+    update: &CallUpdate<'_>,
+    received_at: Millis,
+    share: &mut Share<'_>,
+) -> Step {
+    let calls = current.calls.get_or_insert_with(|| {
+        Box::new(Calls {
+            active: Vec::new(),
+            previous: current.activity.clone(),
+        })
+    });
+    let call = &*update.call_id;
+    let known = calls.active.iter().position(|(id, _)| **id == *call);
+    match (known, update.state) {
+        (Some(i), Some(state)) => calls.active[i].1 = state,
+        (None, Some(state)) => calls.active.push((call.into(), state)),
+        (Some(i), None) => {
+            calls.active.remove(i);
+        }
+        (None, None) => {}
+    }
+    let shown = match calls.active.last() {
+        Some((_, state)) => share(current.activity.as_ref(), Some(state.activity())),
+        None => calls.previous.take(),
+    };
+    if calls.active.is_empty() {
+        current.calls = None;
+    }
+    current.received_at = received_at;
+    if current.activity == shown {
+        return Step::Refreshed;
+    }
+    current.activity = shown;
+    Step::Changed
 }
 
 /// The journal entry of a record's current state.
