@@ -322,6 +322,7 @@ impl<'a> Reader<'a> {
                 seq,
                 calls,
                 reported: flags & 2 != 0,
+                rev: 0,
             },
             flags & 1 != 0,
         ))
@@ -350,6 +351,7 @@ mod tests {
                 previous: Some(Arc::from("presenting")),
             })),
             reported: true,
+            rev: 0,
         }
     }
 

@@ -158,6 +158,11 @@ pub struct Presence {
     /// Whether a presence event has set this record (a record can start with
     /// a call); only then is an older presence event stale.
     pub reported: bool,
+    /// Revision of the record in a shared backend (Redis): bumped by every
+    /// write there, so a replica can tell a newer copy from an older one and
+    /// a write can be made conditional on the copy it was decided on. (Sits
+    /// in padding: the record is no larger for it.)
+    pub rev: u32,
 }
 
 /// Active calls of one principal. While there is one, the record's activity

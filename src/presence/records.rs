@@ -541,6 +541,7 @@ pub(crate) fn new_record(
         seq: 0,
         calls: None,
         reported: true,
+        rev: 0,
     }
 }
 
@@ -557,6 +558,7 @@ pub(crate) fn new_call_record(update: &CallUpdate<'_>, received_at: Millis) -> P
         seq: 0,
         calls: None,
         reported: false,
+        rev: 0,
     }
 }
 

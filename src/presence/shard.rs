@@ -228,6 +228,7 @@ mod tests {
             seq: 0,
             calls: None,
             reported: true,
+            rev: 0,
         }
     }
 
