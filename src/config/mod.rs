@@ -34,7 +34,7 @@ pub use mitel::MitelManaged;
 pub use secrets::Secret;
 pub use server::ServerConfig;
 pub use sources::{Auth, Managed, SourceConfig, SourceKind};
-pub use store::StoreConfig;
+pub use store::{RedisConfig, StoreBackend, StoreConfig};
 pub use ucwa::UcwaManaged;
 
 /// Prefix of environment overrides: `PRESENCE_GATEWAY__SERVER__LISTEN`.
@@ -113,7 +113,8 @@ impl Config {
     }
 
     /// Loads `path` with the given environment: `vars` for overrides,
-    /// `lookup` for `env:` secret references. Tests pass their own.
+    /// `lookup` for `env:` secret references (and `HOSTNAME`, for the
+    /// default replica id). Tests pass their own.
     pub fn load_with_env(
         path: &Path,
         vars: impl IntoIterator<Item = (String, String)>,
@@ -167,8 +168,8 @@ impl Config {
         let mut problems = Vec::new();
         let mut problem = |key: String, message: String| problems.push(Problem { key, message });
 
-        let server = server::resolve(raw.server, &mut problem);
-        let store = store::resolve(raw.store, &mut problem);
+        let server = server::resolve(raw.server, lookup, &mut problem);
+        let store = store::resolve(raw.store, lookup, &mut problem);
         let consumers = consumers::resolve(raw.consumers, lookup, &mut problem);
         let sources = sources::resolve(raw.sources, lookup, &mut problem);
 
@@ -274,6 +275,63 @@ mod tests {
         assert_eq!(c.server.listen, "127.0.0.1:9999".parse().unwrap());
         assert_eq!(c.store.history, 10);
         assert_eq!(c.consumers.tokens.len(), 2);
+    }
+
+    #[test]
+    fn environment_overrides_reach_nested_tables() {
+        let c = parse(
+            "[store.redis]\nkey_prefix = \"from-file\"\n",
+            &[
+                ("PRESENCE_GATEWAY__STORE__BACKEND", "redis"),
+                ("PRESENCE_GATEWAY__STORE__REDIS__URL", "env:PG_REDIS_URL"),
+                ("PG_REDIS_URL", "redis://:pw@10.0.0.5:6379/3"),
+                ("PRESENCE_GATEWAY__STORE__REDIS__KEY_PREFIX", "from-env"),
+                ("PRESENCE_GATEWAY__STORE__REDIS__LEASE_TTL_SECS", "4"),
+                ("PRESENCE_GATEWAY__SERVER__REPLICA_ID", "gw-2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.backend, super::StoreBackend::Redis);
+        assert_eq!(c.store.redis.url.expose(), b"redis://:pw@10.0.0.5:6379/3");
+        assert_eq!(c.store.redis.key_prefix, "from-env");
+        assert_eq!(c.store.redis.lease_ttl, Duration::from_secs(4));
+        assert_eq!(c.server.replica_id, "gw-2");
+
+        let c = parse("", &[("PRESENCE_GATEWAY__STORE__DATA_DIR", "/x")]).unwrap();
+        assert_eq!(
+            c.store.data_dir.as_deref(),
+            Some(std::path::Path::new("/x"))
+        );
+
+        let err = parse("", &[("PRESENCE_GATEWAY__STORE__REDIS__URLL", "redis://h")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn overrides_are_validated_like_the_file() {
+        // A file that persists to data_dir cannot be switched to Redis by
+        // the environment alone: data_dir has no "unset" override.
+        let Err(ConfigError::Invalid(problems)) = parse(
+            "[store]\ndata_dir = \"var/state\"\n",
+            &[
+                ("PRESENCE_GATEWAY__STORE__BACKEND", "redis"),
+                ("PRESENCE_GATEWAY__STORE__REDIS__LEASE_TTL_SECS", "1"),
+                ("PRESENCE_GATEWAY__SERVER__REPLICA_ID", "gw 1"),
+            ],
+        ) else {
+            panic!("expected validation problems");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.replica_id",
+                "store.data_dir",
+                "store.redis.lease_ttl_secs"
+            ]
+        );
     }
 
     #[test]
