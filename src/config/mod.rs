@@ -43,6 +43,9 @@ pub const ENV_PREFIX: &str = "PRESENCE_GATEWAY";
 /// The default config path, relative to the working directory.
 pub const DEFAULT_PATH: &str = "config/presence-gateway.toml";
 
+/// Keys whose environment override is a comma-separated list.
+const LIST_KEYS: [&str; 2] = ["consumers.tokens", "server.trusted_proxies"];
+
 /// The validated configuration of the whole daemon.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -139,22 +142,35 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        // `PRESENCE_GATEWAY__STORE__REDIS__URL` is `store.redis.url`: the
+        // crate lowercases the name and turns each `__` into a level, so
+        // nested tables need nothing more. Only list values go through its
+        // `try_parsing` (which is what splits them at commas): it would also
+        // turn any value that looks like a number or a boolean into one, so
+        // `REPLICA_ID=007` would become "7". Every other value is passed as
+        // written and converted to its key's type when deserialized.
         let prefix = format!("{ENV_PREFIX}__");
-        let overrides: config::Map<String, String> = vars
+        let (lists, scalars): (config::Map<String, String>, config::Map<String, String>) = vars
             .into_iter()
             .filter(|(k, _)| k.starts_with(&prefix))
-            .collect();
-        let environment = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("consumers.tokens")
-            .with_list_parse_key("server.trusted_proxies")
-            .source(Some(overrides));
+            .partition(|(k, _)| {
+                let key = k[prefix.len()..].to_lowercase().replace("__", ".");
+                LIST_KEYS.contains(&key.as_str())
+            });
+        let environment = |overrides| {
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(overrides))
+        };
+        let lists = LIST_KEYS.iter().fold(
+            environment(lists).try_parsing(true).list_separator(","),
+            |env, key| env.with_list_parse_key(key),
+        );
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .add_source(environment)
+            .add_source(lists)
+            .add_source(environment(scalars))
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| ConfigError::Override(e.to_string()))?;
@@ -307,6 +323,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn string_overrides_are_taken_as_written() {
+        // What looks like a number or a boolean must not be read as one:
+        // "007" stays "007", not "7".
+        let c = parse(
+            "",
+            &[
+                ("PRESENCE_GATEWAY__SERVER__REPLICA_ID", "007"),
+                ("PRESENCE_GATEWAY__STORE__REDIS__KEY_PREFIX", "TRUE"),
+                ("PRESENCE_GATEWAY__STORE__DATA_DIR", "1e3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.replica_id, "007");
+        assert_eq!(c.store.redis.key_prefix, "TRUE");
+        assert_eq!(
+            c.store.data_dir.as_deref(),
+            Some(std::path::Path::new("1e3"))
+        );
+    }
+
+    #[test]
+    fn numeric_overrides_must_be_integers() {
+        // Not rounded: 1.5 seconds is not silently 2.
+        for value in ["1.5", "1e3", "-1", "ten"] {
+            let err = parse(
+                "",
+                &[("PRESENCE_GATEWAY__STORE__REDIS__LEASE_TTL_SECS", value)],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Override(m) if m.contains("store.redis.lease_ttl_secs")),
+                "{value}: {err}"
+            );
+        }
     }
 
     #[test]
