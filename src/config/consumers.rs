@@ -1,0 +1,61 @@
+//! `[consumers]`: who may read the consumer API (bearer tokens, resolved as
+//! secrets) and how far a stream consumer may fall behind. Raw form,
+//! defaults, validation and the typed [`ConsumersConfig`].
+
+use serde::Deserialize;
+
+use super::secrets::{Secret, resolve_secret};
+
+/// `[consumers]`.
+#[derive(Clone, Debug, Default)]
+pub struct ConsumersConfig {
+    /// Bearer tokens accepted on `/v1`; empty means open.
+    pub tokens: Vec<Secret>,
+    /// Changes a stream consumer may fall behind the live fan-out.
+    pub stream_buffer: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConsumers {
+    tokens: Vec<String>,
+    stream_buffer: u64,
+}
+
+impl Default for RawConsumers {
+    fn default() -> Self {
+        RawConsumers {
+            tokens: Vec::new(),
+            stream_buffer: 4096,
+        }
+    }
+}
+
+/// Checks `[consumers]` and resolves its tokens, reporting each bad key
+/// through `problem`.
+pub(super) fn resolve(
+    raw: RawConsumers,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    problem: &mut impl FnMut(String, String),
+) -> ConsumersConfig {
+    if !(16..=1 << 20).contains(&raw.stream_buffer) {
+        problem(
+            "consumers.stream_buffer".into(),
+            "must be between 16 and 1048576".into(),
+        );
+    }
+    let tokens = raw
+        .tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            resolve_secret(t, lookup)
+                .map_err(|m| problem(format!("consumers.tokens[{i}]"), m))
+                .ok()
+        })
+        .collect();
+    ConsumersConfig {
+        tokens,
+        stream_buffer: usize::try_from(raw.stream_buffer).unwrap_or(usize::MAX),
+    }
+}
