@@ -39,6 +39,42 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("cannot load persisted state: {0}")]
+    State(#[from] presence::journal::OpenError),
+}
+
+/// The store the config asks for, with what it persisted loaded.
+async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, RunError> {
+    let limits = StoreLimits {
+        history: config.store.history,
+        dedup_window_ms: i64::try_from(config.store.dedup_window.as_millis()).unwrap_or(i64::MAX),
+        dedup_capacity: config.store.dedup_capacity,
+        stream_buffer: config.consumers.stream_buffer,
+    };
+    let Some(dir) = config.store.data_dir.clone() else {
+        return Ok(Store::new(source_ids, limits));
+    };
+    let ids = source_ids.to_vec();
+    let started = std::time::Instant::now();
+    // Reading a large snapshot is blocking work.
+    let (store, loaded) = tokio::task::spawn_blocking(move || Store::open(&dir, &ids, limits))
+        .await
+        .map_err(|e| std::io::Error::other(format!("state loading failed: {e}")))??;
+    tracing::info!(
+        data_dir = %store.data_dir().map(|d| d.display().to_string()).unwrap_or_default(),
+        records = loaded.records,
+        seq = store.changes().last_seq(),
+        bytes = loaded.bytes,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "persisted state loaded"
+    );
+    if loaded.orphans > 0 {
+        tracing::warn!(
+            records = loaded.orphans,
+            "persisted records of sources no longer configured were skipped"
+        );
+    }
+    Ok(store)
 }
 
 /// Applies what a socket transport received; when the store cannot keep it,
@@ -59,16 +95,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let sources = Arc::new(Sources::new(&config.sources)?);
-    let store = Arc::new(Store::new(
-        &sources.ids(),
-        StoreLimits {
-            history: config.store.history,
-            dedup_window_ms: i64::try_from(config.store.dedup_window.as_millis())
-                .unwrap_or(i64::MAX),
-            dedup_capacity: config.store.dedup_capacity,
-            stream_buffer: config.consumers.stream_buffer,
-        },
-    ));
+    let store = Arc::new(open_store(&config, &sources.ids()).await?);
     // Socket transports hand each message to the source's parser and the
     // store, like a webhook body (the socket's TLS and the API token are its
     // authenticity).
@@ -230,6 +257,12 @@ pub async fn run(
     }
     for task in &managers {
         task.abort();
+    }
+    // Everything acknowledged is written and synced before the process
+    // exits.
+    let store = state.store_arc();
+    if let Err(e) = tokio::task::spawn_blocking(move || store.close()).await {
+        tracing::error!(error = %e, "could not close the store");
     }
     tracing::info!("stopped");
     Ok(())

@@ -133,6 +133,9 @@ impl AppState {
     pub fn store(&self) -> &Store {
         &self.inner.store
     }
+    pub fn store_arc(&self) -> Arc<Store> {
+        Arc::clone(&self.inner.store)
+    }
     pub fn global(&self) -> &GlobalStats {
         &self.inner.global
     }

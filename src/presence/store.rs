@@ -92,6 +92,7 @@ impl Store {
             .changes()
             .restore(loaded.seq, std::mem::take(&mut loaded.history));
         let meta = std::mem::take(&mut loaded.meta);
+        loaded.records = records.total_len() as u64;
         Ok((
             Store {
                 records,
