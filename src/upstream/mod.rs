@@ -8,6 +8,7 @@ pub mod manager;
 pub mod mitel;
 pub mod mitel_ws;
 pub mod netsapiens;
+pub mod persist;
 pub mod schedule;
 pub mod token;
 pub mod ucwa;
