@@ -112,7 +112,11 @@ pub async fn run(
             envelopes: &deliver,
             presence: &deliver_presence,
         };
-        upstream::spawn_managers(&sources, &config.sources, &delivery, &shutdown)?
+        // Nothing of the upstream side persists yet: the store backend
+        // provides the real `Persisted` once it can.
+        let persisted: Arc<dyn upstream::persist::Persisted> =
+            Arc::new(upstream::persist::Ephemeral);
+        upstream::spawn_managers(&sources, &config.sources, &delivery, &shutdown, persisted)?
     };
     let mut managers = spawned.tasks;
     let mut startup = spawned.ready;
@@ -149,7 +153,9 @@ pub async fn run(
     let listener =
         http::listener::GuardedListener::new(listener, config.server.write_timeout, global);
     let server = http::server::serve(listener, app, draining);
-    // Ready once every source that fills the store at start-up has done so.
+    // Ready once every managed subscription has been adopted or created (or
+    // has failed visibly) and every source that fills the store at start-up
+    // has done so.
     if startup.is_empty() {
         state.set_ready(true);
     } else {
@@ -164,6 +170,11 @@ pub async fn run(
             }
             if !shutdown.is_cancelled() {
                 state.set_ready(true);
+                // Shutdown may have begun (and the drain set it false)
+                // between the check and the set.
+                if shutdown.is_cancelled() {
+                    state.set_ready(false);
+                }
             }
         });
     }
