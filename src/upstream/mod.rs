@@ -27,7 +27,7 @@ use crate::providers::mitel::{MEDIA_TOPIC, PRESENCE_TOPIC};
 use crate::sources::{Source, Sources, Verifier};
 use persist::Persisted;
 use schedule::{Backoff, Timing};
-use token::{Grant, TokenSource};
+use token::{Grant, TokenSource, TokenStore};
 
 /// Connect timeout of upstream calls.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,8 +61,8 @@ pub struct Spawned {
 
 /// Starts a manager for every subscription the configured sources ask the
 /// gateway to keep; they stop (deleting their subscriptions when so
-/// configured) when `shutdown` is cancelled. Subscription ids and expiry
-/// are kept in `persisted`.
+/// configured) when `shutdown` is cancelled. Subscription ids and rotated
+/// refresh tokens are kept in `persisted`.
 pub fn spawn_managers(
     sources: &Sources,
     configs: &[SourceConfig],
@@ -84,10 +84,16 @@ pub fn spawn_managers(
         };
         let token = Arc::new(match &managed.auth {
             Auth::Bearer(token) => TokenSource::Static(token.clone()),
-            Auth::Grant { token_url, form } => TokenSource::oauth(Grant {
-                token_url: token_url.clone(),
-                form: form.clone(),
-            }),
+            Auth::Grant { token_url, form } => TokenSource::oauth_persisted(
+                Grant {
+                    token_url: token_url.clone(),
+                    form: form.clone(),
+                },
+                TokenStore {
+                    persisted: Arc::clone(&persisted),
+                    key: persist::token_key(&config.id),
+                },
+            ),
         });
         let backoff = || Backoff::new(millis(managed.retry_initial), millis(managed.retry_max));
         let api = Api {
