@@ -77,6 +77,40 @@ async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, R
     Ok(store)
 }
 
+/// The upstream side's small values, kept by the store (which the upstream
+/// code does not know).
+struct StorePersisted(Arc<Store>);
+
+impl upstream::persist::Persisted for StorePersisted {
+    fn load(
+        &self,
+        key: &str,
+    ) -> futures_util::future::BoxFuture<'_, Result<Option<String>, upstream::persist::PersistError>>
+    {
+        let key = key.to_owned();
+        Box::pin(async move {
+            self.0
+                .meta_get(&key)
+                .await
+                .map_err(|e| upstream::persist::PersistError::Unavailable(e.to_string()))
+        })
+    }
+
+    fn save(
+        &self,
+        key: &str,
+        value: Option<String>,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), upstream::persist::PersistError>> {
+        let key = key.to_owned();
+        Box::pin(async move {
+            self.0
+                .meta_put(&key, value)
+                .await
+                .map_err(|e| upstream::persist::PersistError::Unavailable(e.to_string()))
+        })
+    }
+}
+
 /// Applies what a socket transport received; when the store cannot keep it,
 /// it is counted and logged (the transport has no way to ask for a retry).
 async fn keep(store: &Store, source: &sources::Source, parsed: &providers::Parsed<'_>, what: &str) {
@@ -156,7 +190,11 @@ pub async fn run(
             envelopes: &deliver,
             presence: &deliver_presence,
         };
-        upstream::spawn_managers(&sources, &config.sources, &delivery, &shutdown)?
+        // Subscription ids and refresh tokens live where the store keeps
+        // its state (nowhere, data_dir or Redis).
+        let persisted: Arc<dyn upstream::persist::Persisted> =
+            Arc::new(StorePersisted(Arc::clone(&store)));
+        upstream::spawn_managers(&sources, &config.sources, &delivery, &shutdown, persisted)?
     };
     let mut managers = spawned.tasks;
     let mut startup = spawned.ready;
@@ -193,7 +231,9 @@ pub async fn run(
     let listener =
         http::listener::GuardedListener::new(listener, config.server.write_timeout, global);
     let server = http::server::serve(listener, app, draining);
-    // Ready once every source that fills the store at start-up has done so.
+    // Ready once every managed subscription has been adopted or created (or
+    // has failed visibly) and every source that fills the store at start-up
+    // has done so.
     if startup.is_empty() {
         state.set_ready(true);
     } else {
@@ -208,6 +248,11 @@ pub async fn run(
             }
             if !shutdown.is_cancelled() {
                 state.set_ready(true);
+                // Shutdown may have begun (and the drain set it false)
+                // between the check and the set.
+                if shutdown.is_cancelled() {
+                    state.set_ready(false);
+                }
             }
         });
     }

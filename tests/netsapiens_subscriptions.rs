@@ -34,6 +34,8 @@ struct Mock {
     log: Vec<(String, String)>,
     /// `expires_in` of issued tokens (0: 1800).
     token_lifetime: u32,
+    /// When set, list calls are answered only once it holds true.
+    list_gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 #[derive(Clone, Default)]
@@ -114,6 +116,10 @@ async fn token(State(api): State<MockApi>, body: String) -> Response {
 async fn list(State(api): State<MockApi>, headers: HeaderMap) -> Response {
     if let Some(r) = gate(&api, "GET", "/ns-api/v2/subscriptions".into(), &headers) {
         return r;
+    }
+    let held = api.0.lock().list_gate.clone();
+    if let Some(mut held) = held {
+        let _ = held.wait_for(|open| *open).await;
     }
     axum::Json(Value::Array(api.0.lock().subscriptions.clone())).into_response()
 }
@@ -218,7 +224,12 @@ async fn start_gateway(api_base: &str, extra: &str) -> (Gateway, String) {
 }
 
 async fn start_gateway_on(api_base: &str, port: u16, callback: &str, extra: &str) -> Gateway {
-    let config = format!(
+    Gateway::start_on_port(&config(api_base, port, callback, extra), port).await
+}
+
+/// The config of [`start_gateway_on`].
+fn config(api_base: &str, port: u16, callback: &str, extra: &str) -> String {
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
@@ -249,8 +260,7 @@ retry_initial_ms = 1000
 retry_max_secs = 60
 {extra}
 "#
-    );
-    Gateway::start_on_port(&config, port).await
+    )
 }
 
 /// Posts `body` to `url` with the correlation id, like the cluster does.
@@ -505,4 +515,35 @@ async fn delete_on_shutdown_removes_them_and_their_ids() {
     assert_eq!(api.ids().len(), 2);
     gw.stop().await;
     assert!(api.ids().is_empty(), "{:?}", api.calls());
+}
+
+/// Real time: a held list call must not time out while the test looks.
+#[tokio::test]
+async fn not_ready_until_the_subscriptions_are_adopted_then_their_ids_authenticate() {
+    let (api, base) = start_mock().await;
+    let (open_list, held) = tokio::sync::watch::channel(false);
+    api.0.lock().list_gate = Some(held);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let callback = format!("http://127.0.0.1:{port}/webhooks/ns");
+    api.0.lock().subscriptions.push(json!({
+        "id": "sub-existing", "model": "presence", "post-url": callback,
+        "domain": "acme.example", "status": "active",
+        "subscription-expires-datetime": "2099-01-01 00:00:00"
+    }));
+    let gw = Gateway::start_on_listener(&config(&base, port, &callback, ""), listener).await;
+
+    let lists = |api: &MockApi| api.calls().iter().filter(|c| c.starts_with("GET")).count();
+    let within = Duration::from_secs(10);
+    common::wait_until("both managers list", within, || async { lists(&api) == 2 }).await;
+    assert_eq!(gw.readyz().await, 503, "not ready while the list is held");
+
+    open_list.send_replace(true);
+    common::wait_until("ready", within, || async { gw.readyz().await == 200 }).await;
+    // The cluster's next post, with the adopted subscription's id.
+    assert_eq!(
+        cluster_post(&gw, &callback, "sub-existing", &presence("1001", "away")).await,
+        204
+    );
+    assert_eq!(api.ids(), ["sub-existing", "sub-mock-1"]);
 }

@@ -127,13 +127,13 @@ fn remote(item: &Map<String, Value>) -> Option<Remote> {
 }
 
 impl Upstream for Mitel {
-    async fn find(&self) -> Result<Option<Remote>, UpstreamError> {
-        Ok(self
-            .list()
-            .await?
+    async fn find(&self, prefer: Option<&str>) -> Result<Option<Remote>, UpstreamError> {
+        let items = self.list().await?;
+        let matching = items
             .iter()
             .filter(|item| self.matches(item))
-            .find_map(remote))
+            .filter_map(remote);
+        Ok(super::manager::preferred(matching, prefer))
     }
 
     async fn create(&self, _expires_at: Millis) -> Result<Remote, UpstreamError> {

@@ -2,12 +2,15 @@
 //! subscriptions the gateway manages at providers.
 //!
 //! The upstream code knows nothing of the store: it keeps subscriptions
-//! alive and tells the source's verifier which ids to accept.
+//! alive and tells the source's verifier which ids to accept. What must
+//! outlive the process (subscription ids and expiry, rotated refresh
+//! tokens) goes through [`persist::Persisted`], which the store provides.
 
 pub mod manager;
 pub mod mitel;
 pub mod mitel_ws;
 pub mod netsapiens;
+pub mod persist;
 pub mod schedule;
 pub mod token;
 pub mod ucwa;
@@ -15,15 +18,16 @@ pub mod ucwa;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use manager::{Clock, IdSink, Settings, UpstreamError};
+use manager::{Clock, Handles, IdSink, Settings, UpstreamError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Auth, SourceConfig};
 use crate::providers::mitel::{MEDIA_TOPIC, PRESENCE_TOPIC};
 use crate::sources::{Source, Sources, Verifier};
+use persist::Persisted;
 use schedule::{Backoff, Timing};
-use token::{Grant, TokenSource};
+use token::{Grant, TokenSource, TokenStore};
 
 /// Connect timeout of upstream calls.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,9 +41,6 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     http_client_waiting(Duration::ZERO)
 }
 
-/// Starts a manager for every subscription the configured sources ask the
-/// gateway to keep; they stop (deleting their subscriptions when so
-/// configured) when `shutdown` is cancelled.
 /// How socket and polling transports hand what they receive to the store.
 pub struct Delivery<'a> {
     /// Mitel envelopes (MQTT messages).
@@ -51,16 +52,23 @@ pub struct Delivery<'a> {
 /// What [`spawn_managers`] started.
 pub struct Spawned {
     pub tasks: Vec<JoinHandle<()>>,
-    /// One per source whose store must be filled before the gateway is
-    /// ready (UCWA reads every contact first); true once it is.
+    /// What the gateway waits for before it is ready; each turns true once:
+    /// one per managed subscription (after its first adopt-or-create
+    /// attempt, successful or failed), and one per UCWA source (after every
+    /// contact was read).
     pub ready: Vec<tokio::sync::watch::Receiver<bool>>,
 }
 
+/// Starts a manager for every subscription the configured sources ask the
+/// gateway to keep; they stop (deleting their subscriptions when so
+/// configured) when `shutdown` is cancelled. Subscription ids and rotated
+/// refresh tokens are kept in `persisted`.
 pub fn spawn_managers(
     sources: &Sources,
     configs: &[SourceConfig],
     delivery: &Delivery<'_>,
     shutdown: &CancellationToken,
+    persisted: Arc<dyn Persisted>,
 ) -> Result<Spawned, reqwest::Error> {
     let mut tasks = Vec::new();
     let mut ready = Vec::new();
@@ -76,10 +84,16 @@ pub fn spawn_managers(
         };
         let token = Arc::new(match &managed.auth {
             Auth::Bearer(token) => TokenSource::Static(token.clone()),
-            Auth::Grant { token_url, form } => TokenSource::oauth(Grant {
-                token_url: token_url.clone(),
-                form: form.clone(),
-            }),
+            Auth::Grant { token_url, form } => TokenSource::oauth_persisted(
+                Grant {
+                    token_url: token_url.clone(),
+                    form: form.clone(),
+                },
+                TokenStore {
+                    persisted: Arc::clone(&persisted),
+                    key: persist::token_key(&config.id),
+                },
+            ),
         });
         let backoff = || Backoff::new(millis(managed.retry_initial), millis(managed.retry_max));
         let api = Api {
@@ -161,20 +175,12 @@ pub fn spawn_managers(
                     delete_on_shutdown: managed.delete_on_shutdown,
                     secret_ids: false,
                 };
-                let slot = source.subscriptions.add(&kind);
                 let sink: Arc<dyn IdSink> = match &topics {
                     Some(topics) => Arc::clone(topics) as Arc<dyn IdSink>,
                     None => Arc::new(NoIds),
                 };
-                let run = manager::run(
-                    upstream,
-                    sink,
-                    Arc::clone(&source.subscriptions),
-                    slot,
-                    settings,
-                    clock,
-                    shutdown.clone(),
-                );
+                let handles = handles(source, &kind, sink, &persisted, &mut ready);
+                let run = manager::run(upstream, handles, settings, clock, shutdown.clone());
                 tasks.push(start(&config.id, &kind, run));
             }
             if let (Some(topics), Some(client_id)) = (topics, &m.mqtt_client_id) {
@@ -237,20 +243,35 @@ pub fn spawn_managers(
                 delete_on_shutdown: managed.delete_on_shutdown,
                 secret_ids: true,
             };
-            let slot = source.subscriptions.add(name);
-            let run = manager::run(
-                upstream,
-                sink,
-                Arc::clone(&source.subscriptions),
-                slot,
-                settings,
-                clock,
-                shutdown.clone(),
-            );
+            let handles = handles(source, name, sink, &persisted, &mut ready);
+            let run = manager::run(upstream, handles, settings, clock, shutdown.clone());
             tasks.push(start(&config.id, name, run));
         }
     }
     Ok(Spawned { tasks, ready })
+}
+
+/// A board slot, a persisted key and a readiness flag for one managed
+/// subscription of `source`, named `kind` on the board.
+fn handles(
+    source: &Source,
+    kind: &str,
+    ids: Arc<dyn IdSink>,
+    persisted: &Arc<dyn Persisted>,
+    ready: &mut Vec<tokio::sync::watch::Receiver<bool>>,
+) -> Handles {
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    ready.push(ready_rx);
+    Handles {
+        ids,
+        board: Arc::clone(&source.subscriptions),
+        slot: source.subscriptions.add(kind),
+        persisted: Arc::clone(persisted),
+        key: persist::subscription_key(&source.id, kind),
+        ready: ready_tx,
+        // Leases (one replica manages each source) are not wired yet.
+        may_manage: None,
+    }
 }
 
 /// Spawns one manager in a span naming its source and subscription.

@@ -57,7 +57,7 @@ impl NetSapiens {
 }
 
 impl Upstream for NetSapiens {
-    async fn find(&self) -> Result<Option<Remote>, UpstreamError> {
+    async fn find(&self, prefer: Option<&str>) -> Result<Option<Remote>, UpstreamError> {
         let body = self.api.send(Method::GET, &self.url(None), None).await?;
         let items = match body {
             Some(Value::Array(items)) => items,
@@ -67,11 +67,12 @@ impl Upstream for NetSapiens {
                 ));
             }
         };
-        Ok(items
+        let matching = items
             .iter()
             .filter_map(Value::as_object)
             .filter(|item| self.matches(item))
-            .find_map(remote))
+            .filter_map(remote);
+        Ok(super::manager::preferred(matching, prefer))
     }
 
     async fn create(&self, expires_at: Millis) -> Result<Remote, UpstreamError> {

@@ -69,6 +69,24 @@ pub async fn settle() {
     }
 }
 
+/// Polls `condition` (real time, every 10 ms) until it holds; panics
+/// after `within`. For tests that wait for something to happen, not for
+/// time to pass.
+pub async fn wait_until<F, Fut>(what: &str, within: std::time::Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
@@ -101,6 +119,36 @@ impl Gateway {
             shutdown,
             task: Some(task),
         }
+    }
+
+    /// Starts a gateway on a listener the test bound itself (on port 0),
+    /// for tests that must know the gateway's URL before it starts.
+    pub async fn start_on_listener(config: &str, listener: TcpListener) -> Gateway {
+        let config = Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
+            .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(presence_gateway::run(config, listener, shutdown.clone()));
+        Gateway {
+            addr,
+            client: {
+                presence_gateway::upstream::install_crypto_provider();
+                reqwest::Client::new()
+            },
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// `GET /readyz`'s status.
+    pub async fn readyz(&self) -> u16 {
+        self.client
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz")
+            .status()
+            .as_u16()
     }
 
     pub fn url(&self, path: &str) -> String {
