@@ -8,6 +8,7 @@
 //! and the tests start the same thing: [`run`].
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod presence;
