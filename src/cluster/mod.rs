@@ -1,6 +1,6 @@
 //! The connection to Redis behind `[store] backend = "redis"` (DESIGN §8):
 //! one cheap, cloneable [`Redis`] handle per process, shared by everything
-//! that talks to Redis (the store, the per-source `lease`s, the change
+//! that talks to Redis (the store, the per-source [`lease`]s, the change
 //! `feed`).
 //!
 //! It owns reachability: whether Redis answers right now, learnt from the
@@ -14,6 +14,7 @@
 //! It never logs the URL, which may carry a password: logs and `Debug` name
 //! the host and port (or the socket path) only.
 
+pub mod lease;
 #[cfg(test)]
 pub(crate) mod test_support;
 
