@@ -1,7 +1,7 @@
 //! The connection to Redis behind `[store] backend = "redis"` (DESIGN §8):
 //! one cheap, cloneable [`Redis`] handle per process, shared by everything
-//! that talks to Redis (the store, the per-source `lease`s, the change
-//! `feed`).
+//! that talks to Redis (the store, the per-source [`lease`]s, the change
+//! [`feed`]).
 //!
 //! It owns reachability: whether Redis answers right now, learnt from the
 //! results callers hand to [`Redis::observe`] and, while Redis is down, from a
@@ -14,6 +14,8 @@
 //! It never logs the URL, which may carry a password: logs and `Debug` name
 //! the host and port (or the socket path) only.
 
+pub mod feed;
+pub mod lease;
 #[cfg(test)]
 pub(crate) mod test_support;
 
@@ -221,6 +223,11 @@ impl Redis {
     pub fn watch(&self) -> watch::Receiver<bool> {
         self.ensure_monitor();
         self.inner.up.subscribe()
+    }
+
+    /// The client, for the connections that cannot be shared (pub/sub).
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.inner.client
     }
 
     fn manager(&self) -> Result<ConnectionManager, Unavailable> {
