@@ -52,6 +52,14 @@ async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, R
         dedup_capacity: config.store.dedup_capacity,
         stream_buffer: config.consumers.stream_buffer,
     };
+    if config.store.backend == config::StoreBackend::Redis {
+        let redis_config = &config.store.redis;
+        let url = String::from_utf8_lossy(redis_config.url.expose()).into_owned();
+        let redis = cluster::Redis::new(&url, &redis_config.key_prefix)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        tracing::info!(redis = %redis.endpoint(), key_prefix = %redis_config.key_prefix, "state lives in Redis");
+        return Ok(Store::redis(redis, source_ids, limits));
+    }
     let Some(dir) = config.store.data_dir.clone() else {
         return Ok(Store::new(source_ids, limits));
     };
@@ -131,6 +139,10 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let sources = Arc::new(Sources::new(&config.sources)?);
     let store = Arc::new(open_store(&config, &sources.ids()).await?);
+    // Background work of the store ends with the process, after the
+    // streams (it feeds them).
+    let store_tasks = CancellationToken::new();
+    store.start(&store_tasks);
     // Socket transports hand each message to the source's parser and the
     // store, like a webhook body (the socket's TLS and the API token are its
     // authenticity).
@@ -306,6 +318,7 @@ pub async fn run(
     }
     // Everything acknowledged is written and synced before the process
     // exits.
+    store_tasks.cancel();
     let store = state.store_arc();
     if let Err(e) = tokio::task::spawn_blocking(move || store.close()).await {
         tracing::error!(error = %e, "could not close the store");

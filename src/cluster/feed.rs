@@ -196,7 +196,7 @@ pub async fn read_stream(
     })
 }
 
-fn parse_entries(reply: Value) -> Result<Vec<StreamEntry>, &'static str> {
+pub(crate) fn parse_entries(reply: Value) -> Result<Vec<StreamEntry>, &'static str> {
     let Value::Array(entries) = reply else {
         return Err("not an array");
     };

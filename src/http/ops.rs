@@ -19,10 +19,16 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// `GET /readyz`: 200 once started, 503 while draining.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    if state.is_ready() {
-        Json(json!({"status": "ready"})).into_response()
-    } else {
-        Problem::unavailable("not-ready", "the gateway is starting or draining", 1).into_response()
+    if !state.is_ready() {
+        return Problem::unavailable("not-ready", "the gateway is starting or draining", 1)
+            .into_response();
+    }
+    // A replica that cannot keep writes (journal failing, Redis away) is
+    // taken out of the proxy's rotation until it can again.
+    match state.store().check_writable() {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => Problem::unavailable("store-unavailable", e.to_string(), e.retry_after_secs())
+            .into_response(),
     }
 }
 

@@ -130,6 +130,35 @@ impl ChangeLog {
         inner.last_seq = last_seq.max(newest);
     }
 
+    /// Publishes a change whose `seq` was assigned elsewhere (another
+    /// replica, through the shared backend), in `seq` order: a `seq` at or
+    /// below the last one is ignored (already published); one beyond the
+    /// next starts the history afresh, since the changes in between are not
+    /// known here (a resume from before them gets a reset). Returns whether
+    /// it was published.
+    pub fn commit_replicated(&self, record: PresenceRecord) -> bool {
+        let mut inner = self.inner.lock();
+        let seq = record.seq;
+        if seq <= inner.last_seq {
+            return false;
+        }
+        if seq != inner.last_seq + 1 {
+            inner.history.clear();
+        }
+        inner.last_seq = seq;
+        let change = Arc::new(Change::new(record));
+        if inner.capacity > 0 {
+            if inner.history.len() == inner.capacity {
+                inner.history.pop_front();
+            }
+            inner.history.push_back(Arc::clone(&change));
+        }
+        if let Some(relay) = &inner.relay {
+            let _ = relay.send(change);
+        }
+        true
+    }
+
     /// The last `seq` handed out (0 when nothing was applied yet).
     pub fn last_seq(&self) -> u64 {
         self.inner.lock().last_seq

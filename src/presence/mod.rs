@@ -11,6 +11,7 @@ mod dedup;
 pub mod journal;
 pub mod model;
 pub mod records;
+pub mod redis;
 mod shard;
 pub mod store;
 

@@ -330,6 +330,27 @@ impl Records {
         true
     }
 
+    /// Sets a record to a replicated copy unless the record already holds
+    /// the same or a newer revision (copies arrive from more than one path:
+    /// the replica's own write, the change feed, a backfill). Returns
+    /// whether it was installed.
+    pub fn install_newer(&self, source: usize, principal: &str, presence: Presence) -> bool {
+        let Some(src) = self.sources.get(source) else {
+            return false;
+        };
+        let (hash, shard_no) = self.locate(principal);
+        {
+            let shard = src.shards[shard_no].read();
+            if let Some(position) = shard.find(hash, principal) {
+                let current = &shard.entries[position].presence;
+                if current.rev >= presence.rev && current.seq >= presence.seq {
+                    return false;
+                }
+            }
+        }
+        self.install(source, principal, presence)
+    }
+
     /// Remembers a provider event id seen at `at` (restored from disk).
     pub fn remember_event(&self, source: usize, id: &str, at: Millis) {
         let Some(src) = self.sources.get(source) else {
@@ -360,6 +381,16 @@ impl Records {
         let shard = src.shards[shard_no].read();
         let entry = &shard.entries[shard.find(hash, principal)?];
         Some(PresenceRecord::new(&src.id, principal, &entry.presence))
+    }
+
+    /// A copy of one principal's state, if any (for backends that decide a
+    /// write away from the shard lock).
+    pub fn get_presence(&self, source: usize, principal: &str) -> Option<Presence> {
+        let src = self.sources.get(source)?;
+        let (hash, shard_no) = self.locate(principal);
+        let shard = src.shards[shard_no].read();
+        let position = shard.find(hash, principal)?;
+        Some(shard.entries[position].presence.clone())
     }
 
     /// Number of records of one source.

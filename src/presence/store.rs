@@ -11,6 +11,9 @@
 //!   the journal cannot write, writes are refused ([`StoreError`]) so that
 //!   nothing is acknowledged that was not kept.
 //!
+//! - **redis**: Redis is the truth, shared by several replicas; [`Records`]
+//!   is this replica's mirror of it ([`super::redis`]).
+//!
 //! Reads are always served from [`Records`], in memory: a backend only
 //! changes how writes are decided and kept.
 
@@ -25,7 +28,10 @@ use super::codec::Entry;
 use super::journal::{Journal, Loaded, OpenError};
 use super::model::{Availability, Millis, Presence, PresenceRecord};
 use super::records::Records;
+use super::redis::{RecordsHandle, RedisBackend};
 use super::{CallUpdate, PresenceUpdate};
+use crate::cluster::Redis;
+use tokio_util::sync::CancellationToken;
 
 pub use super::records::{ApplyOutcome, Cursor, Page, StoreLimits};
 
@@ -57,6 +63,8 @@ pub struct Store {
 enum Backend {
     /// Memory, journaled to `data_dir` when one is set.
     Memory { journal: Option<Journal> },
+    /// Redis, mirrored in memory.
+    Redis(Arc<RedisBackend>),
 }
 
 impl std::fmt::Debug for Store {
@@ -105,26 +113,65 @@ impl Store {
         ))
     }
 
+    /// A store whose truth is the Redis server behind `redis`, shared with
+    /// other replicas; nothing is read until [`Store::start`].
+    pub fn redis(redis: Redis, source_ids: &[Arc<str>], limits: StoreLimits) -> Self {
+        Store {
+            records: Records::new(source_ids, limits),
+            backend: Backend::Redis(Arc::new(RedisBackend::new(
+                redis,
+                source_ids,
+                limits.history,
+                limits.dedup_window_ms,
+            ))),
+            meta: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts what the backend runs in the background (Redis: loading the
+    /// mirror, following the change feed) until `shutdown`.
+    pub fn start(self: &Arc<Self>, shutdown: &CancellationToken) {
+        if let Backend::Redis(backend) = &self.backend {
+            backend.start(Arc::new(RecordsHandle(Arc::clone(self))), shutdown.clone());
+        }
+    }
+
     /// `memory` or `redis`.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             Backend::Memory { .. } => "memory",
+            Backend::Redis(_) => "redis",
+        }
+    }
+
+    /// The Redis handle, with the Redis backend.
+    pub fn redis_handle(&self) -> Option<&Redis> {
+        match &self.backend {
+            Backend::Redis(backend) => Some(backend.redis()),
+            Backend::Memory { .. } => None,
         }
     }
 
     fn journal(&self) -> Option<&Journal> {
         match &self.backend {
             Backend::Memory { journal } => journal.as_ref(),
+            Backend::Redis(_) => None,
         }
     }
 
-    /// Whether writes are taken now.
+    /// Whether writes are taken now (`/readyz` follows it too): the journal
+    /// writes, or Redis answers and the mirror is loaded.
     pub fn check_writable(&self) -> Result<(), StoreError> {
-        match self.journal() {
-            Some(journal) if !journal.is_healthy() => Err(StoreError::Unavailable(
+        match &self.backend {
+            Backend::Memory {
+                journal: Some(journal),
+            } if !journal.is_healthy() => Err(StoreError::Unavailable(
                 journal
                     .last_error()
                     .unwrap_or_else(|| "journal write failing".into()),
+            )),
+            Backend::Redis(backend) if !backend.is_ready() => Err(StoreError::Unavailable(
+                "Redis is unreachable or its state is not loaded yet".into(),
             )),
             _ => Ok(()),
         }
@@ -138,9 +185,18 @@ impl Store {
         received_at: Millis,
     ) -> Result<ApplyOutcome, StoreError> {
         self.check_writable()?;
-        Ok(self
-            .records
-            .apply_with(source, update, received_at, self.journal()))
+        match &self.backend {
+            Backend::Memory { journal } => {
+                Ok(self
+                    .records
+                    .apply_with(source, update, received_at, journal.as_ref()))
+            }
+            Backend::Redis(backend) => {
+                backend
+                    .apply(&self.records, source, update, received_at)
+                    .await
+            }
+        }
     }
 
     /// Applies a change of one of a principal's calls.
@@ -151,9 +207,18 @@ impl Store {
         received_at: Millis,
     ) -> Result<ApplyOutcome, StoreError> {
         self.check_writable()?;
-        Ok(self
-            .records
-            .apply_call_with(source, update, received_at, self.journal()))
+        match &self.backend {
+            Backend::Memory { journal } => {
+                Ok(self
+                    .records
+                    .apply_call_with(source, update, received_at, journal.as_ref()))
+            }
+            Backend::Redis(backend) => {
+                backend
+                    .apply_call(&self.records, source, update, received_at)
+                    .await
+            }
+        }
     }
 
     /// The in-memory records (for benchmarks and tests of the engine).
@@ -211,12 +276,18 @@ impl Store {
 
     /// An upstream value.
     pub async fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        if let Backend::Redis(backend) = &self.backend {
+            return backend.meta_get(key).await;
+        }
         Ok(self.meta.lock().get(key).cloned())
     }
 
     /// Sets (or, with `None`, removes) an upstream value; persisted where
     /// state persists.
     pub async fn meta_put(&self, key: &str, value: Option<String>) -> Result<(), StoreError> {
+        if let Backend::Redis(backend) = &self.backend {
+            return backend.meta_put(key, value.as_deref()).await;
+        }
         self.check_writable()?;
         let mut meta = self.meta.lock();
         if let Some(journal) = self.journal() {

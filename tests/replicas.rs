@@ -1,0 +1,288 @@
+//! Several replicas on one Redis server (`[store] backend = "redis"`,
+//! DESIGN §8): each test runs two or three gateways against the shared Redis
+//! at 127.0.0.1:6379 under a key prefix of its own (removed at the end), or
+//! against a private `redis-server` it stops and starts.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::{PrivateRedis, cleanup, shared_url, unique_prefix};
+use common::{Gateway, MITEL_KEY, TOKEN, mitel_config, sign};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+fn redis_config(url: &str, prefix: &str, replica: &str) -> String {
+    mitel_config(&format!(
+        r#"
+[store]
+backend = "redis"
+dedup_window_secs = 600
+
+[store.redis]
+url = "{url}"
+key_prefix = "{prefix}"
+lease_ttl_secs = 2
+"#
+    ))
+    .replace(
+        "[server]\n",
+        &format!("[server]\nreplica_id = \"{replica}\"\n"),
+    )
+}
+
+fn presence(principal: &str, status: &str, timestamp: i64, event_id: &str) -> String {
+    json!({
+        "publicationId": "p",
+        "topic": "platform-api-presence",
+        "method": "PUT",
+        "subject": format!("/presentities/{principal}"),
+        "content": {"eventId": event_id, "timestamp": timestamp, "presence": status, "note": ""},
+    })
+    .to_string()
+}
+
+async fn post(gateway: &Gateway, body: &str) -> reqwest::Response {
+    gateway
+        .client
+        .post(gateway.url("/webhooks/mitel"))
+        .header("x-notify-signature", sign(MITEL_KEY, body.as_bytes()))
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("post")
+}
+
+/// Waits (bounded) until `f` holds.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn ready(gateway: &Gateway) {
+    eventually("readiness", || async { gateway.readyz().await == 200 }).await;
+}
+
+async fn record(gateway: &Gateway, principal: &str) -> Option<Value> {
+    let (status, body) = gateway
+        .get(&format!("/v1/presence/mitel/{principal}"))
+        .await;
+    (status == 200).then_some(body)
+}
+
+/// Reads SSE events until `count` `presence` events arrived; returns their
+/// `(id, data)`.
+async fn read_events(response: reqwest::Response, count: usize) -> Vec<(u64, Value)> {
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while events.len() < count {
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("events in time")
+            .expect("stream open")
+            .expect("chunk");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            let mut id = None;
+            let mut data = None;
+            let mut kind = None;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = v.parse().ok();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(v).ok();
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    kind = Some(v.to_owned());
+                }
+            }
+            assert_ne!(kind.as_deref(), Some("reset"), "unexpected reset: {frame}");
+            if let (Some("presence"), Some(id), Some(data)) = (kind.as_deref(), id, data) {
+                events.push((id, data));
+            }
+        }
+    }
+    events
+}
+
+async fn stream(gateway: &Gateway, query: &str, last_event_id: Option<u64>) -> reqwest::Response {
+    let mut request = gateway
+        .client
+        .get(gateway.url(&format!("/v1/stream{query}")))
+        .bearer_auth(TOKEN);
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id.to_string());
+    }
+    let response = request.send().await.expect("stream");
+    assert_eq!(response.status(), 200);
+    response
+}
+
+#[tokio::test]
+async fn writes_on_one_replica_are_read_and_streamed_on_the_others_in_order() {
+    let url = shared_url();
+    let prefix = unique_prefix("fanout");
+    let replicas = [
+        Gateway::start(&redis_config(&url, &prefix, "gw-a")).await,
+        Gateway::start(&redis_config(&url, &prefix, "gw-b")).await,
+        Gateway::start(&redis_config(&url, &prefix, "gw-c")).await,
+    ];
+    for r in &replicas {
+        ready(r).await;
+    }
+    // One live stream on C sees what every replica applies, in seq order.
+    let live = stream(&replicas[2], "?snapshot=false", None).await;
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        let body = presence(
+            &format!("p{}", i % 7),
+            ["Busy", "Away", "Available"][i % 3],
+            1_000 + i as i64,
+            &format!("e{i}"),
+        );
+        let response = post(&replicas[i % 3], &body).await;
+        assert_eq!(response.status(), 204);
+        sent.push(i);
+    }
+    let events = read_events(live, 30).await;
+    let ids: Vec<u64> = events.iter().map(|(id, _)| *id).collect();
+    let first = ids[0];
+    assert_eq!(
+        ids,
+        (first..first + 30).collect::<Vec<_>>(),
+        "one global seq, in order"
+    );
+    // Every replica serves the same records.
+    for i in 0..7 {
+        let principal = format!("p{i}");
+        let expected = record(&replicas[0], &principal).await;
+        for r in &replicas[1..] {
+            eventually("the same record on every replica", || async {
+                record(r, &principal).await == expected
+            })
+            .await;
+        }
+    }
+    for r in replicas {
+        r.stop().await;
+    }
+    cleanup(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_retry_on_another_replica_is_a_duplicate() {
+    let url = shared_url();
+    let prefix = unique_prefix("dedup");
+    let a = Gateway::start(&redis_config(&url, &prefix, "gw-a")).await;
+    let b = Gateway::start(&redis_config(&url, &prefix, "gw-b")).await;
+    ready(&a).await;
+    ready(&b).await;
+    let body = presence("ana", "Busy", 5_000, "evt-1");
+    assert_eq!(post(&a, &body).await.status(), 204);
+    // The retry carries another timestamp, as a redelivery may.
+    let retry = presence("ana", "Away", 6_000, "evt-1");
+    assert_eq!(post(&b, &retry).await.status(), 204);
+    let sources = b.get("/v1/sources").await.1;
+    assert_eq!(common::source_counter(&sources, "mitel", "duplicate"), 1);
+    let on_b = record(&b, "ana").await.expect("record on b");
+    assert_eq!(on_b["availability"], "busy");
+    a.stop().await;
+    b.stop().await;
+    cleanup(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_consumer_resumes_on_another_replica_with_its_last_event_id() {
+    let url = shared_url();
+    let prefix = unique_prefix("resume");
+    let a = Gateway::start(&redis_config(&url, &prefix, "gw-a")).await;
+    let b = Gateway::start(&redis_config(&url, &prefix, "gw-b")).await;
+    ready(&a).await;
+    ready(&b).await;
+    let on_a = stream(&a, "?snapshot=false", None).await;
+    for i in 0..5 {
+        post(
+            &a,
+            &presence(
+                "u1",
+                ["Busy", "Away"][i % 2],
+                100 + i as i64,
+                &format!("r{i}"),
+            ),
+        )
+        .await;
+    }
+    let seen = read_events(on_a, 5).await;
+    let last = seen[2].0;
+    // It reconnects to B with the third id: exactly the last two follow.
+    let on_b = stream(&b, "", Some(last)).await;
+    let replay = read_events(on_b, 2).await;
+    assert_eq!(
+        replay.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![seen[3].0, seen[4].0]
+    );
+    a.stop().await;
+    b.stop().await;
+    cleanup(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn while_redis_is_away_webhooks_get_503_and_reads_still_work_then_it_recovers() {
+    let mut redis = PrivateRedis::start().await;
+    let prefix = unique_prefix("outage");
+    let gateway = Gateway::start(&redis_config(&redis.url(), &prefix, "gw-a")).await;
+    ready(&gateway).await;
+    assert_eq!(
+        post(&gateway, &presence("x", "Busy", 1, "o1"))
+            .await
+            .status(),
+        204
+    );
+
+    redis.stop().await;
+    let body = presence("y", "Away", 2, "o2");
+    let mut answer = post(&gateway, &body).await;
+    // The first request may still find the connection open; the next ones
+    // know.
+    for _ in 0..20 {
+        if answer.status() == 503 {
+            break;
+        }
+        answer = post(&gateway, &body).await;
+    }
+    assert_eq!(answer.status(), 503);
+    assert!(answer.headers().contains_key("retry-after"));
+    assert_eq!(answer.headers()["content-type"], "application/problem+json");
+    assert!(
+        record(&gateway, "x").await.is_some(),
+        "reads are served from the last known state"
+    );
+    assert!(
+        record(&gateway, "y").await.is_none(),
+        "nothing stored for a 503"
+    );
+    eventually("readyz 503", || async { gateway.readyz().await == 503 }).await;
+
+    redis.start_again().await;
+    eventually("recovery", || async {
+        post(&gateway, &body).await.status() == 204
+    })
+    .await;
+    ready(&gateway).await;
+    let (x, y) = (
+        record(&gateway, "x").await.unwrap(),
+        record(&gateway, "y").await.unwrap(),
+    );
+    // This Redis keeps nothing across its restart; seq still never goes back.
+    assert!(y["seq"].as_u64() > x["seq"].as_u64(), "{x} {y}");
+    gateway.stop().await;
+}
