@@ -198,6 +198,40 @@ pub async fn run(
             })
         })
     };
+    // With several replicas, one manages each managed source: the holder
+    // of its lease. Leases are released only after the managers stopped.
+    let lease_shutdown = CancellationToken::new();
+    let mut lease_tasks = Vec::new();
+    let mut may_manage = std::collections::HashMap::new();
+    if let Some(redis) = store.redis_handle() {
+        for source_config in config.sources.iter().filter(|c| c.managed.is_some()) {
+            let Some(source) = sources.get(&source_config.id) else {
+                continue;
+            };
+            let (task, lease) = cluster::lease::Lease::spawn(
+                redis.clone(),
+                &source_config.id,
+                &config.server.replica_id,
+                config.store.redis.lease_ttl,
+                lease_shutdown.clone(),
+            );
+            lease_tasks.push(task);
+            let (held_tx, held_rx) = tokio::sync::watch::channel(false);
+            let mut follow = lease.clone();
+            tokio::spawn(async move {
+                loop {
+                    let held = follow.borrow_and_update().held_here;
+                    held_tx.send_if_modified(|h| std::mem::replace(h, held) != held);
+                    if follow.changed().await.is_err() {
+                        held_tx.send_replace(false);
+                        return;
+                    }
+                }
+            });
+            let _ = source.lease.set(lease);
+            may_manage.insert(source_config.id.as_str(), held_rx);
+        }
+    }
     let spawned = {
         let delivery = upstream::Delivery {
             envelopes: &deliver,
@@ -207,7 +241,14 @@ pub async fn run(
         // its state (nowhere, data_dir or Redis).
         let persisted: Arc<dyn upstream::persist::Persisted> =
             Arc::new(StorePersisted(Arc::clone(&store)));
-        upstream::spawn_managers(&sources, &config.sources, &delivery, &shutdown, persisted)?
+        upstream::spawn_managers(
+            &sources,
+            &config.sources,
+            &delivery,
+            &shutdown,
+            persisted,
+            &may_manage,
+        )?
     };
     let mut managers = spawned.tasks;
     let mut startup = spawned.ready;
@@ -318,6 +359,11 @@ pub async fn run(
     }
     // Everything acknowledged is written and synced before the process
     // exits.
+    // Only now may another replica take over what this one managed.
+    lease_shutdown.cancel();
+    for task in lease_tasks {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     store_tasks.cancel();
     let store = state.store_arc();
     if let Err(e) = tokio::task::spawn_blocking(move || store.close()).await {

@@ -258,6 +258,8 @@ pub struct Source {
     pub stats: SourceStats,
     /// State of the subscriptions the gateway manages for this source.
     pub subscriptions: Arc<Board>,
+    /// Which replica manages the source (Redis backend, managed sources).
+    pub lease: std::sync::OnceLock<tokio::sync::watch::Receiver<crate::cluster::lease::LeaseState>>,
 }
 
 impl Source {
@@ -315,6 +317,7 @@ impl Source {
             allow_ips: config.allow_ips.clone(),
             stats: SourceStats::default(),
             subscriptions: Arc::new(Board::default()),
+            lease: std::sync::OnceLock::new(),
         })
     }
 }

@@ -286,3 +286,165 @@ async fn while_redis_is_away_webhooks_get_503_and_reads_still_work_then_it_recov
     assert!(y["seq"].as_u64() > x["seq"].as_u64(), "{x} {y}");
     gateway.stop().await;
 }
+
+/// A NetSapiens API that keeps subscriptions and logs calls.
+#[derive(Clone, Default)]
+struct Provider(std::sync::Arc<parking_lot::Mutex<(Vec<Value>, Vec<String>)>>);
+
+impl Provider {
+    fn calls(&self, prefix: &str) -> usize {
+        self.0
+            .lock()
+            .1
+            .iter()
+            .filter(|c| c.starts_with(prefix))
+            .count()
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .0
+            .iter()
+            .filter_map(|s| s["id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    async fn serve(self) -> String {
+        use axum::extract::{Path, State};
+        use axum::routing::{get, put};
+        async fn list(State(p): State<Provider>) -> axum::Json<Value> {
+            let mut guard = p.0.lock();
+            guard.1.push("GET".into());
+            axum::Json(Value::Array(guard.0.clone()))
+        }
+        async fn create(
+            State(p): State<Provider>,
+            axum::Json(mut body): axum::Json<Value>,
+        ) -> axum::Json<Value> {
+            let mut guard = p.0.lock();
+            guard.1.push("POST".into());
+            body["id"] = json!(format!("sub-{}", guard.0.len() + 1));
+            guard.0.push(body.clone());
+            axum::Json(body)
+        }
+        async fn renew(
+            State(p): State<Provider>,
+            Path(id): Path<String>,
+            axum::Json(body): axum::Json<Value>,
+        ) -> axum::response::Response {
+            use axum::response::IntoResponse;
+            let mut guard = p.0.lock();
+            guard.1.push(format!("PUT {id}"));
+            match guard.0.iter_mut().find(|s| s["id"] == id.as_str()) {
+                Some(s) => {
+                    s["subscription-expires-datetime"] =
+                        body["subscription-expires-datetime"].clone();
+                    axum::Json(s.clone()).into_response()
+                }
+                None => axum::http::StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+        let app = axum::Router::new()
+            .route("/ns-api/v2/subscriptions", get(list).post(create))
+            .route("/ns-api/v2/subscriptions/{id}", put(renew))
+            .with_state(self);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        base
+    }
+}
+
+fn managed_config(url: &str, prefix: &str, replica: &str, api_base: &str) -> String {
+    redis_config(url, prefix, replica).replace(
+        "[store]",
+        &format!(
+            r#"[[sources]]
+id = "ns"
+kind = "netsapiens"
+api_base = "{api_base}"
+
+[sources.auth]
+type = "bearer"
+token = "tok-1"
+
+[sources.subscription]
+callback_url = "http://127.0.0.1:9/webhooks/ns"
+lifetime_secs = 4
+renew_before_secs = 2
+model = "presence"
+domain = "acme"
+
+[store]"#
+        ),
+    )
+}
+
+async fn lease(gateway: &Gateway) -> Value {
+    let sources = gateway.get("/v1/sources").await.1;
+    sources["sources"]
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["id"] == "ns"))
+        .map(|s| s["lease"].clone())
+        .unwrap_or(Value::Null)
+}
+
+async fn post_ns(gateway: &Gateway, correlation: &str) -> u16 {
+    let body = json!([{"user": "1001", "domain": "acme", "presence": "open", "time": "2026-11-24 10:00:00"}]).to_string();
+    gateway
+        .client
+        .post(gateway.url("/webhooks/ns"))
+        .header("x-correlation-id", correlation)
+        .body(body)
+        .send()
+        .await
+        .expect("post")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn one_replica_manages_a_source_and_another_takes_over_without_a_second_subscription() {
+    let url = shared_url();
+    let prefix = unique_prefix("lease");
+    let provider = Provider::default();
+    let api = provider.clone().serve().await;
+    let a = Gateway::start(&managed_config(&url, &prefix, "gw-a", &api)).await;
+    ready(&a).await;
+    eventually("A holds the lease", || async {
+        lease(&a).await["held_here"] == true
+    })
+    .await;
+    let b = Gateway::start(&managed_config(&url, &prefix, "gw-b", &api)).await;
+    ready(&b).await;
+    eventually("one subscription", || async { provider.ids().len() == 1 }).await;
+    let id = provider.ids()[0].clone();
+    assert_eq!(
+        lease(&b).await,
+        json!({"holder": "gw-a", "held_here": false})
+    );
+    // The replica that does not manage the source authenticates its posts.
+    eventually("B accepts the subscription's id", || async {
+        post_ns(&b, &id).await == 204
+    })
+    .await;
+    assert_eq!(post_ns(&b, "not-a-subscription").await, 401);
+
+    // A stops (releasing the lease); B takes over and renews the same
+    // subscription instead of creating another.
+    a.stop().await;
+    eventually("B holds the lease", || async {
+        lease(&b).await["held_here"] == true
+    })
+    .await;
+    let renewals = provider.calls(&format!("PUT {id}"));
+    eventually("B renews", || async {
+        provider.calls(&format!("PUT {id}")) > renewals
+    })
+    .await;
+    assert_eq!(provider.calls("POST"), 1, "no second subscription");
+    assert_eq!(post_ns(&b, &id).await, 204);
+    b.stop().await;
+    cleanup(&url, &prefix).await;
+}

@@ -244,6 +244,16 @@ struct SourceView {
     /// Managed upstream subscriptions; none for sources without a
     /// `[sources.subscription]` table. Secret ids appear as fingerprints.
     subscriptions: Vec<SubscriptionView>,
+    /// With several replicas (Redis backend), for managed sources: which
+    /// replica manages the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<LeaseView>,
+}
+
+#[derive(Debug, Serialize)]
+struct LeaseView {
+    holder: Option<String>,
+    held_here: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -283,6 +293,13 @@ pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
                         .collect(),
                 },
                 subscriptions: s.subscriptions.snapshot(),
+                lease: s.lease.get().map(|lease| {
+                    let lease = lease.borrow();
+                    LeaseView {
+                        holder: lease.holder.clone(),
+                        held_here: lease.held_here,
+                    }
+                }),
             }
         })
         .collect();

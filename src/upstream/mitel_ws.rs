@@ -87,8 +87,7 @@ enum Ended {
 }
 
 /// Keeps the MQTT socket up until `shutdown`.
-pub async fn run(mut c: Connection, shutdown: CancellationToken) {
-    let slot = c.board.add("mqtt");
+pub async fn run(mut c: Connection, slot: usize, shutdown: CancellationToken) {
     let mut topics = c.topics.tx.subscribe();
     loop {
         // Nothing to listen to until a subscription exists.

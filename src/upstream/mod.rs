@@ -15,10 +15,13 @@ pub mod schedule;
 pub mod token;
 pub mod ucwa;
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use manager::{Clock, Handles, IdSink, Settings, UpstreamError};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +72,7 @@ pub fn spawn_managers(
     delivery: &Delivery<'_>,
     shutdown: &CancellationToken,
     persisted: Arc<dyn Persisted>,
+    leases: &HashMap<&str, watch::Receiver<bool>>,
 ) -> Result<Spawned, reqwest::Error> {
     let mut tasks = Vec::new();
     let mut ready = Vec::new();
@@ -102,27 +106,54 @@ pub fn spawn_managers(
             token: Arc::clone(&token),
             clock,
         };
+        let may_manage = leases.get(config.id.as_str()).cloned();
         if let Some(u) = &managed.ucwa {
             let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
             ready.push(ready_rx);
+            let ready_tx = Arc::new(ready_tx);
             let events_client = http_client_waiting(u.event_timeout)?;
-            let run = ucwa::run(
-                ucwa::Ucwa {
-                    client: client.clone(),
-                    events_client,
-                    token: Arc::clone(&token),
-                    api_base: managed.api_base.clone(),
-                    contacts: u.contacts.clone(),
-                    duration: u.duration,
-                    event_timeout: u.event_timeout,
-                    backoff: backoff(),
-                    clock,
-                    board: Arc::clone(&source.subscriptions),
-                    deliver: (delivery.presence)(source),
-                    ready: ready_tx,
-                },
-                shutdown.clone(),
-            );
+            let slot = source.subscriptions.add("ucwa");
+            let board = Arc::clone(&source.subscriptions);
+            let deliver = (delivery.presence)(source);
+            let (token, base, u) = (Arc::clone(&token), managed.api_base.clone(), u.clone());
+            let backoff = backoff();
+            let standby = {
+                let (board, ready_tx) = (Arc::clone(&board), Arc::clone(&ready_tx));
+                move || {
+                    board.update(slot, |v| v.state = STANDBY.into());
+                    ready_tx.send_replace(true);
+                }
+            };
+            let make = move |stop: CancellationToken| {
+                // Each run reports its own start-up read; the source is
+                // ready once one has finished it.
+                let (run_ready, mut finished) = tokio::sync::watch::channel(false);
+                let ready_tx = Arc::clone(&ready_tx);
+                tokio::spawn(async move {
+                    if finished.wait_for(|done| *done).await.is_ok() {
+                        ready_tx.send_replace(true);
+                    }
+                });
+                ucwa::run(
+                    ucwa::Ucwa {
+                        client: client.clone(),
+                        events_client: events_client.clone(),
+                        token: Arc::clone(&token),
+                        api_base: base.clone(),
+                        contacts: u.contacts.clone(),
+                        duration: u.duration,
+                        event_timeout: u.event_timeout,
+                        backoff: backoff.clone(),
+                        clock,
+                        board: Arc::clone(&board),
+                        deliver: Arc::clone(&deliver),
+                        ready: run_ready,
+                    },
+                    slot,
+                    stop,
+                )
+            };
+            let run = while_managing(may_manage, shutdown.clone(), standby, make);
             tasks.push(start(&config.id, "ucwa", run));
             continue;
         }
@@ -179,34 +210,48 @@ pub fn spawn_managers(
                     Some(topics) => Arc::clone(topics) as Arc<dyn IdSink>,
                     None => Arc::new(NoIds),
                 };
-                let handles = handles(source, &kind, sink, &persisted, &mut ready);
+                let mut handles = handles(source, &kind, sink, &persisted, &mut ready);
+                handles.may_manage = may_manage.clone();
                 let run = manager::run(upstream, handles, settings, clock, shutdown.clone());
                 tasks.push(start(&config.id, &kind, run));
             }
             if let (Some(topics), Some(client_id)) = (topics, &m.mqtt_client_id) {
-                let connection = mitel_ws::Connection {
-                    api: mitel::Mitel {
-                        api: api.clone(),
-                        request: mitel::Request {
-                            application_id: m.application_id.clone(),
-                            device_id: client_id.clone(),
-                            transport: "websocket",
-                            topic: PRESENCE_TOPIC.into(),
-                            subject_filter: String::new(),
-                            method_filter: None,
+                let slot = source.subscriptions.add("mqtt");
+                let board = Arc::clone(&source.subscriptions);
+                let deliver = (delivery.envelopes)(source);
+                let (api, client_id, application_id) =
+                    (api.clone(), client_id.clone(), m.application_id.clone());
+                let backoff = backoff();
+                let standby = {
+                    let board = Arc::clone(&board);
+                    move || board.update(slot, |v| v.state = STANDBY.into())
+                };
+                let make = move |stop: CancellationToken| {
+                    let connection = mitel_ws::Connection {
+                        api: mitel::Mitel {
+                            api: api.clone(),
+                            request: mitel::Request {
+                                application_id: application_id.clone(),
+                                device_id: client_id.clone(),
+                                transport: "websocket",
+                                topic: PRESENCE_TOPIC.into(),
+                                subject_filter: String::new(),
+                                method_filter: None,
+                            },
                         },
-                    },
-                    client_id: client_id.clone(),
-                    topics,
-                    deliver: (delivery.envelopes)(source),
-                    board: Arc::clone(&source.subscriptions),
-                    backoff: backoff(),
-                    clock,
+                        client_id: client_id.clone(),
+                        topics: Arc::clone(&topics),
+                        deliver: Arc::clone(&deliver),
+                        board: Arc::clone(&board),
+                        backoff: backoff.clone(),
+                        clock,
+                    };
+                    mitel_ws::run(connection, slot, stop)
                 };
                 tasks.push(start(
                     &config.id,
                     "mqtt",
-                    mitel_ws::run(connection, shutdown.clone()),
+                    while_managing(may_manage.clone(), shutdown.clone(), standby, make),
                 ));
             }
             continue;
@@ -243,7 +288,8 @@ pub fn spawn_managers(
                 delete_on_shutdown: managed.delete_on_shutdown,
                 secret_ids: true,
             };
-            let handles = handles(source, name, sink, &persisted, &mut ready);
+            let mut handles = handles(source, name, sink, &persisted, &mut ready);
+            handles.may_manage = may_manage.clone();
             let run = manager::run(upstream, handles, settings, clock, shutdown.clone());
             tasks.push(start(&config.id, name, run));
         }
@@ -269,8 +315,60 @@ fn handles(
         persisted: Arc::clone(persisted),
         key: persist::subscription_key(&source.id, kind),
         ready: ready_tx,
-        // Leases (one replica manages each source) are not wired yet.
+        // Set by the caller where leases decide (the Redis backend).
         may_manage: None,
+    }
+}
+
+/// The board state of a socket transport that another replica runs.
+pub const STANDBY: &str = "standby";
+
+/// Runs a socket transport (the UCWA event channel, the MQTT connection)
+/// only while this replica may manage its source: with `may_manage` (a
+/// lease), started when it turns true and stopped when it turns false
+/// (`standby` runs meanwhile), until `shutdown`; without, always.
+async fn while_managing<M, F>(
+    may_manage: Option<watch::Receiver<bool>>,
+    shutdown: CancellationToken,
+    standby: impl Fn(),
+    mut make: M,
+) where
+    M: FnMut(CancellationToken) -> F,
+    F: Future<Output = ()>,
+{
+    let Some(mut may) = may_manage else {
+        return make(shutdown).await;
+    };
+    loop {
+        if !*may.borrow_and_update() {
+            standby();
+            tokio::select! {
+                changed = may.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        let stop = shutdown.child_token();
+        let run = make(stop.clone());
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                () = &mut run => {
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    break;
+                }
+                changed = may.changed() => {
+                    if changed.is_err() || !*may.borrow_and_update() {
+                        tracing::info!("lease lost: stopping the connection; another replica takes over");
+                        stop.cancel();
+                        run.as_mut().await;
+                        break;
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -259,9 +259,8 @@ struct Channel {
 }
 
 /// Runs the source until `shutdown`, or until another reader replaces it.
-pub async fn run(ucwa: Ucwa, shutdown: CancellationToken) {
+pub async fn run(ucwa: Ucwa, slot: usize, shutdown: CancellationToken) {
     let u = Arc::new(ucwa);
-    let slot = u.board.add("ucwa");
     let mut backoff = u.backoff.clone();
     let mut reconnects = 0u64;
     let mut channel: Option<Channel> = None;
