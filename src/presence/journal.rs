@@ -31,7 +31,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -557,9 +557,16 @@ fn write_loop(shared: &Shared, mut file: File, mut number: u64, _lock: File) {
                 }
                 Err(e) => {
                     // Part of it may be in the file: cut back to the last
-                    // whole write so the retry does not follow a torn frame.
+                    // whole write so the retry does not follow a torn frame,
+                    // and write the retry there. (Cutting does not move the
+                    // file position: the retry would land past the end and
+                    // leave a hole of zeros, which reads as a corrupt tail
+                    // and loses everything after it at the next start.)
                     if let Err(e) = file.set_len(good) {
                         tracing::debug!(error = %e, "could not cut the journal back");
+                    }
+                    if let Err(e) = file.seek(SeekFrom::Start(good)) {
+                        tracing::debug!(error = %e, "could not rewind the journal");
                     }
                     failure = Some(format!("journal write failed: {e}"));
                 }
