@@ -48,7 +48,9 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 presence-gateway \
     && useradd --system --uid 10001 --gid 10001 \
         --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin \
-        presence-gateway
+        presence-gateway \
+    && mkdir -p /var/lib/presence-gateway \
+    && chown 10001:10001 /var/lib/presence-gateway
 
 COPY --from=builder /build/target/release/presence-gateway /usr/local/bin/presence-gateway
 # The image's default config is example.toml, which reads its secrets from
@@ -62,7 +64,12 @@ COPY config/example.toml /etc/presence-gateway/presence-gateway.toml
 # interface of the container whatever a mounted file says; the healthcheck
 # subcommand reads the same variable to find the port.
 ENV PRESENCE_GATEWAY_CONFIG=/etc/presence-gateway/presence-gateway.toml \
-    PRESENCE_GATEWAY__SERVER__LISTEN=0.0.0.0:8080
+    PRESENCE_GATEWAY__SERVER__LISTEN=0.0.0.0:8080 \
+    PRESENCE_GATEWAY__STORE__DATA_DIR=/var/lib/presence-gateway
+
+# State (records, replay history, seq, subscriptions) persists here: mount a
+# volume so it survives the container. Ignored with backend = "redis".
+VOLUME /var/lib/presence-gateway
 
 USER 10001:10001
 EXPOSE 8080

@@ -58,6 +58,9 @@ async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, R
         let redis = cluster::Redis::new(&url, &redis_config.key_prefix)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         tracing::info!(redis = %redis.endpoint(), key_prefix = %redis_config.key_prefix, "state lives in Redis");
+        if let Some(dir) = &config.store.data_dir {
+            tracing::warn!(data_dir = %dir.display(), "store.data_dir is ignored with backend = \"redis\": Redis keeps the state");
+        }
         return Ok(Store::redis(redis, source_ids, limits));
     }
     let Some(dir) = config.store.data_dir.clone() else {

@@ -364,8 +364,9 @@ mod tests {
 
     #[test]
     fn overrides_are_validated_like_the_file() {
-        // A file that persists to data_dir cannot be switched to Redis by
-        // the environment alone: data_dir has no "unset" override.
+        // A file that persists to data_dir can be switched to Redis by the
+        // environment alone (data_dir is then ignored), but bad values are
+        // problems wherever they come from.
         let Err(ConfigError::Invalid(problems)) = parse(
             "[store]\ndata_dir = \"var/state\"\n",
             &[
@@ -377,14 +378,7 @@ mod tests {
             panic!("expected validation problems");
         };
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(
-            keys,
-            [
-                "server.replica_id",
-                "store.data_dir",
-                "store.redis.lease_ttl_secs"
-            ]
-        );
+        assert_eq!(keys, ["server.replica_id", "store.redis.lease_ttl_secs"]);
     }
 
     #[test]

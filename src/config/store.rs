@@ -135,10 +135,9 @@ pub(super) fn resolve(
             "store.data_dir".into(),
             "must not be empty (leave it out to persist nothing)".into(),
         ),
-        Some(_) if backend == StoreBackend::Redis => problem(
-            "store.data_dir".into(),
-            "applies to backend = \"memory\" only".into(),
-        ),
+        // With Redis it is ignored (a warning at start-up): a container image
+        // sets it for the memory backend, and the same image must run on
+        // Redis by configuration alone.
         _ => {}
     }
     let redis = resolve_redis(raw.redis, lookup, problem);
@@ -289,11 +288,6 @@ lease_ttl_secs = 2
                 "[store]\nbackend = \"Redis\"",
                 "store.backend",
                 "\"Redis\" is not one of: memory, redis",
-            ),
-            (
-                "[store]\nbackend = \"redis\"\ndata_dir = \"/var/lib/presence-gateway\"",
-                "store.data_dir",
-                "applies to backend = \"memory\" only",
             ),
             (
                 "[store]\ndata_dir = \"\"",
