@@ -130,15 +130,14 @@ pub(super) fn resolve(
             );
             StoreBackend::Memory
         });
-    match raw.data_dir.as_deref() {
-        Some("") => problem(
+    // With Redis it is ignored (a warning at start-up): a container image
+    // sets it for the memory backend, and the same image must run on Redis
+    // by configuration alone.
+    if raw.data_dir.as_deref() == Some("") {
+        problem(
             "store.data_dir".into(),
             "must not be empty (leave it out to persist nothing)".into(),
-        ),
-        // With Redis it is ignored (a warning at start-up): a container image
-        // sets it for the memory backend, and the same image must run on
-        // Redis by configuration alone.
-        _ => {}
+        );
     }
     let redis = resolve_redis(raw.redis, lookup, problem);
     StoreConfig {
