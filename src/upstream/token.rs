@@ -144,7 +144,12 @@ impl TokenSource {
         {
             return Ok(token.clone());
         }
-        if let (Some(store), false) = (store, cache.loaded) {
+        // Read before every refresh, not only the first: with a shared store
+        // another replica may have rotated the token since (it managed the
+        // source before this one). A rotation of our own not yet saved wins.
+        if let Some(store) = store
+            && (!cache.loaded || cache.unsaved.is_none())
+        {
             load(store, grant, &mut cache).await;
         }
         let form: Vec<(&str, String)> = grant
@@ -234,8 +239,11 @@ async fn load(store: &TokenStore, grant: &Grant, cache: &mut Cache) {
     let Some(text) = text else { return };
     match SavedToken::from_json(&text) {
         Some(saved) if saved.configured == sha256_hex(configured.expose()) => {
-            tracing::info!("using the rotated refresh token persisted for the configured one");
-            cache.refresh = Some(Secret::new(saved.refresh_token));
+            let saved = Secret::new(saved.refresh_token);
+            if cache.refresh.as_ref() != Some(&saved) {
+                tracing::info!("using the rotated refresh token persisted for the configured one");
+                cache.refresh = Some(saved);
+            }
         }
         Some(_) => {
             tracing::info!(
@@ -341,6 +349,22 @@ mod tests {
 
     fn token_text(token: &Secret) -> String {
         String::from_utf8_lossy(token.expose()).into_owned()
+    }
+
+    /// Two replicas on one shared store: the one that manages the source
+    /// second uses the token the first one rotated to, not its own stale
+    /// copy.
+    #[tokio::test]
+    async fn a_token_another_replica_rotated_is_used_at_the_next_refresh() {
+        let (endpoint, url) = start_endpoint().await;
+        let store = Arc::new(MemoryPersisted::default());
+        let (a, b) = (source(&url, "r1", &store), source(&url, "r1", &store));
+        let client = super::super::http_client().unwrap();
+        b.token(&client, 0).await.unwrap(); // b: r1 → r2
+        a.token(&client, 0).await.unwrap(); // a reads r2 → r3
+        b.token(&client, LATER).await.unwrap(); // b must post r3, not r2
+        assert_eq!(*endpoint.posted.lock(), ["r1", "r2", "r3"]);
+        assert_eq!(persisted_token(&store).map(|t| t.1).as_deref(), Some("r4"));
     }
 
     #[tokio::test]
