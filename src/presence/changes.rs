@@ -43,6 +43,22 @@ struct LogInner {
     relay: Option<mpsc::UnboundedSender<Arc<Change>>>,
 }
 
+impl LogInner {
+    /// Keeps a change in the history and hands it to the relay.
+    fn keep_and_send(&mut self, change: Arc<Change>) {
+        if self.capacity > 0 {
+            if self.history.len() == self.capacity {
+                self.history.pop_front();
+            }
+            self.history.push_back(Arc::clone(&change));
+        }
+        if let Some(relay) = &self.relay {
+            // Fails only once the relay is gone (closed): nobody listens.
+            let _ = relay.send(change);
+        }
+    }
+}
+
 /// A record as consumers receive it, with its JSON text made once, by the
 /// first consumer that needs it, and shared by all the others (a change
 /// fanned out to thousands of streams is serialized once, not per stream).
@@ -98,17 +114,8 @@ impl ChangeLog {
         let mut inner = self.inner.lock();
         inner.last_seq += 1;
         let seq = inner.last_seq;
-        let record = Arc::new(Change::new(make(seq)));
-        if inner.capacity > 0 {
-            if inner.history.len() == inner.capacity {
-                inner.history.pop_front();
-            }
-            inner.history.push_back(Arc::clone(&record));
-        }
-        if let Some(relay) = &inner.relay {
-            // Fails only once the relay is gone (closed): nobody listens.
-            let _ = relay.send(record);
-        }
+        let change = Arc::new(Change::new(make(seq)));
+        inner.keep_and_send(change);
         seq
     }
 
@@ -118,13 +125,7 @@ impl ChangeLog {
         let mut inner = self.inner.lock();
         inner.history.clear();
         for record in history {
-            if inner.capacity == 0 {
-                break;
-            }
-            if inner.history.len() == inner.capacity {
-                inner.history.pop_front();
-            }
-            inner.history.push_back(Arc::new(Change::new(record)));
+            inner.keep_and_send(Arc::new(Change::new(record)));
         }
         let newest = inner.history.back().map_or(0, |c| c.record.seq);
         inner.last_seq = last_seq.max(newest);
@@ -146,16 +147,7 @@ impl ChangeLog {
             inner.history.clear();
         }
         inner.last_seq = seq;
-        let change = Arc::new(Change::new(record));
-        if inner.capacity > 0 {
-            if inner.history.len() == inner.capacity {
-                inner.history.pop_front();
-            }
-            inner.history.push_back(Arc::clone(&change));
-        }
-        if let Some(relay) = &inner.relay {
-            let _ = relay.send(change);
-        }
+        inner.keep_and_send(Arc::new(Change::new(record)));
         true
     }
 
@@ -265,6 +257,21 @@ mod tests {
             "a previous run's position"
         );
         assert_eq!(log.since(1).err(), Some(HistoryGap));
+    }
+
+    #[test]
+    fn replicated_changes_keep_order_and_a_gap_restarts_the_history() {
+        let log = ChangeLog::new(10, 16);
+        log.restore(3, [record(2), record(3)]);
+        assert!(!log.commit_replicated(record(3)), "already there");
+        assert!(log.commit_replicated(record(4)));
+        let seqs = |v: Vec<Arc<Change>>| v.iter().map(|c| c.record.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(log.since(1).unwrap()), vec![2, 3, 4]);
+        // 5 and 6 never arrived: a resume from before them is a gap.
+        assert!(log.commit_replicated(record(7)));
+        assert_eq!(log.last_seq(), 7);
+        assert_eq!(log.since(4).err(), Some(HistoryGap));
+        assert_eq!(seqs(log.since(6).unwrap()), vec![7]);
     }
 
     #[tokio::test]
