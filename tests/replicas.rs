@@ -230,6 +230,26 @@ async fn a_consumer_resumes_on_another_replica_with_its_last_event_id() {
         replay.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         vec![seen[3].0, seen[4].0]
     );
+    // A change A has just made, resumed from on B at once (B's feed may not
+    // have brought it yet): replayed, not a reset.
+    for round in 0..20 {
+        post(
+            &a,
+            &presence(
+                "u2",
+                ["Busy", "Away"][round % 2],
+                1_000 + round as i64,
+                &format!("q{round}"),
+            ),
+        )
+        .await;
+        let seq = record(&a, "u2").await.expect("u2 on a")["seq"]
+            .as_u64()
+            .unwrap();
+        let on_b = stream(&b, "?principal=u2", Some(seq - 1)).await;
+        let events = read_events(on_b, 1).await;
+        assert_eq!(events[0].0, seq, "round {round}");
+    }
     a.stop().await;
     b.stop().await;
     cleanup(&url, &prefix).await;

@@ -144,6 +144,11 @@ pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> (Vec<Arc<Change>>, 
             // Principals first seen during the read.
             records.extend(latest.into_values());
         }
+        // With a shared backend a replica's own write is in its records
+        // before the feed brings it to the change log: such a record is
+        // newer than the position, and the live changes after it deliver
+        // it (sending it here too would send it twice).
+        records.retain(|c| c.record.seq <= at);
         records.sort_by_key(|c| c.record.seq);
         return (records, at);
     }
@@ -272,6 +277,11 @@ impl Streamer {
         }
     }
 
+    /// The gateway's state this stream reads.
+    pub(crate) fn state(&self) -> &AppState {
+        &self.state
+    }
+
     /// Starts over after `after`, as a new stream with `last_event_id` would
     /// (a WebSocket consumer's resume message).
     pub(crate) fn resume(&mut self, after: u64) {
@@ -378,6 +388,9 @@ pub async fn sse(
         Ok(f) => f,
         Err(problem) => return problem.into_response(),
     };
+    if let Some(after) = filter.last_event_id {
+        state.store().catch_up(after).await;
+    }
     let open = OpenStream::new(state.global_arc(), StreamKind::Sse);
     let streamer = Streamer::start(&state, filter, OnLag::Reset, open);
     let mut keep_alive =

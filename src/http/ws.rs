@@ -65,6 +65,9 @@ pub async fn ws(
     };
     // Positioned now, before the 101 goes out: nothing committed after the
     // consumer sees the upgrade can be missed.
+    if let Some(after) = filter.last_event_id {
+        state.store().catch_up(after).await;
+    }
     let open = OpenStream::new(state.global_arc(), StreamKind::WebSocket);
     let streamer = Streamer::start(&state, filter, OnLag::Close, open);
     // Tracked, so that shutdown waits for the close frame to go out.
@@ -104,6 +107,7 @@ async fn serve(mut streamer: Streamer, mut socket: WebSocket) {
                             return;
                         }
                         last_resume = Some(now);
+                        streamer.state().store().catch_up(resume).await;
                         streamer.resume(resume);
                         continue;
                     }

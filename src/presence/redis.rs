@@ -309,7 +309,13 @@ impl RedisBackend {
         self.backfill_to(records, u64::MAX).await
     }
 
-    async fn backfill_to(&self, records: &Records, until: u64) -> Result<(), Unavailable> {
+    /// Reads the changes after the log's last `seq`, up to `until`, from the
+    /// stream.
+    pub(crate) async fn backfill_to(
+        &self,
+        records: &Records,
+        until: u64,
+    ) -> Result<(), Unavailable> {
         loop {
             let after = records.changes().last_seq();
             if after >= until {
@@ -737,4 +743,149 @@ fn parse_entry(fields: &[(String, Vec<u8>)]) -> Option<(&str, &str, Presence)> {
 /// The entries of an `XRANGE`/`XREVRANGE` answer.
 fn stream_entries(reply: Value) -> Vec<feed::StreamEntry> {
     feed::parse_entries(reply).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::test_support::TestKeys;
+    use crate::presence::Availability;
+    use crate::presence::records::StoreLimits;
+    use crate::presence::store::Store;
+    use std::borrow::Cow;
+
+    fn limits() -> StoreLimits {
+        StoreLimits {
+            history: 100,
+            dedup_window_ms: 60_000,
+            dedup_capacity: 100,
+            stream_buffer: 64,
+        }
+    }
+
+    fn update(
+        principal: &str,
+        availability: Availability,
+        at: i64,
+        id: Option<&str>,
+    ) -> PresenceUpdate<'static> {
+        PresenceUpdate {
+            principal: Cow::Owned(principal.to_owned()),
+            availability,
+            activity: None,
+            status_text: None,
+            raw_status: None,
+            observed_at: Some(Millis(at)),
+            event_id: id.map(|i| Cow::Owned(i.to_owned())),
+        }
+    }
+
+    /// A store on the test prefix whose mirror is loaded but whose feed is
+    /// not followed: what it learns, it learns by its own calls.
+    async fn store(keys: &TestKeys) -> Store {
+        let redis = Redis::new(keys.url(), keys.prefix()).unwrap();
+        let store = Store::redis(redis, &[Arc::from("s")], limits());
+        let Some(backend) = store.redis_backend() else {
+            unreachable!("a redis store")
+        };
+        backend.load(store.records()).await.unwrap();
+        backend.loaded.store(true, Ordering::Release);
+        store
+    }
+
+    #[tokio::test]
+    async fn a_write_decided_on_an_old_copy_is_decided_again_on_the_current_one() {
+        let keys = TestKeys::new("conflict").await;
+        let (a, b) = (store(&keys).await, store(&keys).await);
+        let now = Millis(1_000);
+        assert_eq!(
+            a.apply(0, &update("p", Availability::Busy, 10, None), now)
+                .await,
+            Ok(ApplyOutcome::Changed(1))
+        );
+        // B has not seen A's write; its decision is made again on the
+        // current copy: newer, so applied on top of it.
+        assert_eq!(
+            b.apply(0, &update("p", Availability::Away, 20, None), now)
+                .await,
+            Ok(ApplyOutcome::Changed(2))
+        );
+        let on_b = b.get(0, "p").unwrap();
+        assert_eq!((on_b.availability, on_b.seq), (Availability::Away, 2));
+        // A's copy is old too: an event older than B's write is stale.
+        assert_eq!(
+            a.apply(0, &update("p", Availability::Busy, 15, Some("e1")), now)
+                .await,
+            Ok(ApplyOutcome::Stale)
+        );
+        // ...and its id is remembered: a retry on B is a duplicate.
+        assert_eq!(
+            b.apply(0, &update("p", Availability::Busy, 15, Some("e1")), now)
+                .await,
+            Ok(ApplyOutcome::Duplicate)
+        );
+    }
+
+    #[tokio::test]
+    async fn catch_up_reads_changes_the_feed_has_not_brought_yet() {
+        let keys = TestKeys::new("catchup").await;
+        let (a, b) = (store(&keys).await, store(&keys).await);
+        for i in 0..5 {
+            let u = update(&format!("p{i}"), Availability::Busy, 10, None);
+            a.apply(0, &u, Millis(1)).await.unwrap();
+        }
+        assert_eq!(b.changes().last_seq(), 0);
+        b.catch_up(4).await;
+        let seqs: Vec<u64> = b
+            .changes()
+            .since(0)
+            .unwrap()
+            .iter()
+            .map(|c| c.record.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        assert_eq!(b.get(0, "p3").map(|r| r.seq), Some(4));
+        // Beyond what Redis has: nothing invented.
+        b.catch_up(50).await;
+        assert_eq!(b.changes().last_seq(), 5);
+    }
+
+    #[test]
+    fn values_and_messages_parse_and_refuse_garbage() {
+        let mut blob = Vec::new();
+        let presence = Presence {
+            availability: Availability::Busy,
+            activity: None,
+            status_text: Some(Arc::from("x")),
+            raw_status: None,
+            observed_at: Millis(5),
+            received_at: Millis(6),
+            seq: 0,
+            calls: None,
+            reported: true,
+            rev: 0,
+        };
+        codec::encode_presence(&presence, false, &mut blob);
+        let mut value = b"7 42 ".to_vec();
+        value.extend_from_slice(&blob);
+        let parsed = parse_value(&value).unwrap();
+        assert_eq!(
+            (parsed.rev, parsed.seq, parsed.status_text.as_deref()),
+            (7, 42, Some("x"))
+        );
+        let mut message = b"c\nsrc\n5\na\nb c".to_vec();
+        message.extend_from_slice(&value);
+        let (change, source, principal, _) = parse_message(&message).unwrap();
+        assert_eq!((change, source, principal), (true, "src", "a\nb c"));
+        for garbage in [
+            &b""[..],
+            b"c\n",
+            b"x\ns\n1\np",
+            b"c\ns\n99\np1 2 ",
+            b"1 2",
+            b"a b c",
+        ] {
+            assert!(parse_message(garbage).is_none() && parse_value(garbage).is_none());
+        }
+    }
 }

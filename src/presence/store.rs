@@ -144,6 +144,15 @@ impl Store {
         }
     }
 
+    /// The Redis backend, if it runs.
+    #[cfg(test)]
+    pub(crate) fn redis_backend(&self) -> Option<&RedisBackend> {
+        match &self.backend {
+            Backend::Redis(backend) => Some(backend),
+            Backend::Memory { .. } => None,
+        }
+    }
+
     /// The Redis handle, with the Redis backend.
     pub fn redis_handle(&self) -> Option<&Redis> {
         match &self.backend {
@@ -217,6 +226,27 @@ impl Store {
                 backend
                     .apply_call(&self.records, source, update, received_at)
                     .await
+            }
+        }
+    }
+
+    /// Makes sure the change log holds every change up to `seq` that the
+    /// backend has (a consumer resuming here with an id another replica
+    /// gave it, before this replica's feed brought that change): Redis only,
+    /// bounded to a second or two; nothing to do in memory.
+    pub async fn catch_up(&self, seq: u64) {
+        if let Backend::Redis(backend) = &self.backend
+            && self.changes().last_seq() < seq
+        {
+            let fill = backend.backfill_to(&self.records, seq);
+            if tokio::time::timeout(std::time::Duration::from_secs(2), fill)
+                .await
+                .is_err()
+            {
+                tracing::debug!(
+                    seq,
+                    "catching up with Redis took too long; resuming from what is here"
+                );
             }
         }
     }
