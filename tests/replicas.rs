@@ -468,3 +468,27 @@ async fn one_replica_manages_a_source_and_another_takes_over_without_a_second_su
     b.stop().await;
     cleanup(&url, &prefix).await;
 }
+
+#[tokio::test]
+async fn a_replica_started_before_its_redis_answers_503_and_becomes_ready_when_redis_is() {
+    let mut redis = PrivateRedis::start().await;
+    redis.stop().await;
+    let prefix = unique_prefix("late");
+    let gateway = Gateway::start(&redis_config(&redis.url(), &prefix, "gw-a")).await;
+    // It serves (liveness) without its Redis, but is not ready and keeps
+    // nothing.
+    eventually("healthz", || async {
+        gateway.get("/healthz").await.0 == 200
+    })
+    .await;
+    assert_eq!(gateway.readyz().await, 503);
+    let body = presence("z", "Busy", 1, "late-1");
+    let answer = post(&gateway, &body).await;
+    assert_eq!(answer.status(), 503);
+    assert!(answer.headers().contains_key("retry-after"));
+    redis.start_again().await;
+    ready(&gateway).await;
+    assert_eq!(post(&gateway, &body).await.status(), 204);
+    assert!(record(&gateway, "z").await.is_some());
+    gateway.stop().await;
+}
