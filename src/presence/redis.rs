@@ -30,7 +30,7 @@
 //! every replica's streams see every change exactly once in `seq` order.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
@@ -128,10 +128,35 @@ pub struct RedisBackend {
     window_ms: u64,
     /// The mirror was loaded from Redis (start-up done).
     loaded: AtomicBool,
+    /// The highest `seq` this replica has seen (written, received or
+    /// loaded): Redis must never hand out one at or below it, even after
+    /// losing its data.
+    seen: AtomicU64,
 }
 
 /// One `HSCAN` answer: the next cursor and field/value pairs.
 type ScanPage = (u64, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// What a decision on the current copy of a record came to.
+enum Decision {
+    /// Nothing to write: this is the outcome.
+    Done(ApplyOutcome),
+    /// Write this copy (or, for a stale event, only remember its id).
+    Write(Step, Presence),
+}
+
+/// One call of the apply script.
+struct Write<'a> {
+    source: usize,
+    principal: &'a str,
+    /// The revision the decision was made on (0: no record).
+    expected: u32,
+    step: Step,
+    next: &'a Presence,
+    event_id: Option<&'a str>,
+    /// The highest `seq` this replica has seen.
+    seen_seq: u64,
+}
 
 /// What the script answered.
 enum Reply {
@@ -157,6 +182,7 @@ impl RedisBackend {
             history,
             window_ms: u64::try_from(window_ms).unwrap_or(0),
             loaded: AtomicBool::new(false),
+            seen: AtomicU64::new(0),
             redis,
         }
     }
@@ -272,6 +298,7 @@ impl RedisBackend {
     ) {
         let record =
             change.then(|| PresenceRecord::new(&self.sources[index].0, principal, &presence));
+        self.seen.fetch_max(presence.seq, Ordering::AcqRel);
         records.install_newer(index, principal, presence);
         if let Some(record) = record {
             records.changes().commit_replicated(record);
@@ -283,7 +310,7 @@ impl RedisBackend {
     /// would take new changes for old ones. The counter is moved up to what
     /// this replica has seen (another replica may move it further).
     async fn heal(&self, records: &Records) -> Result<(), Unavailable> {
-        let last = records.changes().last_seq();
+        let last = self.seen(records);
         let mut conn = self.redis.conn().await?;
         let raised: i64 = self.redis.observe(
             redis::Script::new(RAISE_SEQ)
@@ -394,6 +421,7 @@ impl RedisBackend {
                     else {
                         continue;
                     };
+                    self.seen.fetch_max(presence.seq, Ordering::AcqRel);
                     records.install_newer(index, principal, presence);
                 }
                 if next == 0 {
@@ -403,6 +431,14 @@ impl RedisBackend {
             }
         }
         Ok(())
+    }
+
+    /// The highest `seq` seen here: in the change log, or written or
+    /// installed but not yet in it.
+    fn seen(&self, records: &Records) -> u64 {
+        self.seen
+            .load(Ordering::Acquire)
+            .max(records.changes().last_seq())
     }
 
     fn index(&self, source: &str) -> Option<usize> {
@@ -418,13 +454,7 @@ impl RedisBackend {
         received_at: Millis,
     ) -> Result<ApplyOutcome, StoreError> {
         let event_id = update.event_id.as_deref().filter(|_| self.window_ms > 0);
-        let mut known: Option<Option<Presence>> = None;
-        for _ in 0..MAX_ATTEMPTS {
-            let current = match known.take() {
-                Some(current) => current,
-                None => records.get_presence(source, &update.principal),
-            };
-            let expected = current.as_ref().map_or(0, |p| p.rev);
+        self.decide_and_write(records, source, &update.principal, event_id, |current| {
             let (step, next) = match current {
                 Some(mut presence) => {
                     let step = update_record(&mut presence, update, received_at, &mut own);
@@ -432,41 +462,14 @@ impl RedisBackend {
                 }
                 None => (Step::Changed, new_record(update, received_at, &mut own)),
             };
-            // Stale without an id: nothing to write or remember (the
-            // stored record only ever gets newer).
-            if step == Step::Stale && event_id.is_none() {
-                return Ok(ApplyOutcome::Stale);
+            // Stale without an id: nothing to write or remember (the stored
+            // record only ever gets newer).
+            match (step, event_id) {
+                (Step::Stale, None) => Decision::Done(ApplyOutcome::Stale),
+                _ => Decision::Write(step, next),
             }
-            match self
-                .write(
-                    source,
-                    &update.principal,
-                    expected,
-                    step,
-                    &next,
-                    event_id,
-                    records.changes().last_seq(),
-                )
-                .await?
-            {
-                Reply::Duplicate => return Ok(ApplyOutcome::Duplicate),
-                Reply::Conflict(current) => known = Some(current),
-                Reply::Done { rev, seq } => {
-                    return Ok(self.written(
-                        records,
-                        source,
-                        &update.principal,
-                        step,
-                        next,
-                        rev,
-                        seq,
-                    ));
-                }
-            }
-        }
-        Err(StoreError::Unavailable(
-            "too many concurrent writes to one record".into(),
-        ))
+        })
+        .await
     }
 
     /// Applies a call update; see [`Records::apply_call`].
@@ -477,48 +480,58 @@ impl RedisBackend {
         update: &CallUpdate<'_>,
         received_at: Millis,
     ) -> Result<ApplyOutcome, StoreError> {
+        self.decide_and_write(records, source, &update.principal, None, |current| {
+            let new = current.is_none();
+            let mut next = match (current, update.state) {
+                (Some(presence), _) => presence,
+                // The end of a call never seen: nothing to show.
+                (None, None) => return Decision::Done(ApplyOutcome::Refreshed),
+                (None, Some(_)) => new_call_record(update, received_at),
+            };
+            match update_call(&mut next, update, received_at, &mut own) {
+                _ if new => Decision::Write(Step::Changed, next),
+                step => Decision::Write(step, next),
+            }
+        })
+        .await
+    }
+
+    /// Decides a write on the mirror's copy of the record with `decide`,
+    /// then makes it in Redis; when another replica wrote the record in
+    /// between, decides again on the copy Redis answered with.
+    async fn decide_and_write(
+        &self,
+        records: &Records,
+        source: usize,
+        principal: &str,
+        event_id: Option<&str>,
+        mut decide: impl FnMut(Option<Presence>) -> Decision,
+    ) -> Result<ApplyOutcome, StoreError> {
         let mut known: Option<Option<Presence>> = None;
         for _ in 0..MAX_ATTEMPTS {
             let current = match known.take() {
                 Some(current) => current,
-                None => records.get_presence(source, &update.principal),
+                None => records.get_presence(source, principal),
             };
             let expected = current.as_ref().map_or(0, |p| p.rev);
-            let mut next = match (current, update.state) {
-                (Some(presence), _) => presence,
-                // The end of a call never seen: nothing to show.
-                (None, None) => return Ok(ApplyOutcome::Refreshed),
-                (None, Some(_)) => new_call_record(update, received_at),
+            let (step, next) = match decide(current) {
+                Decision::Done(outcome) => return Ok(outcome),
+                Decision::Write(step, next) => (step, next),
             };
-            let step = match update_call(&mut next, update, received_at, &mut own) {
-                Step::Changed => Step::Changed,
-                _ if expected == 0 => Step::Changed,
-                other => other,
+            let write = Write {
+                source,
+                principal,
+                expected,
+                step,
+                next: &next,
+                event_id,
+                seen_seq: self.seen(records),
             };
-            match self
-                .write(
-                    source,
-                    &update.principal,
-                    expected,
-                    step,
-                    &next,
-                    None,
-                    records.changes().last_seq(),
-                )
-                .await?
-            {
+            match self.write(write).await? {
                 Reply::Duplicate => return Ok(ApplyOutcome::Duplicate),
                 Reply::Conflict(current) => known = Some(current),
                 Reply::Done { rev, seq } => {
-                    return Ok(self.written(
-                        records,
-                        source,
-                        &update.principal,
-                        step,
-                        next,
-                        rev,
-                        seq,
-                    ));
+                    return Ok(self.written(records, source, principal, step, next, (rev, seq)));
                 }
             }
         }
@@ -530,7 +543,6 @@ impl RedisBackend {
     /// After a successful write: the mirror takes the written copy at once
     /// (a read right after the answer sees it); the change itself reaches
     /// the change log through the feed.
-    #[allow(clippy::too_many_arguments)]
     fn written(
         &self,
         records: &Records,
@@ -538,14 +550,14 @@ impl RedisBackend {
         principal: &str,
         step: Step,
         mut next: Presence,
-        rev: u32,
-        seq: u64,
+        (rev, seq): (u32, u64),
     ) -> ApplyOutcome {
         if step == Step::Stale {
             return ApplyOutcome::Stale;
         }
         next.rev = rev;
         next.seq = seq;
+        self.seen.fetch_max(seq, Ordering::AcqRel);
         records.install_newer(source, principal, next);
         match step {
             Step::Changed => ApplyOutcome::Changed(seq),
@@ -554,17 +566,16 @@ impl RedisBackend {
     }
 
     /// Runs the script.
-    #[allow(clippy::too_many_arguments)]
-    async fn write(
-        &self,
-        source: usize,
-        principal: &str,
-        expected: u32,
-        step: Step,
-        next: &Presence,
-        event_id: Option<&str>,
-        seen_seq: u64,
-    ) -> Result<Reply, StoreError> {
+    async fn write(&self, w: Write<'_>) -> Result<Reply, StoreError> {
+        let Write {
+            source,
+            principal,
+            expected,
+            step,
+            next,
+            event_id,
+            seen_seq,
+        } = w;
         let (source_id, record_key) = &self.sources[source];
         let mode = match step {
             Step::Stale => "mark",
