@@ -241,6 +241,19 @@ impl GatewayCollector {
                 ConstGauge::new(1).encode(state.encode_family(&labels)?)?;
             }
         }
+        // Several replicas (Redis backend): which one manages each source.
+        let mut leases = encoder.encode_descriptor(
+            "presence_gateway_lease_held",
+            "1 when this replica holds the source's lease (manages its subscriptions).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for source in self.sources.iter_sorted() {
+            if let Some(lease) = source.lease.get() {
+                let held = i64::from(lease.borrow().held_here);
+                ConstGauge::new(held).encode(leases.encode_family(&[("source", &*source.id)])?)?;
+            }
+        }
         for (name, help, value) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for source in self.sources.iter_sorted() {
