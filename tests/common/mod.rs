@@ -6,6 +6,7 @@ pub mod netsapiens;
 pub mod process;
 pub mod redis;
 pub mod scripted;
+pub mod ucwa;
 
 use std::net::SocketAddr;
 use std::path::Path;
