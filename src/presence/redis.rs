@@ -30,7 +30,7 @@
 //! every replica's streams see every change exactly once in `seq` order.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
@@ -128,6 +128,11 @@ pub struct RedisBackend {
     window_ms: u64,
     /// The mirror was loaded from Redis (start-up done).
     loaded: AtomicBool,
+    /// The highest `seq` of this replica's own writes. Its change log
+    /// learns them only through the feed, which may not deliver one before
+    /// Redis goes away (the subscription was not up yet, or the message was
+    /// lost with the connection); `seq` must not go back below them either.
+    written_seq: AtomicU64,
 }
 
 /// One `HSCAN` answer: the next cursor and field/value pairs.
@@ -157,6 +162,7 @@ impl RedisBackend {
             history,
             window_ms: u64::try_from(window_ms).unwrap_or(0),
             loaded: AtomicBool::new(false),
+            written_seq: AtomicU64::new(0),
             redis,
         }
     }
@@ -283,7 +289,7 @@ impl RedisBackend {
     /// would take new changes for old ones. The counter is moved up to what
     /// this replica has seen (another replica may move it further).
     async fn heal(&self, records: &Records) -> Result<(), Unavailable> {
-        let last = records.changes().last_seq();
+        let last = self.seen_seq(records);
         let mut conn = self.redis.conn().await?;
         let raised: i64 = self.redis.observe(
             redis::Script::new(RAISE_SEQ)
@@ -399,6 +405,15 @@ impl RedisBackend {
         Ok(())
     }
 
+    /// The highest `seq` this replica knows was handed out: what its
+    /// change log has, or one of its own writes the feed has not brought.
+    fn seen_seq(&self, records: &Records) -> u64 {
+        records
+            .changes()
+            .last_seq()
+            .max(self.written_seq.load(Ordering::Acquire))
+    }
+
     fn index(&self, source: &str) -> Option<usize> {
         self.sources.iter().position(|(id, _)| &**id == source)
     }
@@ -439,7 +454,7 @@ impl RedisBackend {
                     step,
                     &next,
                     event_id,
-                    records.changes().last_seq(),
+                    self.seen_seq(records),
                 )
                 .await?
             {
@@ -497,7 +512,7 @@ impl RedisBackend {
                     step,
                     &next,
                     None,
-                    records.changes().last_seq(),
+                    self.seen_seq(records),
                 )
                 .await?
             {
@@ -540,6 +555,7 @@ impl RedisBackend {
         }
         next.rev = rev;
         next.seq = seq;
+        self.written_seq.fetch_max(seq, Ordering::AcqRel);
         records.install_newer(source, principal, next);
         match step {
             Step::Changed => ApplyOutcome::Changed(seq),
