@@ -91,6 +91,8 @@ enum Started {
 }
 
 /// A `presence-gateway` child process; killed on drop if still running.
+/// Dropped while a test panics, it prints the end of its log first (the
+/// log goes with the [`TestDir`]).
 pub struct Gateway {
     child: Child,
     pub addr: SocketAddr,
@@ -98,8 +100,23 @@ pub struct Gateway {
     pub client: reqwest::Client,
 }
 
+/// Lines of a child's log printed when a test fails.
+const LOG_TAIL: usize = 80;
+
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let output = self.output();
+            let lines: Vec<&str> = output.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+            eprintln!(
+                "--- presence-gateway on {} (pid {}), last {} lines ---\n{}",
+                self.addr,
+                self.child.id(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
