@@ -7,11 +7,11 @@
 //! start with an error naming it, and a full disk answers 503 until it has
 //! room again.
 //!
-//! Every test runs `presence-gateway --config <file>` as a child process on
-//! a port from [`pick_port`] (retried when someone else took it first),
-//! waits for `/readyz` with a bound, and keeps its files in a directory of
-//! its own under the system temp dir, removed at the end. Children are
-//! killed when a test fails.
+//! Every test runs `presence-gateway --config <file>` as a child process
+//! (`tests/common/process.rs`: a picked port, retried when someone else
+//! took it first), waits for `/readyz` with a bound, and keeps its files in
+//! a directory of its own under the system temp dir, removed at the end.
+//! Children are killed when a test fails.
 
 mod common;
 
@@ -19,71 +19,18 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
-use common::{MITEL_KEY, TOKEN, pick_port, sign};
+use common::netsapiens::{NS_API_KEY, start_ns_mock};
+use common::process::{Gateway, START_WITHIN, TestDir};
+use common::{MITEL_KEY, TOKEN, sign};
 use futures_util::StreamExt;
-use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_presence-gateway");
-/// How long a start may take until `/readyz` answers 200.
-const START_WITHIN: Duration = Duration::from_secs(30);
-/// How long a stop (or a refused start) may take until the process exits.
-const EXIT_WITHIN: Duration = Duration::from_secs(30);
-/// Starts retried when the picked port was taken in the meantime.
-const PORT_ATTEMPTS: u32 = 5;
-
 // ---------------------------------------------------------------------
-// Files and processes
+// Configs and the gateway's API
 // ---------------------------------------------------------------------
-
-/// A directory of one test under the system temp dir (config files, logs
-/// and the data_dir below it), removed on drop.
-struct TestDir {
-    path: PathBuf,
-    files: AtomicU32,
-}
-
-impl TestDir {
-    fn new(test: &str) -> TestDir {
-        let path = std::env::temp_dir().join(format!("pg-restart-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create the test directory");
-        TestDir {
-            path,
-            files: AtomicU32::new(0),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The data_dir of the gateways of this test.
-    fn data(&self) -> PathBuf {
-        self.path.join("data")
-    }
-
-    /// A fresh number for the next config and log file.
-    fn next(&self) -> u32 {
-        self.files.fetch_add(1, Ordering::Relaxed) + 1
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
 
 /// The config of a gateway with one Mitel source `mitel` persisting to
 /// `data_dir`.
@@ -109,214 +56,8 @@ signing_keys = ["{MITEL_KEY}"]
     )
 }
 
-/// What a child's start came to.
-enum Started {
-    Listening,
-    /// It could not bind its port (someone took it after `pick_port`).
-    PortTaken,
-    Exited(ExitStatus),
-}
-
-/// A `presence-gateway` child process; killed on drop if still running.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    client: reqwest::Client,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Starts the binary with the config `config(addr)` makes for a picked
-/// port, with stdout and stderr in a log file of `dir`. Returns once the
-/// process has bound its port (not necessarily ready), retrying with a new
-/// port when that one was taken. Panics (with the log) when it exits.
-async fn spawn(dir: &TestDir, config: &dyn Fn(SocketAddr) -> String) -> Gateway {
-    for attempt in 1..=PORT_ATTEMPTS {
-        let mut gw = launch(dir, config);
-        match gw.wait_listening().await {
-            Started::Listening => return gw,
-            Started::PortTaken if attempt < PORT_ATTEMPTS => continue,
-            Started::PortTaken => panic!(
-                "no free port after {PORT_ATTEMPTS} attempts:\n{}",
-                gw.output()
-            ),
-            Started::Exited(status) => {
-                panic!("the gateway exited at start ({status}):\n{}", gw.output())
-            }
-        }
-    }
-    unreachable!("the loop returns or panics")
-}
-
-/// [`spawn`], then waits for `/readyz` 200.
-async fn start(dir: &TestDir, config: &dyn Fn(SocketAddr) -> String) -> Gateway {
-    let gw = spawn(dir, config).await;
-    gw.wait_ready().await;
-    gw
-}
-
-/// Runs the binary with a config it must refuse: returns its exit status
-/// and output once it exits (bounded).
-async fn run_refused(dir: &TestDir, config: &dyn Fn(SocketAddr) -> String) -> (ExitStatus, String) {
-    for attempt in 1..=PORT_ATTEMPTS {
-        let mut gw = launch(dir, config);
-        let status = gw.wait_exit().await;
-        let output = gw.output();
-        if port_taken(&output) && attempt < PORT_ATTEMPTS {
-            continue;
-        }
-        return (status, output);
-    }
-    unreachable!("the loop returns")
-}
-
-fn launch(dir: &TestDir, config: &dyn Fn(SocketAddr) -> String) -> Gateway {
-    let (port, _) = pick_port("unused");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let n = dir.next();
-    let config_path = dir.path().join(format!("gateway-{n}.toml"));
-    std::fs::write(&config_path, config(addr)).expect("write the config");
-    let log = dir.path().join(format!("gateway-{n}.log"));
-    let out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .expect("create the log file");
-    let err = out.try_clone().expect("clone the log file");
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config_path)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("start presence-gateway");
-    presence_gateway::upstream::install_crypto_provider();
-    Gateway {
-        child,
-        addr,
-        log,
-        client: reqwest::Client::new(),
-    }
-}
-
-fn port_taken(output: &str) -> bool {
-    output.contains("cannot listen")
-}
-
+/// The Mitel source's side of the gateway's API.
 impl Gateway {
-    /// Everything the process wrote to stdout and stderr so far.
-    fn output(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    async fn wait_listening(&mut self) -> Started {
-        let deadline = Instant::now() + START_WITHIN;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return if port_taken(&self.output()) {
-                    Started::PortTaken
-                } else {
-                    Started::Exited(status)
-                };
-            }
-            // Logged once the listener is bound: the port is ours.
-            if self.output().contains("presence-gateway listening") {
-                return Started::Listening;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway did not bind its port within {START_WITHIN:?}:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Polls `/readyz` (bounded) until it answers 200.
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + START_WITHIN;
-        while self.readyz().await != Some(200) {
-            assert!(
-                Instant::now() < deadline,
-                "/readyz not 200 within {START_WITHIN:?}:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn readyz(&self) -> Option<u16> {
-        let response = self.client.get(self.url("/readyz")).send().await.ok()?;
-        Some(response.status().as_u16())
-    }
-
-    async fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + EXIT_WITHIN;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway did not exit within {EXIT_WITHIN:?}:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} failed");
-    }
-
-    /// SIGTERM; asserts exit code 0 and returns the output.
-    async fn stop(mut self) -> String {
-        self.signal("-TERM");
-        let status = self.wait_exit().await;
-        let output = self.output();
-        assert_eq!(status.code(), Some(0), "exit after SIGTERM:\n{output}");
-        output
-    }
-
-    /// SIGKILL, as a crash would end it.
-    async fn kill9(mut self) {
-        self.signal("-9");
-        let status = self.wait_exit().await;
-        assert_eq!(status.code(), None, "killed by a signal");
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// GET with the consumer token: status and JSON (Null if none).
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(self.url(path))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("GET");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
     /// A record as `GET /v1/presence/mitel/{principal}` answers it.
     async fn record(&self, principal: &str) -> (u16, Value) {
         self.get(&format!("/v1/presence/mitel/{principal}")).await
@@ -345,26 +86,6 @@ impl Gateway {
         sorted(records)
     }
 
-    /// The last `seq` handed out (`/metrics`).
-    async fn last_seq(&self) -> u64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        common::metric_value(&text, "presence_gateway_store_last_seq")
-            .unwrap_or_else(|| panic!("no last_seq in\n{text}")) as u64
-    }
-
-    async fn counter(&self, source: &str, name: &str) -> u64 {
-        let (_, sources) = self.get("/v1/sources").await;
-        common::source_counter(&sources, source, name)
-    }
-
     /// Posts a Mitel body to `/webhooks/mitel`, signed.
     async fn post_mitel(&self, body: &str) -> reqwest::Response {
         self.client
@@ -388,26 +109,6 @@ impl Gateway {
 fn sorted(mut records: Vec<Value>) -> Vec<Value> {
     records.sort_by_key(|r| (r["source"].to_string(), r["principal"].to_string()));
     records
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ ... final byte in @..~
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
 }
 
 // ---------------------------------------------------------------------
@@ -543,10 +244,10 @@ fn newest_journal(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_restart_keeps_records_seq_stream_resumption_and_duplicates() {
-    let dir = TestDir::new("graceful");
+    let dir = TestDir::new("restart-graceful");
     let data = dir.data();
     let config = |addr| mitel_config(addr, &data);
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
 
     // Six changes (seq 1..=6) and a silent refresh; the record after each
     // change is what a stream replays for its seq.
@@ -576,7 +277,7 @@ async fn graceful_restart_keeps_records_seq_stream_resumption_and_duplicates() {
     assert_eq!(last, 6);
 
     gw.stop().await;
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
 
     assert_eq!(gw.records().await, before, "every record as it was");
     assert_eq!(gw.last_seq().await, last);
@@ -614,139 +315,10 @@ async fn graceful_restart_keeps_records_seq_stream_resumption_and_duplicates() {
 }
 
 // ---------------------------------------------------------------------
-// A mock NetSapiens API: keeps subscriptions, logs every call, and can
-// hold list calls until the test opens them.
+// A managed NetSapiens source (the mock API: tests/common/netsapiens.rs)
 // ---------------------------------------------------------------------
 
-const NS_API_KEY: &str = "ns-api-key";
 const NS_CALLBACK: &str = "https://gw.example.test/webhooks/ns";
-
-#[derive(Default)]
-struct NsMock {
-    subscriptions: Vec<Value>,
-    next_id: u32,
-    /// "METHOD path" of every call, in order.
-    log: Vec<String>,
-    /// When set, list calls are answered only once it holds true.
-    list_gate: Option<tokio::sync::watch::Receiver<bool>>,
-}
-
-#[derive(Clone, Default)]
-struct NsApi(Arc<Mutex<NsMock>>);
-
-impl NsApi {
-    fn calls(&self, prefix: &str) -> usize {
-        self.0
-            .lock()
-            .log
-            .iter()
-            .filter(|c| c.starts_with(prefix))
-            .count()
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.0.lock().log.clone()
-    }
-
-    fn ids(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .subscriptions
-            .iter()
-            .map(|s| s["id"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    /// Logs the call; false when the API key is wrong.
-    fn authorized(&self, call: String, headers: &HeaderMap) -> bool {
-        self.0.lock().log.push(call);
-        headers.get("authorization").and_then(|v| v.to_str().ok())
-            == Some(&format!("Bearer {NS_API_KEY}"))
-    }
-}
-
-async fn ns_list(State(api): State<NsApi>, headers: HeaderMap) -> Response {
-    if !api.authorized("GET /ns-api/v2/subscriptions".into(), &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let gate = api.0.lock().list_gate.clone();
-    if let Some(mut gate) = gate {
-        let _ = gate.wait_for(|open| *open).await;
-    }
-    axum::Json(Value::Array(api.0.lock().subscriptions.clone())).into_response()
-}
-
-async fn ns_create(
-    State(api): State<NsApi>,
-    headers: HeaderMap,
-    axum::Json(body): axum::Json<Value>,
-) -> Response {
-    if !api.authorized("POST /ns-api/v2/subscriptions".into(), &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let mut m = api.0.lock();
-    m.next_id += 1;
-    let mut sub = body;
-    sub["id"] = json!(format!("sub-mock-{}", m.next_id));
-    sub["status"] = json!("active");
-    m.subscriptions.push(sub.clone());
-    (StatusCode::CREATED, axum::Json(sub)).into_response()
-}
-
-async fn ns_renew(
-    State(api): State<NsApi>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-    axum::Json(body): axum::Json<Value>,
-) -> Response {
-    if !api.authorized(format!("PUT /ns-api/v2/subscriptions/{id}"), &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let mut m = api.0.lock();
-    match m.subscriptions.iter_mut().find(|s| s["id"] == id.as_str()) {
-        Some(sub) => {
-            sub["subscription-expires-datetime"] = body["subscription-expires-datetime"].clone();
-            axum::Json(sub.clone()).into_response()
-        }
-        None => StatusCode::NOT_FOUND.into_response(),
-    }
-}
-
-async fn ns_delete(
-    State(api): State<NsApi>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !api.authorized(format!("DELETE /ns-api/v2/subscriptions/{id}"), &headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let mut m = api.0.lock();
-    let before = m.subscriptions.len();
-    m.subscriptions.retain(|s| s["id"] != id.as_str());
-    if m.subscriptions.len() == before {
-        StatusCode::NOT_FOUND.into_response()
-    } else {
-        StatusCode::NO_CONTENT.into_response()
-    }
-}
-
-/// Starts the mock on 127.0.0.1 port 0; returns it and its base URL.
-async fn start_ns_mock() -> (NsApi, String) {
-    let api = NsApi::default();
-    let app = Router::new()
-        .route("/ns-api/v2/subscriptions", get(ns_list).post(ns_create))
-        .route(
-            "/ns-api/v2/subscriptions/{id}",
-            put(ns_renew).delete(ns_delete),
-        )
-        .with_state(api.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the mock");
-    let base = format!("http://{}", listener.local_addr().expect("mock addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (api, base)
-}
 
 fn ns_config(addr: SocketAddr, data_dir: &Path, api_base: &str) -> String {
     format!(
@@ -798,12 +370,12 @@ async fn ns_post(gw: &Gateway, correlation_id: &str, word: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_netsapiens_subscription_is_adopted_after_a_restart_not_created_again() {
-    let dir = TestDir::new("netsapiens");
+    let dir = TestDir::new("restart-netsapiens");
     let data = dir.data();
     let (api, base) = start_ns_mock().await;
     let config = |addr| ns_config(addr, &data, &base);
 
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
     assert_eq!(api.calls("POST"), 1, "{:?}", api.log());
     assert_eq!(api.ids(), ["sub-mock-1"]);
     assert_eq!(ns_post(&gw, "sub-mock-1", "open").await, 204);
@@ -813,7 +385,7 @@ async fn a_managed_netsapiens_subscription_is_adopted_after_a_restart_not_create
     // authenticate before the provider has confirmed anything.
     let (open_list, held) = tokio::sync::watch::channel(false);
     api.0.lock().list_gate = Some(held);
-    let gw = spawn(&dir, &config).await;
+    let gw = Gateway::spawn(&dir, &config).await;
     let deadline = Instant::now() + START_WITHIN;
     while api.calls("GET") < 2 {
         assert!(
@@ -852,10 +424,10 @@ async fn a_managed_netsapiens_subscription_is_adopted_after_a_restart_not_create
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_loses_nothing_acknowledged_a_second_before_it() {
-    let dir = TestDir::new("sigkill");
+    let dir = TestDir::new("restart-sigkill");
     let data = dir.data();
     let config = |addr| mitel_config(addr, &data);
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
 
     const N: usize = 50;
     let t0 = now_ms() - 60_000;
@@ -878,7 +450,7 @@ async fn a_sigkill_loses_nothing_acknowledged_a_second_before_it() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.kill9().await;
 
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
     assert_eq!(gw.records().await, before, "every acknowledged record");
     assert_eq!(gw.last_seq().await, last);
     gw.post_ok(&mitel("after", "Busy", "k-after", now_ms()))
@@ -895,7 +467,7 @@ async fn fill_and_stop(
     config: &dyn Fn(SocketAddr) -> String,
     count: usize,
 ) -> Vec<Value> {
-    let gw = start(dir, config).await;
+    let gw = Gateway::start(dir, config).await;
     let t0 = now_ms() - 60_000;
     let mut records = Vec::new();
     for i in 0..count {
@@ -910,7 +482,7 @@ async fn fill_and_stop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_garbage_journal_tail_is_cut_with_a_warning_and_every_record_before_it_served() {
-    let dir = TestDir::new("garbage-tail");
+    let dir = TestDir::new("restart-garbage-tail");
     let data = dir.data();
     let config = |addr| mitel_config(addr, &data);
     let records = fill_and_stop(&dir, &config, 10).await;
@@ -925,7 +497,7 @@ async fn a_garbage_journal_tail_is_cut_with_a_warning_and_every_record_before_it
     file.write_all(&garbage).expect("append garbage");
     drop(file);
 
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
     let output = gw.output();
     assert!(output.contains("torn or corrupt tail"), "{output}");
     assert_eq!(
@@ -939,7 +511,7 @@ async fn a_garbage_journal_tail_is_cut_with_a_warning_and_every_record_before_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_journal_tail_is_cut_with_a_warning_and_every_record_before_it_served() {
-    let dir = TestDir::new("truncated-tail");
+    let dir = TestDir::new("restart-truncated-tail");
     let data = dir.data();
     let config = |addr| mitel_config(addr, &data);
     let records = fill_and_stop(&dir, &config, 10).await;
@@ -954,7 +526,7 @@ async fn a_truncated_journal_tail_is_cut_with_a_warning_and_every_record_before_
     file.set_len(len - 5).expect("cut the journal");
     drop(file);
 
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
     let output = gw.output();
     assert!(output.contains("torn or corrupt tail"), "{output}");
     // The last record written (p9) may be lost with the damaged entry;
@@ -974,7 +546,7 @@ async fn a_truncated_journal_tail_is_cut_with_a_warning_and_every_record_before_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_of_another_format_version_is_refused_naming_the_file() {
-    let dir = TestDir::new("version");
+    let dir = TestDir::new("restart-version");
     let data = dir.data();
     let config = |addr| mitel_config(addr, &data);
     fill_and_stop(&dir, &config, 3).await;
@@ -985,7 +557,7 @@ async fn a_journal_of_another_format_version_is_refused_naming_the_file() {
     std::fs::write(&journal, bytes).expect("write the journal");
 
     let started = Instant::now();
-    let (status, output) = run_refused(&dir, &config).await;
+    let (status, output) = Gateway::run_refused(&dir, &config).await;
     let took = started.elapsed();
     assert!(!status.success(), "{status}: {output}");
     assert!(
@@ -1001,14 +573,14 @@ async fn a_journal_of_another_format_version_is_refused_naming_the_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_that_cannot_be_written_stops_the_start_naming_it() {
-    let dir = TestDir::new("unwritable");
+    let dir = TestDir::new("restart-unwritable");
     // Below a regular file: no one can create it, root included.
     let plain = dir.path().join("plain-file");
     std::fs::write(&plain, b"not a directory").expect("write the file");
     let data = plain.join("state");
     let config = |addr| mitel_config(addr, &data);
 
-    let (status, output) = run_refused(&dir, &config).await;
+    let (status, output) = Gateway::run_refused(&dir, &config).await;
     assert!(!status.success(), "{status}: {output}");
     assert!(
         output.contains(&data.display().to_string()),
@@ -1073,12 +645,12 @@ fn fill(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_journal_write_answers_503_until_the_disk_has_room_again() {
-    let dir = TestDir::new("disk-full");
+    let dir = TestDir::new("restart-disk-full");
     let data = dir.data();
     // Dropped in reverse order: the gateway first, then the mount.
     let _mount = Tmpfs::mount(&data, "2m");
     let config = |addr| mitel_config(addr, &data);
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
 
     let t0 = now_ms() - 60_000;
     let mut acknowledged = Vec::new();
@@ -1157,7 +729,7 @@ async fn a_failed_journal_write_answers_503_until_the_disk_has_room_again() {
     assert_eq!(before.len(), acknowledged.len());
 
     gw.stop().await;
-    let gw = start(&dir, &config).await;
+    let gw = Gateway::start(&dir, &config).await;
     let after = gw.records().await;
     let output = gw.output();
     assert!(

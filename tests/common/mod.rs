@@ -2,8 +2,11 @@
 //! 127.0.0.1:0 and talks to it over real HTTP.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod netsapiens;
+pub mod process;
 pub mod redis;
 pub mod scripted;
+pub mod ucwa;
 
 use std::net::SocketAddr;
 use std::path::Path;
