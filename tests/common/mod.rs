@@ -94,6 +94,10 @@ pub struct Gateway {
     pub client: reqwest::Client,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), presence_gateway::RunError>>>,
+    /// Where `PG_TEST_STORE` put this gateway's state; removed when the
+    /// gateway is stopped or dropped (declared last: dropped after the
+    /// gateway was told to stop).
+    _test_store: Option<TestStore>,
 }
 
 impl Gateway {
@@ -105,32 +109,22 @@ impl Gateway {
     /// Starts a gateway on a given loopback port (0: any), for tests that
     /// must know the gateway's URL before it starts.
     pub async fn start_on_port(config: &str, port: u16) -> Gateway {
-        let config = Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
-            .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(presence_gateway::run(config, listener, shutdown.clone()));
-        Gateway {
-            addr,
-            client: {
-                presence_gateway::upstream::install_crypto_provider();
-                reqwest::Client::new()
-            },
-            shutdown,
-            task: Some(task),
-        }
+        Self::start_on_listener(config, listener).await
     }
 
     /// Starts a gateway on a listener the test bound itself (on port 0),
     /// for tests that must know the gateway's URL before it starts.
     pub async fn start_on_listener(config: &str, listener: TcpListener) -> Gateway {
-        let config = Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
-            .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let mut config =
+            Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
+                .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let test_store = TestStore::apply(&mut config);
         let addr = listener.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(presence_gateway::run(config, listener, shutdown.clone()));
-        Gateway {
+        let redis = matches!(test_store, Some(TestStore::Redis { .. }));
+        let gateway = Gateway {
             addr,
             client: {
                 presence_gateway::upstream::install_crypto_provider();
@@ -138,7 +132,38 @@ impl Gateway {
             },
             shutdown,
             task: Some(task),
+            _test_store: test_store,
+        };
+        if redis {
+            gateway.wait_for_redis_state().await;
         }
+        gateway
+    }
+
+    /// The memory backend has its state before the listener serves; the
+    /// Redis backend loads its mirror after, answering 503 meanwhile
+    /// (DESIGN §8), as a proxy would learn from `/readyz`. Tests written
+    /// against the first post at once, so a gateway `PG_TEST_STORE` put on
+    /// Redis is waited for until its store takes writes. One that still
+    /// waits for its upstream subscriptions (`not-ready`) is not: its tests
+    /// wait for readiness themselves.
+    async fn wait_for_redis_state(&self) {
+        wait_until(
+            "the Redis store to load",
+            std::time::Duration::from_secs(10),
+            || async {
+                let response = self.client.get(self.url("/readyz")).send().await;
+                let Ok(response) = response else {
+                    return false;
+                };
+                if response.status() == 200 {
+                    return true;
+                }
+                let problem: Value = response.json().await.unwrap_or(Value::Null);
+                problem["type"] != "urn:presence-gateway:problem:store-unavailable"
+            },
+        )
+        .await;
     }
 
     /// `GET /readyz`'s status.
@@ -299,6 +324,81 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// The store backend the black-box suites run against, chosen by the
+/// environment variable `PG_TEST_STORE` (DESIGN §8: the tests of §1–§4 run
+/// against both backends):
+/// - unset or `memory`: what the test's config says;
+/// - `data_dir`: the memory backend persisted to a fresh temporary
+///   directory per gateway;
+/// - `redis`: the Redis backend on the shared test server
+///   ([`redis::shared_url`]) under a key prefix per gateway.
+///
+/// A config that chose its own backend or `data_dir` is left alone.
+/// Whatever a gateway kept is deleted when it is stopped or dropped.
+pub enum TestStore {
+    DataDir(std::path::PathBuf),
+    Redis { url: String, prefix: String },
+}
+
+impl TestStore {
+    /// Points `config` at the store `PG_TEST_STORE` asks for, unless the
+    /// test chose one itself.
+    pub fn apply(config: &mut Config) -> Option<TestStore> {
+        use presence_gateway::config::StoreBackend;
+        if config.store.backend != StoreBackend::Memory || config.store.data_dir.is_some() {
+            return None;
+        }
+        // Two gateways of one test may start within the clock's resolution.
+        static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let wanted = std::env::var("PG_TEST_STORE").unwrap_or_default();
+        match wanted.as_str() {
+            "" | "memory" => None,
+            "data_dir" => {
+                let dir = std::env::temp_dir().join(redis::unique_prefix(&format!("data{n}")));
+                config.store.data_dir = Some(dir.clone());
+                Some(TestStore::DataDir(dir))
+            }
+            "redis" => {
+                let url = redis::shared_url();
+                let prefix = redis::unique_prefix(&format!("suite{n}"));
+                config.store.backend = StoreBackend::Redis;
+                config.store.redis.url = presence_gateway::config::Secret::new(url.clone());
+                config.store.redis.key_prefix = prefix.clone();
+                Some(TestStore::Redis { url, prefix })
+            }
+            other => panic!("PG_TEST_STORE={other:?}: expected memory, data_dir or redis"),
+        }
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        // Never panics: a panic in a drop during a failing test's unwinding
+        // would abort the whole test binary.
+        match self {
+            TestStore::DataDir(dir) => {
+                if let Err(e) = std::fs::remove_dir_all(&*dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    eprintln!("PG_TEST_STORE: could not remove {}: {e}", dir.display());
+                }
+            }
+            TestStore::Redis { url, prefix } => {
+                // Drop cannot await: the redis crate's blocking client, on a
+                // thread of its own so that no runtime worker is involved.
+                let (url, owned) = (url.clone(), prefix.clone());
+                let done = std::thread::spawn(move || redis::cleanup_blocking(&url, &owned)).join();
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => eprintln!("PG_TEST_STORE: could not delete {prefix}:*: {e}"),
+                    Err(_) => eprintln!("PG_TEST_STORE: cleanup of {prefix}:* panicked"),
+                }
+            }
+        }
     }
 }
 
