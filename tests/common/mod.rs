@@ -296,6 +296,23 @@ impl Gateway {
             .expect("metrics text")
     }
 
+    /// Waits until the change log streams are fed from has reached `seq`
+    /// (`presence_gateway_store_last_seq`): at once on the memory backend;
+    /// on Redis a change reaches it through pub/sub shortly after the
+    /// webhook's answer.
+    pub async fn wait_for_seq(&self, seq: u64) {
+        wait_until(
+            &format!("the change log to reach seq {seq}"),
+            std::time::Duration::from_secs(5),
+            || async {
+                let text = self.metrics().await;
+                metric_value(&text, "presence_gateway_store_last_seq")
+                    .is_some_and(|last| last >= seq as f64)
+            },
+        )
+        .await;
+    }
+
     /// Counter `name` of source `id` in `/v1/sources`.
     pub async fn counter(&self, id: &str, name: &str) -> u64 {
         let (_, sources) = self.get("/v1/sources").await;
