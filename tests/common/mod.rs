@@ -239,7 +239,8 @@ impl Gateway {
     }
 
     /// Everything a rejected request must leave alone: all records, all
-    /// counters of every source, and the last seq.
+    /// counters of every source, and the last seq (once the change log has
+    /// caught up with the records).
     pub async fn snapshot(&self) -> Snapshot {
         let (_, sources) = self.get("/v1/sources").await;
         let mut records = Vec::new();
@@ -256,6 +257,12 @@ impl Gateway {
                 Some(c) => cursor = Some(c.to_owned()),
                 None => break,
             }
+        }
+        // The change log has every change the records show (on Redis it
+        // catches up through pub/sub shortly after a write's answer).
+        let newest = records.iter().filter_map(|r| r["seq"].as_u64()).max();
+        if let Some(newest) = newest {
+            self.wait_for_seq(newest).await;
         }
         let metrics = self.metrics().await;
         let last_seq = metric_value(&metrics, "presence_gateway_store_last_seq");
