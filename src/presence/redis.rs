@@ -30,7 +30,7 @@
 //! every replica's streams see every change exactly once in `seq` order.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
@@ -128,6 +128,11 @@ pub struct RedisBackend {
     window_ms: u64,
     /// The mirror was loaded from Redis (start-up done).
     loaded: AtomicBool,
+    /// The highest `seq` a write of this replica was given. Its change
+    /// reaches the change log only through the feed, so the log may not
+    /// have it yet (or ever, if Redis lost it); `seq` must still never go
+    /// back below it.
+    written_seq: AtomicU64,
 }
 
 /// One `HSCAN` answer: the next cursor and field/value pairs.
@@ -157,6 +162,7 @@ impl RedisBackend {
             history,
             window_ms: u64::try_from(window_ms).unwrap_or(0),
             loaded: AtomicBool::new(false),
+            written_seq: AtomicU64::new(0),
             redis,
         }
     }
@@ -164,6 +170,15 @@ impl RedisBackend {
     /// The Redis handle.
     pub fn redis(&self) -> &Redis {
         &self.redis
+    }
+
+    /// The highest `seq` this replica has seen: in its change log, or given
+    /// to one of its own writes.
+    fn seen_seq(&self, records: &Records) -> u64 {
+        records
+            .changes()
+            .last_seq()
+            .max(self.written_seq.load(Ordering::Acquire))
     }
 
     /// Whether writes can be taken now: the mirror is loaded and Redis
@@ -283,7 +298,7 @@ impl RedisBackend {
     /// would take new changes for old ones. The counter is moved up to what
     /// this replica has seen (another replica may move it further).
     async fn heal(&self, records: &Records) -> Result<(), Unavailable> {
-        let last = records.changes().last_seq();
+        let last = self.seen_seq(records);
         let mut conn = self.redis.conn().await?;
         let raised: i64 = self.redis.observe(
             redis::Script::new(RAISE_SEQ)
@@ -439,7 +454,7 @@ impl RedisBackend {
                     step,
                     &next,
                     event_id,
-                    records.changes().last_seq(),
+                    self.seen_seq(records),
                 )
                 .await?
             {
@@ -497,7 +512,7 @@ impl RedisBackend {
                     step,
                     &next,
                     None,
-                    records.changes().last_seq(),
+                    self.seen_seq(records),
                 )
                 .await?
             {
@@ -540,6 +555,7 @@ impl RedisBackend {
         }
         next.rev = rev;
         next.seq = seq;
+        self.written_seq.fetch_max(seq, Ordering::AcqRel);
         records.install_newer(source, principal, next);
         match step {
             Step::Changed => ApplyOutcome::Changed(seq),
