@@ -180,6 +180,18 @@ async fn post(gw: &Gateway, principal: &str, status: &str, note: &str, step: i64
     gw.post_signed("mitel", MITEL_KEY, &body).await;
 }
 
+/// Starts the gateway on `port` and waits until it is ready, as a proxy
+/// would before sending it webhooks (the store may still be loading: on
+/// the Redis backend, webhooks get 503 until then).
+async fn start_ready(config: &str, port: u16) -> Gateway {
+    let gw = Gateway::start_on_port(config, port).await;
+    common::wait_until("readiness", std::time::Duration::from_secs(10), || async {
+        gw.readyz().await == 200
+    })
+    .await;
+    gw
+}
+
 /// The row of `principal`: its availability and badge colour, or null.
 fn row(principal: &str) -> String {
     format!(
@@ -215,7 +227,7 @@ callback_url = "http://127.0.0.1:{port}/webhooks/ns"
 domain = "acme.example"
 "#
     ));
-    let gw = Gateway::start_on_port(&config, port).await;
+    let gw = start_ready(&config, port).await;
     post(&gw, "alice", "Busy", "in a meeting", 1).await;
     let browser = Browser::start().await;
     // The token in the fragment: the page keeps it and drops it from the URL.
@@ -279,7 +291,7 @@ domain = "acme.example"
             json!(true),
         )
         .await;
-    let gw = Gateway::start_on_port(&config, port).await;
+    let gw = start_ready(&config, port).await;
     post(&gw, "carol", "DoNotDisturb", "", 4).await;
     browser
         .eval(

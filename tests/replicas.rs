@@ -492,3 +492,83 @@ async fn a_replica_started_before_its_redis_answers_503_and_becomes_ready_when_r
     assert!(record(&gateway, "z").await.is_some());
     gateway.stop().await;
 }
+
+/// A replica's mirror takes a write at once (a read right after the answer
+/// sees it) while the change reaches its change log through the feed: a
+/// stream opened in between must not get the change twice, once in the
+/// snapshot and again live (the feed here is cut and resubscribes after its
+/// backoff, so the gap is wide).
+#[tokio::test]
+async fn a_snapshot_taken_before_the_feed_caught_up_repeats_nothing() {
+    let redis = PrivateRedis::start().await;
+    let prefix = unique_prefix("snapshot");
+    let gateway = Gateway::start(&redis_config(&redis.url(), &prefix, "gw-a")).await;
+    ready(&gateway).await;
+    let mut admin = common::redis::connect(&redis.url()).await;
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .exec_async(&mut admin)
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(
+        post(&gateway, &presence("u1", "Busy", 1, "s1"))
+            .await
+            .status(),
+        204
+    );
+    let events = stream(&gateway, "?principal=u1", None).await;
+    assert_eq!(
+        post(&gateway, &presence("u1", "Away", 2, "s2"))
+            .await
+            .status(),
+        204
+    );
+    let got = read_events(events, 2).await;
+    assert_eq!(
+        got.iter()
+            .map(|(id, data)| (*id, data["availability"].as_str().unwrap_or_default()))
+            .collect::<Vec<_>>(),
+        [(1, "busy"), (2, "away")]
+    );
+    gateway.stop().await;
+}
+
+/// `seq` never goes back, also for a write whose change had not yet reached
+/// this replica's change log when Redis lost everything (the feed is cut
+/// first so that it cannot deliver it in time).
+#[tokio::test]
+async fn seq_never_goes_back_after_redis_loses_a_write_the_feed_had_not_delivered() {
+    let mut redis = PrivateRedis::start().await;
+    let prefix = unique_prefix("lost");
+    let gateway = Gateway::start(&redis_config(&redis.url(), &prefix, "gw-a")).await;
+    ready(&gateway).await;
+    let mut admin = common::redis::connect(&redis.url()).await;
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .exec_async(&mut admin)
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(
+        post(&gateway, &presence("x", "Busy", 1, "l1"))
+            .await
+            .status(),
+        204
+    );
+    // Redis restarts without its data before the feed is back.
+    redis.start_again().await;
+    let body = presence("y", "Away", 2, "l2");
+    eventually("recovery", || async {
+        post(&gateway, &body).await.status() == 204
+    })
+    .await;
+    let (x, y) = (
+        record(&gateway, "x").await.unwrap(),
+        record(&gateway, "y").await.unwrap(),
+    );
+    assert!(y["seq"].as_u64() > x["seq"].as_u64(), "{x} {y}");
+    gateway.stop().await;
+}

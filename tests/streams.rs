@@ -174,6 +174,7 @@ fn config(history: usize) -> String {
 async fn filtered_clients_get_exactly_their_changes() {
     let gw = Gateway::start(&common::mitel_config("")).await;
     post(&gw, "u1", "Busy", 1).await; // seq 1, before anyone listens
+    gw.wait_for_seq(1).await;
     let mut all = Client::open(&gw, "?snapshot=false", None).await;
     let mut only_u2 = Client::open(&gw, "?principal=u2&source=mitel", None).await;
     post(&gw, "u2", "Away", 2).await; // seq 2

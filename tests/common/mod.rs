@@ -97,6 +97,10 @@ pub struct Gateway {
     pub client: reqwest::Client,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), presence_gateway::RunError>>>,
+    /// Where `PG_TEST_STORE` put this gateway's state; removed when the
+    /// gateway is stopped or dropped (declared last: dropped after the
+    /// gateway was told to stop).
+    _test_store: Option<TestStore>,
 }
 
 impl Gateway {
@@ -108,32 +112,22 @@ impl Gateway {
     /// Starts a gateway on a given loopback port (0: any), for tests that
     /// must know the gateway's URL before it starts.
     pub async fn start_on_port(config: &str, port: u16) -> Gateway {
-        let config = Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
-            .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(presence_gateway::run(config, listener, shutdown.clone()));
-        Gateway {
-            addr,
-            client: {
-                presence_gateway::upstream::install_crypto_provider();
-                reqwest::Client::new()
-            },
-            shutdown,
-            task: Some(task),
-        }
+        Self::start_on_listener(config, listener).await
     }
 
     /// Starts a gateway on a listener the test bound itself (on port 0),
     /// for tests that must know the gateway's URL before it starts.
     pub async fn start_on_listener(config: &str, listener: TcpListener) -> Gateway {
-        let config = Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
-            .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let mut config =
+            Config::parse_with_env(config, Path::new("test.toml"), Vec::new(), |_| None)
+                .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
+        let test_store = TestStore::apply(&mut config);
         let addr = listener.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(presence_gateway::run(config, listener, shutdown.clone()));
-        Gateway {
+        let redis = matches!(test_store, Some(TestStore::Redis { .. }));
+        let gateway = Gateway {
             addr,
             client: {
                 presence_gateway::upstream::install_crypto_provider();
@@ -141,7 +135,38 @@ impl Gateway {
             },
             shutdown,
             task: Some(task),
+            _test_store: test_store,
+        };
+        if redis {
+            gateway.wait_for_redis_state().await;
         }
+        gateway
+    }
+
+    /// The memory backend has its state before the listener serves; the
+    /// Redis backend loads its mirror after, answering 503 meanwhile
+    /// (DESIGN §8), as a proxy would learn from `/readyz`. Tests written
+    /// against the first post at once, so a gateway `PG_TEST_STORE` put on
+    /// Redis is waited for until its store takes writes. One that still
+    /// waits for its upstream subscriptions (`not-ready`) is not: its tests
+    /// wait for readiness themselves.
+    async fn wait_for_redis_state(&self) {
+        wait_until(
+            "the Redis store to load",
+            std::time::Duration::from_secs(10),
+            || async {
+                let response = self.client.get(self.url("/readyz")).send().await;
+                let Ok(response) = response else {
+                    return false;
+                };
+                if response.status() == 200 {
+                    return true;
+                }
+                let problem: Value = response.json().await.unwrap_or(Value::Null);
+                problem["type"] != "urn:presence-gateway:problem:store-unavailable"
+            },
+        )
+        .await;
     }
 
     /// `GET /readyz`'s status.
@@ -217,7 +242,8 @@ impl Gateway {
     }
 
     /// Everything a rejected request must leave alone: all records, all
-    /// counters of every source, and the last seq.
+    /// counters of every source, and the last seq (once the change log has
+    /// caught up with the records).
     pub async fn snapshot(&self) -> Snapshot {
         let (_, sources) = self.get("/v1/sources").await;
         let mut records = Vec::new();
@@ -234,6 +260,12 @@ impl Gateway {
                 Some(c) => cursor = Some(c.to_owned()),
                 None => break,
             }
+        }
+        // The change log has every change the records show (on Redis it
+        // catches up through pub/sub shortly after a write's answer).
+        let newest = records.iter().filter_map(|r| r["seq"].as_u64()).max();
+        if let Some(newest) = newest {
+            self.wait_for_seq(newest).await;
         }
         let metrics = self.metrics().await;
         let last_seq = metric_value(&metrics, "presence_gateway_store_last_seq");
@@ -274,6 +306,23 @@ impl Gateway {
             .expect("metrics text")
     }
 
+    /// Waits until the change log streams are fed from has reached `seq`
+    /// (`presence_gateway_store_last_seq`): at once on the memory backend;
+    /// on Redis a change reaches it through pub/sub shortly after the
+    /// webhook's answer.
+    pub async fn wait_for_seq(&self, seq: u64) {
+        wait_until(
+            &format!("the change log to reach seq {seq}"),
+            std::time::Duration::from_secs(5),
+            || async {
+                let text = self.metrics().await;
+                metric_value(&text, "presence_gateway_store_last_seq")
+                    .is_some_and(|last| last >= seq as f64)
+            },
+        )
+        .await;
+    }
+
     /// Counter `name` of source `id` in `/v1/sources`.
     pub async fn counter(&self, id: &str, name: &str) -> u64 {
         let (_, sources) = self.get("/v1/sources").await;
@@ -302,6 +351,98 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// The store backend the black-box suites run against, chosen by the
+/// environment variable `PG_TEST_STORE` (DESIGN §8: the tests of §1–§4 run
+/// against both backends):
+/// - unset or `memory`: what the test's config says;
+/// - `data_dir`: the memory backend persisted to a fresh temporary
+///   directory per gateway;
+/// - `redis`: the Redis backend on the shared test server
+///   ([`redis::shared_url`]) under a key prefix per gateway; not for tests
+///   on tokio's paused clock, which cannot wait for another process.
+///
+/// A config that chose its own backend or `data_dir` is left alone.
+/// Whatever a gateway kept is deleted when it is stopped or dropped.
+pub enum TestStore {
+    DataDir(std::path::PathBuf),
+    Redis { url: String, prefix: String },
+}
+
+impl TestStore {
+    /// Points `config` at the store `PG_TEST_STORE` asks for, unless the
+    /// test chose one itself.
+    pub fn apply(config: &mut Config) -> Option<TestStore> {
+        use presence_gateway::config::StoreBackend;
+        if config.store.backend != StoreBackend::Memory || config.store.data_dir.is_some() {
+            return None;
+        }
+        // Two gateways of one test may start within the clock's resolution.
+        static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let wanted = std::env::var("PG_TEST_STORE").unwrap_or_default();
+        match wanted.as_str() {
+            "" | "memory" => None,
+            "data_dir" => {
+                let dir = std::env::temp_dir().join(redis::unique_prefix(&format!("data{n}")));
+                config.store.data_dir = Some(dir.clone());
+                Some(TestStore::DataDir(dir))
+            }
+            "redis" if clock_paused() => {
+                // The gateway's Redis client times its answers out with
+                // tokio timers, and a paused clock jumps ahead whenever the
+                // runtime waits for another process: every answer would
+                // come too late. Such a test keeps the memory backend.
+                eprintln!("PG_TEST_STORE=redis: not under tokio's paused clock; memory backend");
+                None
+            }
+            "redis" => {
+                let url = redis::shared_url();
+                let prefix = redis::unique_prefix(&format!("suite{n}"));
+                config.store.backend = StoreBackend::Redis;
+                config.store.redis.url = presence_gateway::config::Secret::new(url.clone());
+                config.store.redis.key_prefix = prefix.clone();
+                Some(TestStore::Redis { url, prefix })
+            }
+            other => panic!("PG_TEST_STORE={other:?}: expected memory, data_dir or redis"),
+        }
+    }
+}
+
+/// Whether the test runs on tokio's paused clock (`start_paused`), which
+/// stands still while real time passes.
+fn clock_paused() -> bool {
+    let before = tokio::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    tokio::time::Instant::now() == before
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        // Never panics: a panic in a drop during a failing test's unwinding
+        // would abort the whole test binary.
+        match self {
+            TestStore::DataDir(dir) => {
+                if let Err(e) = std::fs::remove_dir_all(&*dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    eprintln!("PG_TEST_STORE: could not remove {}: {e}", dir.display());
+                }
+            }
+            TestStore::Redis { url, prefix } => {
+                // Drop cannot await: the redis crate's blocking client, on a
+                // thread of its own so that no runtime worker is involved.
+                let (url, owned) = (url.clone(), prefix.clone());
+                let done = std::thread::spawn(move || redis::cleanup_blocking(&url, &owned)).join();
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => eprintln!("PG_TEST_STORE: could not delete {prefix}:*: {e}"),
+                    Err(_) => eprintln!("PG_TEST_STORE: cleanup of {prefix}:* panicked"),
+                }
+            }
+        }
     }
 }
 

@@ -84,6 +84,31 @@ pub async fn cleanup(url: &str, prefix: &str) {
     }
 }
 
+/// [`cleanup`] for places that cannot await (a `Drop`), with the blocking
+/// client; errors are returned, never panicked on.
+pub fn cleanup_blocking(url: &str, prefix: &str) -> redis::RedisResult<()> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(3))?;
+    let pattern = format!("{}:*", glob_escape(prefix));
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut conn)?;
+        if !keys.is_empty() {
+            redis::cmd("DEL").arg(&keys).exec(&mut conn)?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 /// `prefix` with the characters `SCAN MATCH` treats specially escaped.
 fn glob_escape(prefix: &str) -> String {
     let mut out = String::with_capacity(prefix.len());
