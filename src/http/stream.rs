@@ -313,6 +313,12 @@ impl Streamer {
                 return Some(item);
             }
             match self.rx.recv().await {
+                // Changes before this one never reached this replica (a
+                // shared backend that lost them): what the consumer holds
+                // can no longer be brought up to date change by change.
+                Ok(change) if change.record.seq > self.covered + 1 && self.covered > 0 => {
+                    self.reset(Reset::History);
+                }
                 Ok(change) if change.record.seq > self.covered => {
                     self.covered = change.record.seq;
                     if self.filter.matches(&change.record) {
@@ -505,6 +511,42 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// A live change whose predecessors never arrived (a shared backend
+    /// lost them) resets the stream instead of skipping them silently.
+    #[tokio::test]
+    async fn a_gap_in_the_live_changes_resets_the_stream() {
+        let state = crate::http::test_state(16);
+        let store = state.store();
+        store.records().apply(0, &update("a".into(), 0), Millis(0));
+        let filter = Filter {
+            snapshot: false,
+            ..Filter::default()
+        };
+        let open = OpenStream::new(state.global_arc(), StreamKind::Sse);
+        let mut streamer = Streamer::start(&state, filter, OnLag::Reset, open);
+        store.records().apply(0, &update("b".into(), 1), Millis(0));
+        let Some(Item::Record(next)) = streamer.next().await else {
+            panic!("the next change");
+        };
+        assert_eq!(next.record.seq, 2);
+        let mut far = next.record.clone();
+        far.seq = 9;
+        far.principal = "c".into();
+        assert!(store.changes().commit_replicated(far));
+        assert!(matches!(
+            streamer.next().await,
+            Some(Item::Reset(Reset::History))
+        ));
+        let mut snapshot = Vec::new();
+        for _ in 0..2 {
+            let Some(Item::Record(change)) = streamer.next().await else {
+                panic!("the snapshot");
+            };
+            snapshot.push(change.record.seq);
+        }
+        assert_eq!(snapshot, vec![1, 2]);
     }
 
     #[test]
