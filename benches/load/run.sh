@@ -183,6 +183,22 @@ for label in gateway sink node journal redis; do
     "$(field "$label" p99_us)" "$(field "$label" p999_us)" "$(field "$label" errors)"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+# Each round's a/b throughput ratio (a and b ran seconds apart), as
+# "median (min-max)": steadier than the ratio of medians when this shared
+# machine's speed drifts during a run.
+paired() {
+  sed -n "s/^RESULT label=\($1\|$2\) rps=\([0-9.]*\).*/\1 \2/p" "$work/results" |
+    awk -v a="$1" -v b="$2" '
+      $1 == a { x[++na] = $2 } $1 == b { y[++nb] = $2 }
+      END {
+        n = (na < nb) ? na : nb
+        for (i = 1; i <= n; i++) if (y[i] > 0) r[++m] = x[i] / y[i]
+        if (!m) { print "n/a"; exit }
+        for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
+        med = (m % 2) ? r[(m + 1) / 2] : (r[m / 2] + r[m / 2 + 1]) / 2
+        printf "%.2f (%.2f-%.2f)", med, r[1], r[m]
+      }'
+}
 echo "throughput gateway/sink: $(ratio "$(field gateway rps)" "$(field sink rps)")  (target >= 0.90)"
 echo "p99 gateway/sink:        $(ratio "$(field gateway p99_us)" "$(field sink p99_us)")  (target <= 2.00)"
 if [ -n "$(field node rps)" ]; then
@@ -190,9 +206,11 @@ if [ -n "$(field node rps)" ]; then
 fi
 if [ -n "$(field journal rps)" ]; then
   echo "throughput journal/gateway (data_dir / no persistence): $(ratio "$(field journal rps)" "$(field gateway rps)")  (target >= 0.90)"
+  echo "  per round, median (range): $(paired journal gateway)"
   echo "p99 journal/gateway:     $(ratio "$(field journal p99_us)" "$(field gateway p99_us)")"
 fi
 if [ -n "$(field redis rps)" ]; then
   echo "throughput redis/gateway (Redis / no persistence): $(ratio "$(field redis rps)" "$(field gateway rps)")  (target >= 0.50)"
+  echo "  per round, median (range): $(paired redis gateway)"
   echo "p99 redis/gateway:       $(ratio "$(field redis p99_us)" "$(field gateway p99_us)")"
 fi
