@@ -96,10 +96,38 @@ wait_ready() {
   return 1
 }
 
+# CPU seconds (user + system, every thread) a process has used so far.
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+redis_cpu_secs() {
+  redis-cli -u "$REDIS_URL" info cpu | tr -d '\r' |
+    awk -F: '$1 == "used_cpu_sys" || $1 == "used_cpu_user" { s += $2 } END { printf "%.3f", s }'
+}
+
+# One round of one target. Besides what the load generator prints, the
+# server's CPU time per request over the measured part (cpu_us; for the
+# Redis target also Redis' own, redis_cpu_us, which other users of a shared
+# server add to): unlike requests/s, it hardly moves when other work on this
+# machine takes the server's core away.
+declare -A pid_of=()
 drive() { # label addr
+  local pid=${pid_of[$1]:-} cpu0='' redis0='' line requests
   "${client_cpu[@]}" "$bin/examples/loadgen" load --label "$1" --addr "$2" --key "$KEY" \
     --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" --principals "$PRINCIPALS" \
-    | grep '^RESULT' | tee -a "$work/results"
+    >"$work/round" &
+  local load=$!
+  sleep "$WARMUP"
+  if [ -n "$pid" ]; then cpu0=$(cpu_secs "$pid"); fi
+  if [ "$1" = redis ]; then redis0=$(redis_cpu_secs); fi
+  wait "$load"
+  line=$(grep '^RESULT' "$work/round")
+  requests=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line")
+  if [ -n "$cpu0" ] && [ "${requests:-0}" -gt 0 ]; then
+    line+=$(awk -v a="$cpu0" -v b="$(cpu_secs "$pid")" -v n="$requests" 'BEGIN { printf " cpu_us=%.2f", (b - a) * 1e6 / n }')
+  fi
+  if [ -n "$redis0" ] && [ "${requests:-0}" -gt 0 ]; then
+    line+=$(awk -v a="$redis0" -v b="$(redis_cpu_secs)" -v n="$requests" 'BEGIN { printf " redis_cpu_us=%.2f", (b - a) * 1e6 / n }')
+  fi
+  echo "$line" | tee -a "$work/results"
 }
 
 
@@ -108,13 +136,13 @@ echo "== startup time (spawn to /readyz 200, empty store)"
 
 echo "== starting the servers (gateway, bare axum sink, Node.js receiver)"
 RUST_LOG=warn "${server_cpu[@]}" "$bin/presence-gateway" --config "$work/gateway.toml" >"$work/gateway.log" 2>&1 &
-gw=$!; pids+=("$gw")
+gw=$!; pids+=("$gw"); pid_of[gateway]=$gw
 "${server_cpu[@]}" "$bin/examples/bare_sink" "$SINK_ADDR" >/dev/null 2>&1 &
-pids+=("$!")
+pids+=("$!"); pid_of[sink]=$!
 targets=("gateway $GW_ADDR" "sink $SINK_ADDR")
 if command -v node >/dev/null; then
   "${server_cpu[@]}" node benches/load/node_receiver.js "${NODE_ADDR%:*}" "${NODE_ADDR#*:}" "$KEY" >/dev/null 2>&1 &
-  pids+=("$!")
+  pids+=("$!"); pid_of[node]=$!
   targets+=("node $NODE_ADDR")
 else
   echo "node not installed: skipping the Node.js comparator"
@@ -123,7 +151,7 @@ if [ "$STORES" = 1 ]; then
   sed -e "s/$GW_ADDR/$JOURNAL_ADDR/" "$work/gateway.toml" >"$work/journal.toml"
   printf '\n[store]\ndata_dir = "%s"\n' "$work/data" >>"$work/journal.toml"
   RUST_LOG=warn "${server_cpu[@]}" "$bin/presence-gateway" --config "$work/journal.toml" >"$work/journal.log" 2>&1 &
-  journal_gw=$!; pids+=("$journal_gw")
+  journal_gw=$!; pids+=("$journal_gw"); pid_of[journal]=$journal_gw
   targets+=("journal $JOURNAL_ADDR")
   host_port=${REDIS_URL#*://}; host_port=${host_port%%/*}; host_port=${host_port##*@}
   case "$host_port" in
@@ -142,7 +170,7 @@ if [ "$STORES" = 1 ]; then
     printf '\n[store]\nbackend = "redis"\n\n[store.redis]\nurl = "%s"\nkey_prefix = "%s"\n' \
       "$REDIS_URL" "$REDIS_PREFIX" >>"$work/redis.toml"
     RUST_LOG=warn "${server_cpu[@]}" "$bin/presence-gateway" --config "$work/redis.toml" >"$work/redis.log" 2>&1 &
-    pids+=("$!")
+    pids+=("$!"); pid_of[redis]=$!
     targets+=("redis $REDIS_GW_ADDR")
     echo "redis rounds on $REDIS_URL, key prefix $REDIS_PREFIX (Redis itself is not pinned)"
   fi
@@ -170,7 +198,7 @@ fi
 
 # The median of a field over a target's rounds.
 field() {
-  sed -n "s/^RESULT label=$1 .*$2=\([0-9.]*\).*/\1/p" "$work/results" | sort -n |
+  sed -n "s/^RESULT label=$1 \(.* \)\?$2=\([0-9.]*\).*/\2/p" "$work/results" | sort -n |
     awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 echo
@@ -204,13 +232,25 @@ echo "p99 gateway/sink:        $(ratio "$(field gateway p99_us)" "$(field sink p
 if [ -n "$(field node rps)" ]; then
   echo "throughput gateway/node: $(ratio "$(field gateway rps)" "$(field node rps)")  (target >= 3.00)"
 fi
+echo
+echo "== server CPU per request (µs, medians; the journal's writer and compactor threads included)"
+for label in gateway sink node journal redis; do
+  cpu=$(field "$label" cpu_us)
+  [ -n "$cpu" ] || continue
+  extra=
+  if [ -n "$(field "$label" redis_cpu_us)" ]; then extra="  + Redis $(field "$label" redis_cpu_us)"; fi
+  printf '%-8s %8s%s\n' "$label" "$cpu" "$extra"
+done
 if [ -n "$(field journal rps)" ]; then
   echo "throughput journal/gateway (data_dir / no persistence): $(ratio "$(field journal rps)" "$(field gateway rps)")  (target >= 0.90)"
   echo "  per round, median (range): $(paired journal gateway)"
   echo "p99 journal/gateway:     $(ratio "$(field journal p99_us)" "$(field gateway p99_us)")"
+  echo "CPU per request gateway/journal (the throughput ratio on a core of its own): $(ratio "$(field gateway cpu_us)" "$(field journal cpu_us)")"
 fi
 if [ -n "$(field redis rps)" ]; then
   echo "throughput redis/gateway (Redis / no persistence): $(ratio "$(field redis rps)" "$(field gateway rps)")  (target >= 0.50)"
   echo "  per round, median (range): $(paired redis gateway)"
   echo "p99 redis/gateway:       $(ratio "$(field redis p99_us)" "$(field gateway p99_us)")"
+  echo "CPU per request gateway/redis, gateway/(redis + Redis): $(ratio "$(field gateway cpu_us)" "$(field redis cpu_us)")," \
+    "$(ratio "$(field gateway cpu_us)" "$(awk -v a="$(field redis cpu_us)" -v b="$(field redis redis_cpu_us)" 'BEGIN { print a + b }')")"
 fi
