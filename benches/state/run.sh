@@ -136,7 +136,7 @@ wait_ready
   --max-requests "$RECORDS" | grep '^RESULT'
 echo "gateway peak RSS: $(awk '/VmHWM/ {print $2}' "/proc/$gw/status") KiB"
 stop_gateway
-sed 's/\x1b\[[0-9;]*m//g' "$work/fill.log" | grep -E 'compacted|WARN|ERROR' | cut -c1-300 || true
+sed 's/\x1b\[[0-9;]*m//g' "$work/fill.log" | grep -E 'compacted|shutdown requested|stopped$|WARN|ERROR' | cut -c1-300 || true
 mv "$work/data" "$work/after-load"
 if [ -n "${KEEP:-}" ]; then
   rm -rf "$KEEP" && cp -a "$work/after-load" "$KEEP" && echo "the filled data_dir is kept in $KEEP"
