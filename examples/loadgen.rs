@@ -5,19 +5,23 @@
 //! Every request is a fresh envelope (new event id, later timestamp, status
 //! cycling, principal round-robin over `--principals`), so the gateway really
 //! verifies, parses and applies each one instead of short-cutting duplicates.
-//! Loopback only; bounded by `--duration` and `--max-requests`.
+//! Loopback only; bounded by `--duration` and `--max-requests` (whichever
+//! comes first: the run ends early once every connection has stopped at the
+//! cap, which is how `benches/state/run.sh` writes an exact number of
+//! records).
 //!
 //! `startup` measures the time from spawning the gateway to `/readyz` 200.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 struct Args {
@@ -65,6 +69,12 @@ enum Mode {
         addr: SocketAddr,
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Give up on a start after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+        /// Append the gateway's output here (default: discarded).
+        #[arg(long)]
+        log: Option<PathBuf>,
     },
 }
 
@@ -105,7 +115,16 @@ fn main() {
             config,
             addr,
             runs,
-        } => startup(&bin, &config, addr, runs),
+            timeout_secs,
+            log,
+        } => startup(
+            &bin,
+            &config,
+            addr,
+            runs,
+            Duration::from_secs(timeout_secs),
+            log.as_deref(),
+        ),
     }
 }
 
@@ -178,19 +197,39 @@ async fn load(plan: Arc<Plan>, connections: usize) -> Report {
     let counter = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
+    // Cancelled when the last connection has stopped (at `max_requests`).
+    let running = Arc::new(AtomicUsize::new(connections));
+    let all_stopped = CancellationToken::new();
+    if connections == 0 {
+        all_stopped.cancel();
+    }
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
             let plan = Arc::clone(&plan);
             let counter = Arc::clone(&counter);
             let measuring = Arc::clone(&measuring);
             let stop = Arc::clone(&stop);
-            tokio::spawn(async move { connection(plan, counter, measuring, stop).await })
+            let running = Arc::clone(&running);
+            let all_stopped = all_stopped.clone();
+            tokio::spawn(async move {
+                let result = connection(plan, counter, measuring, stop).await;
+                if running.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    all_stopped.cancel();
+                }
+                result
+            })
         })
         .collect();
-    tokio::time::sleep(plan.warmup).await;
+    tokio::select! {
+        () = tokio::time::sleep(plan.warmup) => {}
+        () = all_stopped.cancelled() => {}
+    }
     measuring.store(true, Ordering::SeqCst);
     let started = Instant::now();
-    tokio::time::sleep(plan.duration).await;
+    tokio::select! {
+        () = tokio::time::sleep(plan.duration) => {}
+        () = all_stopped.cancelled() => {}
+    }
     stop.store(true, Ordering::SeqCst);
     let measured = started.elapsed();
     let mut report = Report {
@@ -317,19 +356,34 @@ async fn exchange(
 }
 
 /// Spawns the gateway `runs` times and prints the time to the first
-/// `/readyz` 200 (polled every 200 µs).
-fn startup(bin: &PathBuf, config: &PathBuf, addr: SocketAddr, runs: usize) {
+/// `/readyz` 200 (polled every 200 µs); the gateway is killed once ready.
+fn startup(
+    bin: &Path,
+    config: &Path,
+    addr: SocketAddr,
+    runs: usize,
+    timeout: Duration,
+    log: Option<&Path>,
+) {
     let mut times = Vec::new();
     for _ in 0..runs {
+        let output = || match log {
+            Some(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_or_else(|_| Stdio::null(), Stdio::from),
+            None => Stdio::null(),
+        };
         let started = Instant::now();
         let mut child = Command::new(bin)
             .arg("--config")
             .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(output())
+            .stderr(output())
             .spawn()
             .expect("spawn gateway");
-        let deadline = started + Duration::from_secs(10);
+        let deadline = started + timeout;
         let ready = loop {
             if ready(addr) {
                 break Some(started.elapsed());
@@ -344,18 +398,23 @@ fn startup(bin: &PathBuf, config: &PathBuf, addr: SocketAddr, runs: usize) {
         match ready {
             Some(t) => times.push(t),
             None => {
-                println!("RESULT label=startup error=not-ready-within-10s");
+                println!(
+                    "RESULT label=startup error=not-ready-within-{}s",
+                    timeout.as_secs()
+                );
                 return;
             }
         }
     }
-    times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let each: Vec<String> = times.iter().map(|t| format!("{:.1}", ms(*t))).collect();
+    times.sort();
     println!(
-        "RESULT label=startup runs={} median_ms={:.1} max_ms={:.1}",
+        "RESULT label=startup runs={} median_ms={:.1} max_ms={:.1} each_ms={}",
         times.len(),
         ms(times[times.len() / 2]),
-        ms(times[times.len() - 1])
+        ms(times[times.len() - 1]),
+        each.join(",")
     );
 }
 
