@@ -686,11 +686,20 @@ fn compact(shared: &Shared, open: u64) -> Result<Option<CompactStats>, OpenError
         meta: HashMap::new(),
         seq: 0,
     };
+    // A stop does not wait for a compaction: it is abandoned (what it
+    // would replace stays, and is read at the next start).
+    let stopping = || shared.stop.load(Ordering::Acquire);
     if let Some((_, path)) = listing.snapshots.last() {
         read_file(path, SNAPSHOT_MAGIC, "snapshot", |e| fold.entry(&e))?;
     }
     for (_, path) in &closed {
+        if stopping() {
+            return Ok(None);
+        }
         read_file(path, JOURNAL_MAGIC, "journal", |e| fold.entry(&e))?;
+    }
+    if stopping() {
+        return Ok(None);
     }
     let earliest = Millis::now().0.saturating_sub(shared.dedup_window_ms);
     let path = snapshot_path(dir, open);
@@ -721,6 +730,11 @@ fn compact(shared: &Shared, open: u64) -> Result<Option<CompactStats>, OpenError
         buf.extend_from_slice(frame);
         if buf.len() > 1 << 16 {
             flush(&mut buf, &mut out).map_err(write_error)?;
+            if stopping() {
+                drop(out);
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(None);
+            }
         }
     }
     for ((source, id), at) in &fold.events {

@@ -591,28 +591,34 @@ impl RedisBackend {
             None => String::new(),
         };
         let mut conn = self.redis.conn().await.map_err(unavailable)?;
-        let reply: Value = self
-            .redis
-            .observe(
-                self.apply
-                    .key(record_key)
-                    .key(&self.seq_key)
-                    .key(&self.history_key)
-                    .key(&dedup_key)
-                    .arg(principal)
-                    .arg(expected)
-                    .arg(mode)
-                    .arg(blob)
-                    .arg(self.history.max(1))
-                    .arg(self.window_ms.max(1))
-                    .arg(&self.channel)
-                    .arg(&**source_id)
-                    .arg(if event_id.is_some() { "1" } else { "0" })
-                    .arg(seen_seq)
-                    .invoke_async(&mut conn)
-                    .await,
-            )
-            .map_err(unavailable)?;
+        // One command with its arguments in one buffer (a script invocation
+        // would allocate every argument on its own: measurable per webhook).
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.apply.get_hash())
+            .arg(4)
+            .arg(record_key)
+            .arg(&self.seq_key)
+            .arg(&self.history_key)
+            .arg(&dedup_key)
+            .arg(principal)
+            .arg(expected)
+            .arg(mode)
+            .arg(blob)
+            .arg(self.history.max(1))
+            .arg(self.window_ms.max(1))
+            .arg(&self.channel)
+            .arg(&**source_id)
+            .arg(if event_id.is_some() { "1" } else { "0" })
+            .arg(seen_seq);
+        let mut answer = cmd.query_async::<Value>(&mut conn).await;
+        if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            // A new (or restarted) Redis without the script: load it, once.
+            let loaded = self.apply.prepare_invoke().load_async(&mut conn).await;
+            self.redis.observe(loaded).map_err(unavailable)?;
+            answer = cmd.query_async::<Value>(&mut conn).await;
+        }
+        let reply = self.redis.observe(answer).map_err(unavailable)?;
         parse_reply(reply).ok_or_else(|| {
             tracing::error!("unexpected answer of the apply script");
             StoreError::Unavailable("unexpected answer from Redis".into())
