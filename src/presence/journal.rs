@@ -46,7 +46,7 @@ use super::records::Records;
 
 /// How often buffered writes are handed to the operating system (after
 /// which they survive the process being killed).
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 /// How often they are synced to the disk (after which they survive power
 /// loss).
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
