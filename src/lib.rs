@@ -207,6 +207,7 @@ pub async fn run(
     let mut lease_tasks = Vec::new();
     let mut may_manage = std::collections::HashMap::new();
     if let Some(redis) = store.redis_handle() {
+        let mut leases = Vec::new();
         for source_config in config.sources.iter().filter(|c| c.managed.is_some()) {
             let Some(source) = sources.get(&source_config.id) else {
                 continue;
@@ -219,20 +220,38 @@ pub async fn run(
                 lease_shutdown.clone(),
             );
             lease_tasks.push(task);
-            let (held_tx, held_rx) = tokio::sync::watch::channel(false);
-            let mut follow = lease.clone();
+            let _ = source.lease.set(lease.clone());
+            leases.push((source_config.id.as_str(), lease));
+        }
+        // The managers start knowing whether they manage: the first claim
+        // decides (at once while Redis answers). Otherwise a replica about
+        // to take the lease would report ready while following, before it
+        // has adopted anything.
+        let first_claims = leases.iter().map(|(_, lease)| {
+            let mut lease = lease.clone();
+            async move {
+                let _ = lease.changed().await;
+            }
+        });
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            futures_util::future::join_all(first_claims),
+        )
+        .await;
+        for (id, mut lease) in leases {
+            let (held_tx, held_rx) =
+                tokio::sync::watch::channel(lease.borrow_and_update().held_here);
             tokio::spawn(async move {
                 loop {
-                    let held = follow.borrow_and_update().held_here;
+                    let held = lease.borrow_and_update().held_here;
                     held_tx.send_if_modified(|h| std::mem::replace(h, held) != held);
-                    if follow.changed().await.is_err() {
+                    if lease.changed().await.is_err() {
                         held_tx.send_replace(false);
                         return;
                     }
                 }
             });
-            let _ = source.lease.set(lease);
-            may_manage.insert(source_config.id.as_str(), held_rx);
+            may_manage.insert(id, held_rx);
         }
     }
     let spawned = {
