@@ -251,6 +251,7 @@ fn prefilled() -> Records {
             dedup_window_ms: 600_000,
             dedup_capacity: 8_000_000,
             stream_buffer: 4096,
+            max_future_skew_ms: 300_000,
         },
     );
     for i in 0..PREFILL {

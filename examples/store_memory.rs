@@ -68,6 +68,7 @@ fn main() {
             dedup_window_ms: 600_000,
             dedup_capacity: 1,
             stream_buffer: 64,
+            max_future_skew_ms: 300_000,
         },
     );
     let ids: Vec<String> = (0..n)

@@ -51,6 +51,8 @@ async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, R
         dedup_window_ms: i64::try_from(config.store.dedup_window.as_millis()).unwrap_or(i64::MAX),
         dedup_capacity: config.store.dedup_capacity,
         stream_buffer: config.consumers.stream_buffer,
+        max_future_skew_ms: i64::try_from(config.store.max_future_skew.as_millis())
+            .unwrap_or(i64::MAX),
     };
     if config.store.backend == config::StoreBackend::Redis {
         let redis_config = &config.store.redis;

@@ -345,6 +345,7 @@ impl Collector for GatewayCollector {
                     ("duplicate", load(&st.duplicate)),
                     ("stale", load(&st.stale)),
                     ("ignored", load(&st.ignored)),
+                    ("clock_skew", load(&st.clock_skew)),
                 ]
             },
         )?;

@@ -583,3 +583,43 @@ allow_ips = ["198.51.100.0/24"]
         403
     );
 }
+
+/// One event stamped decades ahead must not freeze a
+/// principal: it is applied with its receive time and counted, and the next
+/// real event is applied (DESIGN §2, `store.max_future_skew_secs`).
+#[tokio::test]
+async fn untrusted_timestamps_are_replaced_by_the_receive_time_and_counted() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    let now = jiff::Timestamp::now().as_millisecond();
+    let year_2999 = 32_503_680_000_000;
+    for (i, stamp) in [year_2999, i64::MAX].into_iter().enumerate() {
+        let body = presence_body("skewed", ["Busy", "Away"][i], stamp, &format!("skew-{i}"));
+        gw.post_signed("mitel", MITEL_KEY, &body).await;
+        let (status, record) = gw.get("/v1/presence/mitel/skewed").await;
+        assert_eq!(status, 200);
+        assert_eq!(record["observed_at"], record["received_at"], "{record}");
+        let observed = presence_gateway::presence::Millis::parse_rfc3339(
+            record["observed_at"].as_str().expect("RFC 3339 text"),
+        )
+        .expect("RFC 3339");
+        assert!((observed.0 - now).abs() < 600_000, "{record}");
+    }
+    // A real event after them is not stale.
+    let real = presence_body("skewed", "Available", now + 1_000, "skew-real");
+    gw.post_signed("mitel", MITEL_KEY, &real).await;
+    let (_, record) = gw.get("/v1/presence/mitel/skewed").await;
+    assert_eq!(record["availability"], "available");
+    let sources = gw.get("/v1/sources").await.1;
+    assert_eq!(common::source_counter(&sources, "mitel", "clock_skew"), 2);
+    assert_eq!(common::source_counter(&sources, "mitel", "stale"), 0);
+    // Slightly ahead (within the skew) is trusted as sent.
+    let ahead = now + 60_000;
+    let body = presence_body("ahead", "Busy", ahead, "ahead-1");
+    gw.post_signed("mitel", MITEL_KEY, &body).await;
+    let (_, record) = gw.get("/v1/presence/mitel/ahead").await;
+    assert_eq!(
+        presence_gateway::presence::Millis::parse_rfc3339(record["observed_at"].as_str().unwrap()),
+        Some(presence_gateway::presence::Millis(ahead))
+    );
+    gw.stop().await;
+}

@@ -18,6 +18,9 @@ pub struct StoreConfig {
     pub history: usize,
     pub dedup_window: Duration,
     pub dedup_capacity: usize,
+    /// A provider timestamp further than this ahead of the gateway's clock
+    /// is not trusted (DESIGN §2).
+    pub max_future_skew: Duration,
     pub backend: StoreBackend,
     /// `backend = "memory"`: the directory state is persisted to; `None`:
     /// nothing persists. A relative path is relative to the working
@@ -63,6 +66,7 @@ pub(super) struct RawStore {
     history: u64,
     dedup_window_secs: u64,
     dedup_capacity: u64,
+    max_future_skew_secs: u64,
     backend: String,
     data_dir: Option<String>,
     redis: RawRedis,
@@ -74,6 +78,7 @@ impl Default for RawStore {
             history: 65_536,
             dedup_window_secs: 600,
             dedup_capacity: 1_000_000,
+            max_future_skew_secs: 300,
             backend: StoreBackend::Memory.as_str().into(),
             data_dir: None,
             redis: RawRedis::default(),
@@ -116,6 +121,12 @@ pub(super) fn resolve(
     if raw.dedup_capacity == 0 {
         problem("store.dedup_capacity".into(), "must be at least 1".into());
     }
+    if raw.max_future_skew_secs > 86_400 {
+        problem(
+            "store.max_future_skew_secs".into(),
+            "must be at most 86400 (a day)".into(),
+        );
+    }
     let backend = StoreBackend::ALL
         .into_iter()
         .find(|b| b.as_str() == raw.backend)
@@ -144,6 +155,7 @@ pub(super) fn resolve(
         history: usize::try_from(raw.history).unwrap_or(usize::MAX),
         dedup_window: Duration::from_secs(raw.dedup_window_secs),
         dedup_capacity: usize::try_from(raw.dedup_capacity).unwrap_or(usize::MAX),
+        max_future_skew: Duration::from_secs(raw.max_future_skew_secs),
         backend,
         data_dir: raw.data_dir.map(PathBuf::from),
         redis,

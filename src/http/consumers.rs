@@ -263,6 +263,7 @@ struct Counters {
     changed: u64,
     duplicate: u64,
     stale: u64,
+    clock_skew: u64,
     ignored: u64,
     rejected: BTreeMap<&'static str, u64>,
 }
@@ -286,6 +287,7 @@ pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
                     changed: st.changed.load(Relaxed),
                     duplicate: st.duplicate.load(Relaxed),
                     stale: st.stale.load(Relaxed),
+                    clock_skew: st.clock_skew.load(Relaxed),
                     ignored: st.ignored.load(Relaxed),
                     rejected: Rejection::ALL
                         .iter()

@@ -217,6 +217,7 @@ pub(crate) fn test_state(history: usize) -> AppState {
         dedup_window_ms: 0,
         dedup_capacity: 1,
         stream_buffer: 64,
+        max_future_skew_ms: 300_000,
     };
     AppState::new(StateParts {
         store: Arc::new(Store::new(&sources.ids(), limits)),

@@ -842,6 +842,7 @@ mod tests {
             dedup_window_ms: 600_000,
             dedup_capacity: 1_000,
             stream_buffer: 16,
+            max_future_skew_ms: 300_000,
         }
     }
 

@@ -55,11 +55,14 @@ pub struct StoreLimits {
     pub dedup_capacity: usize,
     /// Changes a stream consumer may fall behind (the fan-out ring).
     pub stream_buffer: usize,
+    /// How far ahead of the clock a provider timestamp is still trusted.
+    pub max_future_skew_ms: i64,
 }
 
 /// Current presence of every principal of every source.
 pub struct Records {
     sources: Box<[SourceStore]>,
+    limits: StoreLimits,
     changes: ChangeLog,
     /// Keys for shard selection and event-id digests: unpredictable per process,
     /// so nobody can aim many principals at one shard or forge digest collisions.
@@ -103,6 +106,7 @@ impl Records {
             .collect();
         Records {
             sources,
+            limits,
             changes: ChangeLog::new(limits.history, limits.stream_buffer),
             hash_a: RandomState::default(),
             hash_b: RandomState::default(),
@@ -112,6 +116,11 @@ impl Records {
     /// The change log every applied change is published to.
     pub fn changes(&self) -> &ChangeLog {
         &self.changes
+    }
+
+    /// The sizing it was made with.
+    pub fn limits(&self) -> StoreLimits {
+        self.limits
     }
 
     /// Number of sources the store was built for.
@@ -659,6 +668,7 @@ mod tests {
             dedup_window_ms: 1_000,
             dedup_capacity: 100,
             stream_buffer: 64,
+            max_future_skew_ms: 300_000,
         }
     }
 

@@ -777,6 +777,7 @@ mod tests {
             dedup_window_ms: 60_000,
             dedup_capacity: 100,
             stream_buffer: 64,
+            max_future_skew_ms: 300_000,
         }
     }
 

@@ -251,6 +251,12 @@ impl Store {
         }
     }
 
+    /// How far ahead of the gateway's clock a provider timestamp is still
+    /// trusted (`store.max_future_skew_secs`).
+    pub fn max_future_skew_ms(&self) -> i64 {
+        self.records.limits().max_future_skew_ms
+    }
+
     /// The in-memory records (for benchmarks and tests of the engine).
     pub fn records(&self) -> &Records {
         &self.records
