@@ -493,6 +493,19 @@ async fn a_replica_started_before_its_redis_answers_503_and_becomes_ready_when_r
     gateway.stop().await;
 }
 
+/// Cuts every pub/sub connection of a private Redis: the gateway's change
+/// feed resubscribes only after its backoff.
+async fn cut_feed(redis: &PrivateRedis) {
+    let mut admin = common::redis::connect(&redis.url()).await;
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .exec_async(&mut admin)
+        .await
+        .expect("CLIENT KILL");
+}
+
 /// A replica's mirror takes a write at once (a read right after the answer
 /// sees it) while the change reaches its change log through the feed: a
 /// stream opened in between must not get the change twice, once in the
@@ -504,14 +517,7 @@ async fn a_snapshot_taken_before_the_feed_caught_up_repeats_nothing() {
     let prefix = unique_prefix("snapshot");
     let gateway = Gateway::start(&redis_config(&redis.url(), &prefix, "gw-a")).await;
     ready(&gateway).await;
-    let mut admin = common::redis::connect(&redis.url()).await;
-    redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .exec_async(&mut admin)
-        .await
-        .expect("CLIENT KILL");
+    cut_feed(&redis).await;
     assert_eq!(
         post(&gateway, &presence("u1", "Busy", 1, "s1"))
             .await
@@ -544,14 +550,7 @@ async fn seq_never_goes_back_after_redis_loses_a_write_the_feed_had_not_delivere
     let prefix = unique_prefix("lost");
     let gateway = Gateway::start(&redis_config(&redis.url(), &prefix, "gw-a")).await;
     ready(&gateway).await;
-    let mut admin = common::redis::connect(&redis.url()).await;
-    redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .exec_async(&mut admin)
-        .await
-        .expect("CLIENT KILL");
+    cut_feed(&redis).await;
     assert_eq!(
         post(&gateway, &presence("x", "Busy", 1, "l1"))
             .await

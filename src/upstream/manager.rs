@@ -398,14 +398,21 @@ impl<U: Upstream> Manager<U> {
         if !self.read().await {
             tracing::warn!("confirming the subscription by listing only");
         }
+        self.show_unconfirmed("pending", |_| {});
+    }
+
+    /// Shows the persisted, not yet confirmed subscription on the board in
+    /// `state`, with whatever else `more` sets.
+    fn show_unconfirmed(&self, state: &str, more: impl FnOnce(&mut SubscriptionView)) {
         let shown = self
             .unconfirmed
             .as_ref()
             .map(|r| (self.show(&r.id), r.expires_at));
         self.h.board.update(self.h.slot, |v| {
-            v.state = "pending".into();
+            v.state = state.into();
             v.id = shown.as_ref().map(|(id, _)| id.clone());
             v.expires_at = shown.and_then(|(_, at)| at);
+            more(v);
         });
     }
 
@@ -672,14 +679,7 @@ impl<U: Upstream> Manager<U> {
             self.h
                 .ready
                 .send_if_modified(|ready| !std::mem::replace(ready, true));
-            let shown = self
-                .unconfirmed
-                .as_ref()
-                .map(|r| (self.show(&r.id), r.expires_at));
-            self.h.board.update(self.h.slot, |v| {
-                v.state = "standby".into();
-                v.id = shown.as_ref().map(|(id, _)| id.clone());
-                v.expires_at = shown.and_then(|(_, at)| at);
+            self.show_unconfirmed(super::STANDBY, |v| {
                 v.next_action_at = None;
                 v.last_error = None;
                 v.failures = 0;
