@@ -394,9 +394,10 @@ pub async fn sse(
         Ok(f) => f,
         Err(problem) => return problem.into_response(),
     };
-    if let Some(after) = filter.last_event_id {
-        state.store().catch_up(after).await;
-    }
+    state
+        .store()
+        .catch_up(filter.last_event_id.unwrap_or(0))
+        .await;
     let open = OpenStream::new(state.global_arc(), StreamKind::Sse);
     let streamer = Streamer::start(&state, filter, OnLag::Reset, open);
     let mut keep_alive =

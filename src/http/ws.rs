@@ -65,9 +65,10 @@ pub async fn ws(
     };
     // Positioned now, before the 101 goes out: nothing committed after the
     // consumer sees the upgrade can be missed.
-    if let Some(after) = filter.last_event_id {
-        state.store().catch_up(after).await;
-    }
+    state
+        .store()
+        .catch_up(filter.last_event_id.unwrap_or(0))
+        .await;
     let open = OpenStream::new(state.global_arc(), StreamKind::WebSocket);
     let streamer = Streamer::start(&state, filter, OnLag::Close, open);
     // Tracked, so that shutdown waits for the close frame to go out.

@@ -435,7 +435,7 @@ impl RedisBackend {
 
     /// The highest `seq` seen here: in the change log, or written or
     /// installed but not yet in it.
-    fn seen(&self, records: &Records) -> u64 {
+    pub(crate) fn seen(&self, records: &Records) -> u64 {
         self.seen
             .load(Ordering::Acquire)
             .max(records.changes().last_seq())

@@ -232,12 +232,17 @@ impl Store {
 
     /// Makes sure the change log holds every change up to `seq` that the
     /// backend has (a consumer resuming here with an id another replica
-    /// gave it, before this replica's feed brought that change): Redis only,
+    /// gave it, before this replica's feed brought that change), and every
+    /// change this replica has written or seen (a consumer opening a stream
+    /// right after a write here must not get that write's change late, as
+    /// if it came after its snapshot or its resume position): Redis only,
     /// bounded to a second or two; nothing to do in memory.
     pub async fn catch_up(&self, seq: u64) {
-        if let Backend::Redis(backend) = &self.backend
-            && self.changes().last_seq() < seq
-        {
+        if let Backend::Redis(backend) = &self.backend {
+            let seq = seq.max(backend.seen(&self.records));
+            if self.changes().last_seq() >= seq {
+                return;
+            }
             let fill = backend.backfill_to(&self.records, seq);
             if tokio::time::timeout(std::time::Duration::from_secs(2), fill)
                 .await
