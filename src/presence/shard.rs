@@ -1,14 +1,15 @@
 //! One shard of a source's records: an insertion-ordered table with its own
 //! hash index, laid out for few cache misses at a million principals.
 //!
-//! - `entries` keeps records in insertion order (stable cursor pages); each
-//!   entry holds its principal inline when it fits in [`Key::INLINE`] bytes
-//!   (UUIDs, most user@domain ids), so comparing the key touches no other
-//!   memory.
+//! - `entries` keeps records in insertion order (stable cursor pages), in
+//!   chunks that never move (see [`Entries`]); each entry holds its
+//!   principal inline when it fits in [`Key::INLINE`] bytes (UUIDs, most
+//!   user@domain ids), so comparing the key touches no other memory.
 //! - `index` is open addressing with linear probing over `u64` slots, each a
 //!   32-bit hash tag and a position: one probe is usually one cache line,
 //!   where a general hash table would read a control byte and then a slot
-//!   elsewhere.
+//!   elsewhere. It grows a few keys per insert instead of all at once (see
+//!   [`Index`]).
 //! - `words` shares short texts between records (see [`Words`]).
 //!
 //! There is no removal, which keeps linear probing simple.
@@ -71,7 +72,7 @@ pub(crate) struct Entry {
 /// The records of one shard.
 #[derive(Default)]
 pub(crate) struct Shard {
-    pub(crate) entries: Vec<Entry>,
+    pub(crate) entries: Entries,
     index: Index,
     pub(crate) words: Words,
 }
@@ -79,26 +80,11 @@ pub(crate) struct Shard {
 impl Shard {
     /// The position of `principal`, whose hash is `hash`.
     pub(crate) fn find(&self, hash: u64, principal: &str) -> Option<usize> {
-        let index = &self.index;
-        if index.slots.is_empty() {
-            return None;
-        }
-        let tag = tag(hash);
-        let mask = index.slots.len() - 1;
-        let mut i = hash as usize & mask;
-        loop {
-            let slot = index.slots[i];
-            if slot == 0 {
-                return None;
-            }
-            if (slot >> 32) as u32 == tag {
-                let position = slot as u32 as usize;
-                if self.entries[position].key.bytes() == principal.as_bytes() {
-                    return Some(position);
-                }
-            }
-            i = (i + 1) & mask;
-        }
+        let matches = |position: usize| self.entries[position].key.bytes() == principal.as_bytes();
+        self.index
+            .current
+            .find(hash, matches)
+            .or_else(|| self.index.moving.as_ref()?.old.find(hash, matches))
     }
 
     /// Appends a principal known to be absent; returns its position.
@@ -116,11 +102,7 @@ impl Shard {
             key: Key::new(principal),
             presence,
         });
-        if (self.entries.len()) * 4 > self.index.slots.len() * 3 {
-            self.index.rebuild(&self.entries, hasher);
-        } else {
-            self.index.insert(hash, position);
-        }
+        self.index.insert(hash, position, &self.entries, hasher);
         position
     }
 
@@ -135,13 +117,180 @@ fn tag(hash: u64) -> u32 {
     ((hash >> 32) as u32) | 1
 }
 
+/// A shard's entries in insertion order, in chunks of [`Entries::CHUNK`].
+///
+/// One vector of a hundred thousand entries doubles by copying all of them
+/// (megabytes, under the shard's lock: a pause of tens of milliseconds at a
+/// million principals). Chunks never move: only the last one grows, and a
+/// full chunk is followed by a new one.
+#[derive(Default)]
+pub(crate) struct Entries {
+    chunks: Vec<Vec<Entry>>,
+    len: usize,
+}
+
+impl Entries {
+    const CHUNK_BITS: u32 = 12;
+    /// Entries per chunk (about half a megabyte of them).
+    const CHUNK: usize = 1 << Self::CHUNK_BITS;
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn get(&self, position: usize) -> Option<&Entry> {
+        self.chunks
+            .get(position >> Self::CHUNK_BITS)?
+            .get(position & (Self::CHUNK - 1))
+    }
+
+    pub(crate) fn get_mut(&mut self, position: usize) -> Option<&mut Entry> {
+        self.chunks
+            .get_mut(position >> Self::CHUNK_BITS)?
+            .get_mut(position & (Self::CHUNK - 1))
+    }
+
+    pub(crate) fn push(&mut self, entry: Entry) {
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < Self::CHUNK => last.push(entry),
+            _ => self.chunks.push(vec![entry]),
+        }
+        self.len += 1;
+    }
+}
+
+impl std::ops::Index<usize> for Entries {
+    type Output = Entry;
+
+    fn index(&self, position: usize) -> &Entry {
+        match self.get(position) {
+            Some(entry) => entry,
+            None => panic!("entry {position} of {}", self.len),
+        }
+    }
+}
+
+impl std::ops::IndexMut<usize> for Entries {
+    fn index_mut(&mut self, position: usize) -> &mut Entry {
+        let len = self.len;
+        match self.get_mut(position) {
+            Some(entry) => entry,
+            None => panic!("entry {position} of {len}"),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Entries {
+    type Item = &'a Entry;
+    type IntoIter = std::iter::Flatten<std::slice::Iter<'a, Vec<Entry>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.chunks.iter().flatten()
+    }
+}
+
+/// The hash index of a shard's entries, grown without a pause.
+///
+/// Rebuilding a table of a hundred thousand keys at once held the shard's
+/// lock for tens of milliseconds (every update of the shard waited, and the
+/// sixteen shards of a source grow at about the same time). So a full table
+/// is replaced gradually: a table of twice the size takes every new key, and
+/// each insert also moves [`Index::MOVE_PER_INSERT`] of the old table's keys
+/// (by entry position, oldest first). Lookups ask the new table, then the
+/// old one, until every old key has moved.
 #[derive(Default)]
 struct Index {
+    current: Table,
+    moving: Option<Moving>,
+}
+
+/// The table being emptied into [`Index::current`].
+struct Moving {
+    old: Table,
+    /// Entries below `next` have moved; `end` is where the old table ended.
+    next: usize,
+    end: usize,
+}
+
+impl Index {
+    /// Keys moved per insert while growing. The new table has room for at
+    /// least twice the keys it starts with, so it takes half as many
+    /// inserts again before it is three quarters full: two per insert moves
+    /// them all in time (more cost more per insert, measured).
+    const MOVE_PER_INSERT: usize = 2;
+
+    /// Indexes `entries[position]`, whose hash is `hash`.
+    fn insert(&mut self, hash: u64, position: usize, entries: &Entries, hasher: &RandomState) {
+        if self.current.slots.is_empty() {
+            self.current = Table::with_slots(16);
+        }
+        self.move_keys(Self::MOVE_PER_INSERT, entries, hasher);
+        self.current.insert(hash, position);
+        let keys = position + 1;
+        if keys * 4 > self.current.slots.len() * 3 {
+            // Moving has finished by now with MOVE_PER_INSERT = 2; finishing
+            // it here keeps it correct whatever the constant.
+            self.move_keys(usize::MAX, entries, hasher);
+            let size = (keys * 2).next_power_of_two();
+            self.moving = Some(Moving {
+                old: std::mem::replace(&mut self.current, Table::with_slots(size)),
+                next: 0,
+                end: keys,
+            });
+        }
+    }
+
+    /// Moves up to `count` keys from the old table into the current one.
+    fn move_keys(&mut self, count: usize, entries: &Entries, hasher: &RandomState) {
+        let Some(moving) = &mut self.moving else {
+            return;
+        };
+        let until = moving.next.saturating_add(count).min(moving.end);
+        for position in moving.next..until {
+            let key = entries[position].key.as_str();
+            self.current.insert(hasher.hash_one(key), position);
+        }
+        moving.next = until;
+        if until == moving.end {
+            self.moving = None;
+        }
+    }
+}
+
+/// Open addressing with linear probing.
+#[derive(Default)]
+struct Table {
     /// `tag << 32 | position`, or 0 when empty; a power of two long.
     slots: Box<[u64]>,
 }
 
-impl Index {
+impl Table {
+    fn with_slots(size: usize) -> Self {
+        Table {
+            slots: vec![0; size].into_boxed_slice(),
+        }
+    }
+
+    /// The first position with `hash`'s tag for which `matches` holds.
+    fn find(&self, hash: u64, matches: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let tag = tag(hash);
+        let mask = self.slots.len() - 1;
+        let mut i = hash as usize & mask;
+        loop {
+            let slot = self.slots[i];
+            if slot == 0 {
+                return None;
+            }
+            if (slot >> 32) as u32 == tag && matches(slot as u32 as usize) {
+                return Some(slot as u32 as usize);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     fn insert(&mut self, hash: u64, position: usize) {
         let mask = self.slots.len() - 1;
         let mut i = hash as usize & mask;
@@ -149,16 +298,6 @@ impl Index {
             i = (i + 1) & mask;
         }
         self.slots[i] = (u64::from(tag(hash)) << 32) | position as u64;
-    }
-
-    /// Rebuilds the index for all `entries` at twice their number or more
-    /// (load at most one half after a rebuild, three quarters before the next).
-    fn rebuild(&mut self, entries: &[Entry], hasher: &RandomState) {
-        let size = (entries.len() * 2).next_power_of_two().max(16);
-        self.slots = vec![0; size].into_boxed_slice();
-        for (position, entry) in entries.iter().enumerate() {
-            self.insert(hasher.hash_one(entry.key.as_str()), position);
-        }
     }
 }
 
@@ -233,9 +372,10 @@ mod tests {
     }
 
     #[test]
-    fn finds_every_key_across_rebuilds_inline_or_not() {
+    fn finds_every_key_while_and_after_growing_inline_or_not() {
         let hasher = RandomState::default();
         let mut shard = Shard::default();
+        let mut moves = 0;
         let ids: Vec<String> = (0..5_000)
             .map(|i| match i % 3 {
                 0 => format!("{i:08}-5a9e-4a57-9d1e-2f6f8f7e9b11"),
@@ -246,8 +386,16 @@ mod tests {
         for (n, id) in ids.iter().enumerate() {
             let hash = hasher.hash_one(id.as_str());
             assert_eq!(shard.find(hash, id), None);
+            let before = shard.index.moving.is_some();
             assert_eq!(shard.push(hash, id, presence(), &hasher), n);
+            moves += usize::from(!before && shard.index.moving.is_some());
+            // Keys from before and during a move are found mid-way.
+            for earlier in [0, n / 2, n] {
+                let id = &ids[earlier];
+                assert_eq!(shard.find(hasher.hash_one(id.as_str()), id), Some(earlier));
+            }
         }
+        assert!(moves > 5, "the index grew several times, gradually");
         for (n, id) in ids.iter().enumerate() {
             assert_eq!(shard.find(hasher.hash_one(id.as_str()), id), Some(n));
             assert_eq!(shard.entries[n].key.as_str(), id);
@@ -267,9 +415,9 @@ mod tests {
                 presence: presence(),
             });
         }
-        shard.index.slots = vec![0; 16].into_boxed_slice();
-        shard.index.insert(42, 0);
-        shard.index.insert(42, 1);
+        shard.index.current = Table::with_slots(16);
+        shard.index.current.insert(42, 0);
+        shard.index.current.insert(42, 1);
         assert_eq!(shard.find(42, "a"), Some(0));
         assert_eq!(shard.find(42, "b"), Some(1));
         assert_eq!(shard.find(42, "c"), None);
