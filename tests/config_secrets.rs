@@ -254,3 +254,30 @@ fn environment_overrides_are_reported_without_their_value() {
         assert_reported(&config, &[(name, SECRET)], name, &[key.to_owned()]);
     }
 }
+
+#[test]
+fn urls_that_fail_validation_are_not_quoted() {
+    // A URL may carry credentials in its user info.
+    let dir = Dir::new("urls");
+    let config = dir.0.join("urls.toml");
+    let text = format!(
+        r#"[[sources]]
+id = "ns"
+kind = "netsapiens"
+api_base = "ftp://admin:{SECRET}@ns.example.com"
+
+[sources.subscription]
+callback_url = "gw.example.com/hook?token={SECRET}"
+
+[sources.auth]
+type = "bearer"
+token = "t"
+"#
+    );
+    std::fs::write(&config, text).expect("write config");
+    let expect = [
+        "sources[0].api_base".to_owned(),
+        "sources[0].subscription.callback_url".to_owned(),
+    ];
+    assert_reported(&config, &[], "bad URLs", &expect);
+}
