@@ -3,7 +3,8 @@
 //!
 //! Loading happens in three steps. The file is parsed strictly with `toml`
 //! first, so syntax errors, unknown keys and wrong types are reported with
-//! their line. Then the `config` crate layers `PRESENCE_GATEWAY__SECTION__KEY`
+//! their line, column and key path (worded by `report`, which never quotes
+//! the file's text or a value). Then the `config` crate layers `PRESENCE_GATEWAY__SECTION__KEY`
 //! environment variables over it. Finally `Config::resolve` resolves secret
 //! references (`env:NAME`, `file:PATH`, literal) once, into [`Secret`]s, and
 //! checks every value, collecting all problems rather than stopping at the
@@ -23,6 +24,7 @@ use serde::Deserialize;
 pub mod consumers;
 pub mod mitel;
 pub mod netsapiens;
+mod report;
 pub mod secrets;
 pub mod server;
 pub mod sources;
@@ -138,9 +140,10 @@ impl Config {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         // Strict first pass: line numbers for syntax errors, unknown keys, types.
-        toml::from_str::<RawConfig>(text).map_err(|e| ConfigError::Syntax {
+        // (Worded by `report`: key and position, never the value.)
+        report::strict::<RawConfig>(text).map_err(|message| ConfigError::Syntax {
             path: path.to_owned(),
-            message: e.to_string(),
+            message,
         })?;
         // `PRESENCE_GATEWAY__STORE__REDIS__URL` is `store.redis.url`: the
         // crate lowercases the name and turns each `__` into a level, so
@@ -173,7 +176,7 @@ impl Config {
             .add_source(environment(scalars))
             .build()
             .and_then(config::Config::try_deserialize)
-            .map_err(|e| ConfigError::Override(e.to_string()))?;
+            .map_err(|e| ConfigError::Override(report::override_error(&e)))?;
         Self::resolve(raw, &lookup)
     }
 

@@ -473,8 +473,9 @@ fn managed(
     let mut base = |field: &str, given: Option<&str>, default: Option<&str>| match given.or(default)
     {
         Some(base) if url_ok(base) => base.trim_end_matches('/').to_owned(),
-        Some(base) => {
-            problems.push((field.into(), format!("{base:?} is not an http(s) URL")));
+        Some(_) => {
+            // Not quoted: a URL may carry credentials (`https://user:pw@...`).
+            problems.push((field.into(), "is not an http(s) URL with a host".into()));
             String::new()
         }
         None => {
@@ -509,9 +510,10 @@ fn managed(
         ));
     }
     if !websocket && !ucwa && !url_ok(&sub.callback_url) {
+        // Not quoted, like the API roots above.
         problems.push((
             "subscription.callback_url".into(),
-            format!("{:?} is not an http(s) URL", sub.callback_url),
+            "is not an http(s) URL with a host".into(),
         ));
     }
     if !mitel && !ucwa && sub.lifetime_secs == 0 {

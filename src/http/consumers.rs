@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -13,6 +12,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
+use super::extract::{LimitedBody, PathParams};
 use super::problem::Problem;
 use crate::presence::{Availability, Cursor, Millis, PresenceRecord};
 use crate::sources::{Rejection, Source};
@@ -23,6 +23,9 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 /// Most principals one `POST /v1/presence/query` may ask for.
 const MAX_QUERY_PRINCIPALS: usize = 1000;
+/// Largest body of `POST /v1/presence/query`: room for the most principals
+/// with long ids (it was axum's default limit before it was named here).
+const MAX_QUERY_BODY: usize = 2 * 1024 * 1024;
 
 /// Rejects requests without a valid bearer token (when tokens are configured).
 pub async fn require_token(
@@ -77,7 +80,7 @@ fn source_or_404<'a>(state: &'a AppState, id: &str) -> Result<&'a Source, Proble
 /// `GET /v1/presence/{source}/{principal}`.
 pub async fn get_one(
     State(state): State<AppState>,
-    Path((source, principal)): Path<(String, String)>,
+    PathParams((source, principal)): PathParams<(String, String)>,
 ) -> Result<Json<PresenceRecord>, Problem> {
     let src = source_or_404(&state, &source)?;
     state
@@ -203,7 +206,7 @@ pub struct QueryResult {
 /// `POST /v1/presence/query` `{"principals": [...], "source": "..."}`.
 pub async fn query(
     State(state): State<AppState>,
-    body: Bytes,
+    LimitedBody(body): LimitedBody<MAX_QUERY_BODY>,
 ) -> Result<Json<QueryResult>, Problem> {
     let q: QueryBody = serde_json::from_slice(&body).map_err(|e| {
         Problem::bad_request(

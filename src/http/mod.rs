@@ -4,6 +4,7 @@
 pub mod client_addr;
 pub mod consumers;
 pub mod edge;
+pub mod extract;
 pub mod listener;
 pub mod ops;
 pub mod problem;
@@ -23,7 +24,7 @@ use crate::sources::Sources;
 use crate::telemetry::{GlobalStats, Metrics};
 use axum::http::HeaderName;
 use axum::response::IntoResponse;
-use axum::routing::{any, get, post};
+use axum::routing::{MethodRouter, any, get, post};
 use edge::Edge;
 use ipnet::IpNet;
 use problem::Problem;
@@ -169,27 +170,55 @@ impl AppState {
     }
 }
 
+/// The consumer API, nested under `/v1` behind the token check.
+fn v1_routes() -> [(&'static str, MethodRouter<AppState>); 6] {
+    [
+        ("/presence", get(consumers::list)),
+        ("/presence/query", post(consumers::query)),
+        ("/presence/{source}/{principal}", get(consumers::get_one)),
+        ("/sources", get(consumers::sources)),
+        ("/stream", get(stream::sse)),
+        ("/ws", get(ws::ws)),
+    ]
+}
+
+/// Everything outside `/v1`.
+fn open_routes() -> [(&'static str, MethodRouter<AppState>); 7] {
+    [
+        ("/webhooks/{source_id}", any(webhooks::receive)),
+        ("/healthz", get(ops::healthz)),
+        ("/readyz", get(ops::readyz)),
+        ("/metrics", get(ops::metrics)),
+        ("/", get(ops::dashboard)),
+        ("/assets/dashboard.js", get(ops::dashboard_js)),
+        ("/assets/dashboard.css", get(ops::dashboard_css)),
+    ]
+}
+
+/// The path template of every route the router serves (`/v1/presence/{source}/{principal}`,
+/// ...), taken from the same tables: for tests that must walk them all.
+pub fn route_templates() -> Vec<String> {
+    let v1 = v1_routes().map(|(path, _)| format!("/v1{path}"));
+    let open = open_routes().map(|(path, _)| path.to_owned());
+    v1.into_iter().chain(open).collect()
+}
+
 fn routes(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/presence", get(consumers::list))
-        .route("/presence/query", post(consumers::query))
-        .route("/presence/{source}/{principal}", get(consumers::get_one))
-        .route("/sources", get(consumers::sources))
-        .route("/stream", get(stream::sse))
-        .route("/ws", get(ws::ws))
+    let v1 = v1_routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, handler)| {
+            router.route(path, handler)
+        })
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             consumers::require_token,
         ));
-    Router::new()
-        .route("/webhooks/{source_id}", any(webhooks::receive))
+    open_routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, handler)| {
+            router.route(path, handler)
+        })
         .nest("/v1", v1)
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/", get(ops::dashboard))
-        .route("/assets/dashboard.js", get(ops::dashboard_js))
-        .route("/assets/dashboard.css", get(ops::dashboard_css))
         .fallback(|| async { Problem::not_found("no such resource").into_response() })
         .method_not_allowed_fallback(|| async {
             Problem::new(

@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 
 use super::client_addr::client_addr;
+use super::extract::PathParams;
 use super::listener::Peer;
 use super::problem::Problem;
 use super::{AppState, REQUEST_ID};
@@ -58,7 +59,7 @@ impl Rejected {
 /// The webhook endpoint, for every method (so that 404 comes before 405).
 pub async fn receive(
     State(state): State<AppState>,
-    Path(source_id): Path<String>,
+    PathParams(source_id): PathParams<String>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     request: Request<Body>,
 ) -> Response {

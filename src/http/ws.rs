@@ -54,6 +54,10 @@ pub async fn ws(
     };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
+        // (HEAD reaches here too: the route's GET answers it.)
+        Err(rejection) if rejection.status() == axum::http::StatusCode::METHOD_NOT_ALLOWED => {
+            return Problem::method_not_allowed("GET").into_response();
+        }
         Err(rejection) => {
             return Problem::new(
                 rejection.status(),

@@ -34,8 +34,17 @@ use token::{Grant, TokenSource, TokenStore};
 
 /// Connect timeout of upstream calls.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Whole-request timeout of upstream calls.
+/// Whole-request timeout of upstream calls (reading the answer included).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Most bytes read of a provider API answer: subscription lists, UCWA
+/// resources and event batches are kilobytes; a provider (or whatever
+/// answers in its place) that sends more fails the call instead of filling
+/// memory.
+pub const MAX_API_ANSWER: usize = 4 * 1024 * 1024;
+/// Most bytes read of a token endpoint's answer (a token, a refresh token
+/// and a few fields).
+pub const MAX_TOKEN_ANSWER: usize = 64 * 1024;
 
 /// The client for provider APIs: rustls (ring), connect and request
 /// timeouts, no redirects to other hosts' credentials (bearer headers are
@@ -476,10 +485,7 @@ pub(crate) async fn send_raw(
             continue;
         }
         let retry_after_ms = retry_after(&response);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error("API answer", &e))?;
+        let body = read_limited(response, MAX_API_ANSWER, "API answer").await?;
         return Ok(Answer {
             status,
             retry_after_ms,
@@ -532,6 +538,39 @@ fn http_client_waiting(wait: Duration) -> Result<reqwest::Client, reqwest::Error
         .timeout(wait + REQUEST_TIMEOUT)
         .user_agent(concat!("presence-gateway/", env!("CARGO_PKG_VERSION")))
         .build()
+}
+
+/// The body of `response`, at most `limit` bytes. A declared length over
+/// the limit fails before anything is read, and a body that grows past it
+/// (an endless chunked answer) fails once it does; either way the call fails
+/// like any other (retried with backoff), and the connection is dropped.
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<axum::body::Bytes, UpstreamError> {
+    let too_large = || UpstreamError::Transient {
+        message: format!("{what} is larger than the limit of {limit} bytes"),
+        retry_after_ms: None,
+    };
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport_error(what, &e))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.into())
 }
 
 /// A transport failure, described without the URL's query (which could

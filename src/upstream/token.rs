@@ -181,7 +181,8 @@ impl TokenSource {
                 UpstreamError::Rejected(format!("token endpoint answered {status}"))
             });
         }
-        let answer: TokenAnswer = response.json().await.map_err(|_| {
+        let body = super::read_limited(response, super::MAX_TOKEN_ANSWER, "token answer").await?;
+        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::Rejected("token endpoint answered without an access_token".into())
         })?;
         // A day at most: a bogus `expires_in` must not keep a token forever
