@@ -8,8 +8,9 @@
 //! room again.
 //!
 //! Every test runs `presence-gateway --config <file>` as a child process
-//! (`tests/common/process.rs`: a picked port, retried when someone else
-//! took it first), waits for `/readyz` with a bound, and keeps its files in
+//! (`tests/common/process.rs`: on a listener the test bound and passes
+//! as descriptor 3, a fresh port each start), waits for `/readyz` with a
+//! bound, and keeps its files in
 //! a directory of its own under the system temp dir, removed at the end.
 //! Children are killed when a test fails.
 
