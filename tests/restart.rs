@@ -448,6 +448,10 @@ async fn a_sigkill_loses_nothing_acknowledged_a_second_before_it() {
     assert_eq!(last, N as u64);
 
     // Everything was acknowledged more than a second before the crash.
+    // This wait is the subject of the test, not a pause for something to
+    // settle: DESIGN §8 keeps what was acknowledged more than 1 s before a
+    // SIGKILL, and no condition the gateway shows could stand in for the
+    // passing of that second (0.5 s more for the machine's scheduling).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.kill9().await;
 
