@@ -283,6 +283,16 @@ async fn cluster_post(gw: &Gateway, url: &str, id: &str, body: &Value) -> u16 {
         .as_u16()
 }
 
+/// An expiry for a subscription the provider already has: far beyond
+/// anything a test waits for, whatever today's date (RFC 3339, UTC, which
+/// NetSapiens also answers with).
+fn a_day_from_now() -> String {
+    let now = jiff::Timestamp::now().as_second();
+    jiff::Timestamp::from_second(now + 86_400)
+        .expect("a representable time")
+        .to_string()
+}
+
 fn presence(user: &str, word: &str) -> Value {
     json!([{"user": user, "domain": "acme.example", "presence": word, "message": "", "time": "2026-11-24 10:00:00"}])
 }
@@ -356,7 +366,7 @@ async fn adopts_what_exists_renews_before_expiry_and_refreshes_the_token() {
     api.0.lock().subscriptions.push(json!({
         "id": "sub-existing", "model": "presence", "post-url": "PLACEHOLDER",
         "domain": "acme.example", "status": "active", "posts-count": 7, "error-count": 1,
-        "subscription-expires-datetime": "2099-01-01 00:00:00"
+        "subscription-expires-datetime": a_day_from_now()
     }));
     // The existing one points at the gateway, so it is adopted.
     let (listener, callback) = webhook_listener("ns").await;
@@ -534,7 +544,7 @@ async fn not_ready_until_the_subscriptions_are_adopted_then_their_ids_authentica
     api.0.lock().subscriptions.push(json!({
         "id": "sub-existing", "model": "presence", "post-url": callback,
         "domain": "acme.example", "status": "active",
-        "subscription-expires-datetime": "2099-01-01 00:00:00"
+        "subscription-expires-datetime": a_day_from_now()
     }));
     let gw = start_gateway_on(&base, listener, &callback, "").await;
 
