@@ -58,7 +58,9 @@ pub enum Command {
     },
 }
 
-/// Runs the parsed command line.
+/// Runs the parsed command line. Call it from the binary's `main` before
+/// any other thread starts: `serve` takes the socket-activation variables
+/// out of the environment, which is sound only while no other thread runs.
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config, cli.log_format),
