@@ -3,6 +3,8 @@
 //! `main.rs` only parses arguments and calls [`main`]; everything it does is
 //! here so that the subcommands can be tested.
 
+mod activation;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -56,7 +58,9 @@ pub enum Command {
     },
 }
 
-/// Runs the parsed command line.
+/// Runs the parsed command line. Call it from the binary's `main` before
+/// any other thread starts: `serve` takes the socket-activation variables
+/// out of the environment, which is sound only while no other thread runs.
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config, cli.log_format),
@@ -69,7 +73,18 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn serve(path: &Path, format: LogFormat) -> ExitCode {
+    // First of all: descriptor 3 is still the one the service manager
+    // passed (nothing has opened a file yet), and no other thread runs.
+    // SAFETY: `serve` runs on `main`'s thread before anything else.
+    let inherited = unsafe { activation::take() };
     init_logging(format);
+    let inherited = match inherited {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("socket activation: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -88,12 +103,8 @@ fn serve(path: &Path, format: LogFormat) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(addr = %config.server.listen, error = %e, "cannot listen");
-                return ExitCode::FAILURE;
-            }
+        let Some(listener) = listener(&config, inherited).await else {
+            return ExitCode::FAILURE;
         };
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_watcher(shutdown.clone()));
@@ -105,6 +116,48 @@ fn serve(path: &Path, format: LogFormat) -> ExitCode {
             }
         }
     })
+}
+
+/// The socket to serve: the one the service manager passed, else
+/// `server.listen` bound now. Says which in the log; `None` (logged) when
+/// neither can be had.
+async fn listener(
+    config: &Config,
+    inherited: activation::Listener,
+) -> Option<tokio::net::TcpListener> {
+    let addr = config.server.listen;
+    match inherited {
+        activation::Listener::Inherited(listener) => {
+            let local = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => {
+                    tracing::info!(
+                        addr = %local,
+                        "serving the socket passed by the service manager (LISTEN_FDS); \
+                         server.listen is not bound"
+                    );
+                    return Some(l);
+                }
+                Err(e) => {
+                    tracing::error!(addr = %local, error = %e, "cannot serve the passed socket");
+                    return None;
+                }
+            }
+        }
+        activation::Listener::OtherProcess(pid) => tracing::info!(
+            %addr,
+            listen_pid = pid,
+            "LISTEN_FDS is meant for another process: binding server.listen"
+        ),
+        activation::Listener::Bind => tracing::info!(%addr, "binding server.listen"),
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .inspect_err(|e| tracing::error!(%addr, error = %e, "cannot listen"))
+        .ok()
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.

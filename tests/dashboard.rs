@@ -35,14 +35,20 @@ impl Browser {
                  (bash .ci/run does)"
             );
         }
-        let (port, _) = common::pick_port("unused");
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
+        // Port 0: ChromeDriver binds a free port itself and says which.
+        let mut driver = Command::new(CHROMEDRIVER)
+            .arg("--port=0")
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("start chromedriver");
+        let port = tokio::time::timeout(
+            Duration::from_secs(30),
+            driver_port(driver.stdout.take().expect("chromedriver's stdout")),
+        )
+        .await
+        .expect("chromedriver did not say its port within 30 s");
         let http = reqwest::Client::new();
         let base = format!("http://127.0.0.1:{port}");
         let mut ready = false;
@@ -166,6 +172,29 @@ impl Browser {
     }
 }
 
+/// Reads ChromeDriver's stdout up to "ChromeDriver was started
+/// successfully on port N." and returns N; goes on reading (and dropping)
+/// the rest, so that the driver never blocks on a full pipe.
+async fn driver_port(stdout: tokio::process::ChildStdout) -> u16 {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    while let Some(line) = lines.next_line().await.expect("chromedriver's stdout") {
+        let port = line
+            .strip_prefix("ChromeDriver was started successfully on port ")
+            .and_then(|rest| rest.trim_end_matches('.').parse().ok());
+        if let Some(port) = port {
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return port;
+        }
+        seen.push(line);
+    }
+    panic!(
+        "chromedriver exited without saying its port:\n{}",
+        seen.join("\n")
+    )
+}
+
 /// Posts a presence change observed `step` ms after the test's start.
 async fn post(gw: &Gateway, principal: &str, status: &str, note: &str, step: i64) {
     static START: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
@@ -180,11 +209,17 @@ async fn post(gw: &Gateway, principal: &str, status: &str, note: &str, step: i64
     gw.post_signed("mitel", MITEL_KEY, &body).await;
 }
 
-/// Starts the gateway on `port` and waits until it is ready, as a proxy
-/// would before sending it webhooks (the store may still be loading: on
-/// the Redis backend, webhooks get 503 until then).
-async fn start_ready(config: &str, port: u16) -> Gateway {
-    let gw = Gateway::start_on_port(config, port).await;
+/// Starts the gateway on a copy of `listener` and waits until it is
+/// ready, as a proxy would before sending it webhooks (the store may still
+/// be loading: on the Redis backend, webhooks get 503 until then). The
+/// test keeps the listener, so a restarted gateway serves the same origin
+/// the page was loaded from, with nothing able to take the port between
+/// the two; the page's reconnection waits in the socket's backlog.
+async fn start_ready(config: &str, listener: &std::net::TcpListener) -> Gateway {
+    let copy = listener.try_clone().expect("duplicate the listener");
+    copy.set_nonblocking(true).expect("non-blocking listener");
+    let copy = tokio::net::TcpListener::from_std(copy).expect("listener");
+    let gw = Gateway::start_on_listener(config, copy).await;
     common::wait_until("readiness", std::time::Duration::from_secs(10), || async {
         gw.readyz().await == 200
     })
@@ -208,7 +243,8 @@ const VISIBLE_ROWS: &str =
 
 #[tokio::test]
 async fn the_dashboard_follows_webhooks_live_in_a_real_browser() {
-    let (port, _) = common::pick_port("mitel");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("local addr").port();
     // A second source whose managed subscription cannot be created (its
     // API is a closed port): the page shows its state.
     let config = common::mitel_config(&format!(
@@ -227,7 +263,7 @@ callback_url = "http://127.0.0.1:{port}/webhooks/ns"
 domain = "acme.example"
 "#
     ));
-    let gw = start_ready(&config, port).await;
+    let gw = start_ready(&config, &listener).await;
     post(&gw, "alice", "Busy", "in a meeting", 1).await;
     let browser = Browser::start().await;
     // The token in the fragment: the page keeps it and drops it from the URL.
@@ -291,7 +327,7 @@ domain = "acme.example"
             json!(true),
         )
         .await;
-    let gw = start_ready(&config, port).await;
+    let gw = start_ready(&config, &listener).await;
     post(&gw, "carol", "DoNotDisturb", "", 4).await;
     browser
         .eval(

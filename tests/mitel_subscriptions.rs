@@ -14,9 +14,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use common::scripted::Failures;
-use common::{Gateway, MITEL_KEY, TOKEN, fixture, pick_port, settle, sign};
+use common::{Gateway, MITEL_KEY, TOKEN, fixture, settle, sign, webhook_listener};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 
 const OLD_KEY: &str = "0d5c3c4e-old-application-id";
 const ALL: &str = "/presentities/[^/]+$";
@@ -164,12 +165,18 @@ async fn start_mock() -> (MockApi, String) {
 }
 
 /// A gateway whose source `mitel` manages its subscriptions at the mock
-/// (both APIs on the same mock server), checked every 5 minutes.
-async fn start_gateway(base: &str, port: u16, callback: &str, keys: &str, extra: &str) -> Gateway {
+/// (both APIs on the same mock server), checked every 5 minutes, serving
+/// `listener` (whose URL `callback` is).
+async fn start_gateway(
+    base: &str,
+    listener: TcpListener,
+    callback: &str,
+    keys: &str,
+    extra: &str,
+) -> Gateway {
     let config = format!(
         r#"
 [server]
-listen = "127.0.0.1:{port}"
 shutdown_grace_secs = 5
 
 [consumers]
@@ -196,7 +203,7 @@ retry_max_secs = 60
 {extra}
 "#
     );
-    Gateway::start_on_port(&config, port).await
+    Gateway::start_on_listener(&config, listener).await
 }
 
 async fn sources(gw: &Gateway) -> Value {
@@ -206,9 +213,9 @@ async fn sources(gw: &Gateway) -> Value {
 #[tokio::test(start_paused = true)]
 async fn creates_presence_and_media_subscriptions_and_receives_both() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port("mitel");
+    let (listener, callback) = webhook_listener("mitel").await;
     let keys = format!("\"{MITEL_KEY}\"");
-    let gw = start_gateway(&base, port, &callback, &keys, "media = true").await;
+    let gw = start_gateway(&base, listener, &callback, &keys, "media = true").await;
     settle().await;
     let subs = api.subscriptions();
     assert_eq!(subs.len(), 2, "{:?}", api.calls());
@@ -253,10 +260,10 @@ async fn creates_presence_and_media_subscriptions_and_receives_both() {
 #[tokio::test(start_paused = true)]
 async fn per_principal_subscriptions_without_method_filter() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port("mitel");
+    let (listener, callback) = webhook_listener("mitel").await;
     let keys = format!("\"{MITEL_KEY}\"");
     let extra = "principals = [\"u1\", \"u2\"]\nmethod_filter = \"\"";
-    let _gw = start_gateway(&base, port, &callback, &keys, extra).await;
+    let _gw = start_gateway(&base, listener, &callback, &keys, extra).await;
     settle().await;
     let filters: Vec<String> = api.filters().into_iter().map(|(_, f)| f).collect();
     assert_eq!(filters, ["/presentities/u1", "/presentities/u2"]);
@@ -266,13 +273,13 @@ async fn per_principal_subscriptions_without_method_filter() {
 #[tokio::test(start_paused = true)]
 async fn adopts_a_matching_subscription_and_recreates_a_vanished_one() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port("mitel");
+    let (listener, callback) = webhook_listener("mitel").await;
     api.0.lock().subscriptions.push(json!({
         "subscriptionId": "existing", "applicationId": MITEL_KEY, "deviceId": callback,
         "transport": "webhook", "topic": "platform-api-presence", "subjectFilter": ALL,
     }));
     let keys = format!("\"{MITEL_KEY}\"");
-    let gw = start_gateway(&base, port, &callback, &keys, "").await;
+    let gw = start_gateway(&base, listener, &callback, &keys, "").await;
     settle().await;
     assert_eq!(api.subscriptions().len(), 1, "adopted: {:?}", api.calls());
     assert_eq!(sources(&gw).await["subscriptions"][0]["id"], "existing");
@@ -293,9 +300,9 @@ async fn tokens_are_refreshed_and_429_is_waited_out() {
     let (api, base) = start_mock().await;
     api.0.lock().token_lifetime = 600;
     api.fail("POST", 429, Some(45));
-    let (port, callback) = pick_port("mitel");
+    let (listener, callback) = webhook_listener("mitel").await;
     let keys = format!("\"{MITEL_KEY}\"");
-    let gw = start_gateway(&base, port, &callback, &keys, "").await;
+    let gw = start_gateway(&base, listener, &callback, &keys, "").await;
     settle().await;
     let state = sources(&gw).await["subscriptions"][0]["state"].clone();
     assert!(state.as_str().unwrap().contains("429"), "{state}");
@@ -315,14 +322,14 @@ async fn tokens_are_refreshed_and_429_is_waited_out() {
 #[tokio::test(start_paused = true)]
 async fn key_rotation_new_subscriptions_use_the_new_key_old_ones_keep_verifying() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port("mitel");
+    let (listener, callback) = webhook_listener("mitel").await;
     // The provider still has the subscription made with the old key.
     api.0.lock().subscriptions.push(json!({
         "subscriptionId": "old-sub", "applicationId": OLD_KEY, "deviceId": callback,
         "transport": "webhook", "topic": "platform-api-presence", "subjectFilter": ALL,
     }));
     let keys = format!("\"{MITEL_KEY}\", \"{OLD_KEY}\"");
-    let gw = start_gateway(&base, port, &callback, &keys, "").await;
+    let gw = start_gateway(&base, listener, &callback, &keys, "").await;
     settle().await;
     let subs = api.subscriptions();
     assert_eq!(subs.len(), 2, "not adopted: signed with another key");
@@ -340,11 +347,11 @@ async fn key_rotation_new_subscriptions_use_the_new_key_old_ones_keep_verifying(
 #[tokio::test(start_paused = true)]
 async fn delete_on_shutdown_removes_its_subscriptions() {
     let (api, base) = start_mock().await;
-    let (port, callback) = pick_port("mitel");
+    let (listener, callback) = webhook_listener("mitel").await;
     let keys = format!("\"{MITEL_KEY}\"");
     let gw = start_gateway(
         &base,
-        port,
+        listener,
         &callback,
         &keys,
         "media = true\ndelete_on_shutdown = true",

@@ -9,8 +9,8 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -158,7 +158,8 @@ async fn pipe(
 struct MockApi {
     subscriptions: Arc<Mutex<Vec<Value>>>,
     relay_port: Arc<AtomicU16>,
-    urls_issued: Arc<AtomicU32>,
+    /// When each WebSocket URL was handed out.
+    urls_issued: Arc<Mutex<Vec<Instant>>>,
     tag: String,
 }
 
@@ -181,7 +182,11 @@ async fn create(State(api): State<MockApi>, axum::Json(body): axum::Json<Value>)
 
 async fn connections(State(api): State<MockApi>, axum::Json(body): axum::Json<Value>) -> Response {
     assert_eq!(body["transport"], "websocket");
-    let n = api.urls_issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let n = {
+        let mut issued = api.urls_issued.lock();
+        issued.push(Instant::now());
+        issued.len()
+    };
     let port = api.relay_port.load(Ordering::SeqCst);
     let url = format!(
         "ws://127.0.0.1:{port}/mqtt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=sig{n}"
@@ -339,7 +344,7 @@ async fn envelopes_over_mqtt_reach_the_store_and_survive_a_broker_restart() {
         !restarted.queries.lock().is_empty() && mqtt_state(&gw).await == "connected"
     })
     .await;
-    assert!(api.urls_issued.load(Ordering::SeqCst) >= 2);
+    assert!(api.urls_issued.lock().len() >= 2);
     let later = fixture("mitel-presence.json")
         .replace("\"Busy\"", "\"Away\"")
         .replace("1764000930123", "1764000999999")
@@ -371,10 +376,19 @@ async fn a_socket_closed_right_after_connect_is_reported_not_hammered() {
         state.starts_with("failed: ") && state.contains("permissions")
     })
     .await;
-    // Backed off (100 ms doubling to 1 s), not a tight loop.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let attempts = api.urls_issued.load(Ordering::SeqCst);
-    assert!((2..=12).contains(&attempts), "{attempts} URLs in about 2 s");
+    // Backed off, not a tight loop: each delay is at least half of 100 ms
+    // doubling to 1 s, so the fifth URL comes no sooner than 50 + 100 +
+    // 200 + 400 ms after the first (a slow machine only adds to that).
+    eventually("five attempts", || async {
+        api.urls_issued.lock().len() >= 5
+    })
+    .await;
+    let issued = api.urls_issued.lock().clone();
+    let backed_off = issued[4] - issued[0];
+    assert!(
+        backed_off >= Duration::from_millis(750),
+        "5 URLs within {backed_off:?}: {issued:?}"
+    );
     let problem = gw.post_webhook("mitel-ws", "{}", None).await;
     assert_eq!(problem.status(), 404, "no webhooks for a socket source");
 }

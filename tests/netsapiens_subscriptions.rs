@@ -18,9 +18,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use common::scripted::Failures;
-use common::{Gateway, TOKEN, pick_port, settle};
+use common::{Gateway, TOKEN, settle, webhook_listener};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 
 #[derive(Default)]
 struct Mock {
@@ -216,23 +217,29 @@ async fn start_mock() -> (MockApi, String) {
 /// at the mock. The callback URL is the gateway's own webhook URL, so the
 /// mock can post to it; the listener is bound first to know the port.
 async fn start_gateway(api_base: &str, extra: &str) -> (Gateway, String) {
-    let (port, callback) = pick_port("ns");
+    let (listener, callback) = webhook_listener("ns").await;
     (
-        start_gateway_on(api_base, port, &callback, extra).await,
+        start_gateway_on(api_base, listener, &callback, extra).await,
         callback,
     )
 }
 
-async fn start_gateway_on(api_base: &str, port: u16, callback: &str, extra: &str) -> Gateway {
-    Gateway::start_on_port(&config(api_base, port, callback, extra), port).await
+/// A gateway as [`start_gateway`] starts it, serving `listener` (whose
+/// webhook URL of source `ns` is `callback`).
+async fn start_gateway_on(
+    api_base: &str,
+    listener: TcpListener,
+    callback: &str,
+    extra: &str,
+) -> Gateway {
+    Gateway::start_on_listener(&config(api_base, callback, extra), listener).await
 }
 
 /// The config of [`start_gateway_on`].
-fn config(api_base: &str, port: u16, callback: &str, extra: &str) -> String {
+fn config(api_base: &str, callback: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
-listen = "127.0.0.1:{port}"
 shutdown_grace_secs = 5
 
 [consumers]
@@ -274,6 +281,16 @@ async fn cluster_post(gw: &Gateway, url: &str, id: &str, body: &Value) -> u16 {
         .unwrap()
         .status()
         .as_u16()
+}
+
+/// An expiry for a subscription the provider already has: far beyond
+/// anything a test waits for, whatever today's date (RFC 3339, UTC, which
+/// NetSapiens also answers with).
+fn a_day_from_now() -> String {
+    let now = jiff::Timestamp::now().as_second();
+    jiff::Timestamp::from_second(now + 86_400)
+        .expect("a representable time")
+        .to_string()
 }
 
 fn presence(user: &str, word: &str) -> Value {
@@ -349,12 +366,12 @@ async fn adopts_what_exists_renews_before_expiry_and_refreshes_the_token() {
     api.0.lock().subscriptions.push(json!({
         "id": "sub-existing", "model": "presence", "post-url": "PLACEHOLDER",
         "domain": "acme.example", "status": "active", "posts-count": 7, "error-count": 1,
-        "subscription-expires-datetime": "2099-01-01 00:00:00"
+        "subscription-expires-datetime": a_day_from_now()
     }));
     // The existing one points at the gateway, so it is adopted.
-    let (port, callback) = pick_port("ns");
+    let (listener, callback) = webhook_listener("ns").await;
     api.0.lock().subscriptions[0]["post-url"] = json!(callback.clone());
-    let gw = start_gateway_on(&base, port, &callback, "").await;
+    let gw = start_gateway_on(&base, listener, &callback, "").await;
     settle().await;
     assert_eq!(
         api.ids(),
@@ -523,15 +540,13 @@ async fn not_ready_until_the_subscriptions_are_adopted_then_their_ids_authentica
     let (api, base) = start_mock().await;
     let (open_list, held) = tokio::sync::watch::channel(false);
     api.0.lock().list_gate = Some(held);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let callback = format!("http://127.0.0.1:{port}/webhooks/ns");
+    let (listener, callback) = webhook_listener("ns").await;
     api.0.lock().subscriptions.push(json!({
         "id": "sub-existing", "model": "presence", "post-url": callback,
         "domain": "acme.example", "status": "active",
-        "subscription-expires-datetime": "2099-01-01 00:00:00"
+        "subscription-expires-datetime": a_day_from_now()
     }));
-    let gw = Gateway::start_on_listener(&config(&base, port, &callback, ""), listener).await;
+    let gw = start_gateway_on(&base, listener, &callback, "").await;
 
     let lists = |api: &MockApi| api.calls().iter().filter(|c| c.starts_with("GET")).count();
     let within = Duration::from_secs(10);

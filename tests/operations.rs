@@ -208,9 +208,18 @@ async fn healthcheck_subcommand_probes_healthz() {
     .await
     .unwrap();
     assert!(ok.success());
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let closed_addr = closed.local_addr().unwrap().to_string();
-    drop(closed);
+    // A port this test holds (bound) without listening: connections to it
+    // are refused, and no other process can start listening there.
+    let closed = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    closed
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let closed_addr = closed
+        .local_addr()
+        .unwrap()
+        .as_socket()
+        .unwrap()
+        .to_string();
     let failed = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
             .args(["healthcheck", "--timeout", "1", "--addr", &closed_addr])
@@ -220,6 +229,7 @@ async fn healthcheck_subcommand_probes_healthz() {
     .await
     .unwrap();
     assert!(!failed.success());
+    drop(closed);
 }
 
 #[test]

@@ -8,8 +8,9 @@
 //! room again.
 //!
 //! Every test runs `presence-gateway --config <file>` as a child process
-//! (`tests/common/process.rs`: a picked port, retried when someone else
-//! took it first), waits for `/readyz` with a bound, and keeps its files in
+//! (`tests/common/process.rs`: on a listener the test bound and passes
+//! as descriptor 3, a fresh port each start), waits for `/readyz` with a
+//! bound, and keeps its files in
 //! a directory of its own under the system temp dir, removed at the end.
 //! Children are killed when a test fails.
 
@@ -447,6 +448,10 @@ async fn a_sigkill_loses_nothing_acknowledged_a_second_before_it() {
     assert_eq!(last, N as u64);
 
     // Everything was acknowledged more than a second before the crash.
+    // This wait is the subject of the test, not a pause for something to
+    // settle: DESIGN §8 keeps what was acknowledged more than 1 s before a
+    // SIGKILL, and no condition the gateway shows could stand in for the
+    // passing of that second (0.5 s more for the machine's scheduling).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.kill9().await;
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Gateway, MITEL_KEY, fixture, sign};
@@ -86,13 +86,40 @@ async fn in_flight_request_completes_during_shutdown() {
     assert!(matches!(result, Ok(Ok(Ok(())))), "run returned cleanly");
 }
 
+/// Waits (bounded) until `GET /healthz` at `addr` answers 200, failing
+/// early when `child` exits.
+fn wait_healthy(addr: SocketAddr, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answered = (|| {
+            let mut stream = TcpStream::connect(addr).ok()?;
+            stream
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .ok()?;
+            write!(
+                stream,
+                "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).ok()?;
+            Some(head.starts_with(b"HTTP/1.1 200"))
+        })();
+        if answered == Some(true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "gateway did not start");
+        assert!(child.try_wait().unwrap().is_none(), "gateway exited early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn process_drains_and_exits_zero_on_sigterm() {
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Socket activation: the listener is bound here and passed as
+    // descriptor 3, so the port is the child's from the start.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
     let dir = std::env::temp_dir().join(format!("pg-shutdown-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("gateway.toml");
@@ -103,21 +130,21 @@ fn process_drains_and_exits_zero_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_presence-gateway"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_presence-gateway"));
+    command
         .args(["--config"])
         .arg(&config)
+        .env("LISTEN_FDS", "1")
+        .env_remove("LISTEN_PID")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    common::process::pass_as_fd3(&mut command, &listener);
+    let mut child = command.spawn().unwrap();
+    // Only the child's copy is left: the socket closes when it closes it.
+    drop(listener);
 
-    // Wait (bounded) for the gateway to answer.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "gateway did not start");
-        assert!(child.try_wait().unwrap().is_none(), "gateway exited early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Connections wait in the backlog until the gateway serves them.
+    wait_healthy(addr, &mut child);
 
     let (stream, body) = start_request(addr);
     let killed = Command::new("kill")

@@ -57,12 +57,15 @@ signing_keys = ["{MITEL_KEY}"]
     )
 }
 
-/// A free loopback port, and the webhook URL of `source` on a gateway
-/// there: for tests that must give the provider the URL before start-up.
-pub fn pick_port(source: &str) -> (u16, String) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("local addr").port();
-    (port, format!("http://127.0.0.1:{port}/webhooks/{source}"))
+/// A listener on a free loopback port, and the webhook URL of `source` on
+/// a gateway served there: for tests that must give a provider that URL
+/// before the gateway starts. Hand the listener to
+/// [`Gateway::start_on_listener`]; the port is held from here on, so no
+/// other process can take it in between.
+pub async fn webhook_listener(source: &str) -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    (listener, format!("http://{addr}/webhooks/{source}"))
 }
 
 /// Under tokio's paused clock: lets every task run until all of them wait
@@ -106,13 +109,7 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway with the given config text.
     pub async fn start(config: &str) -> Gateway {
-        Self::start_on_port(config, 0).await
-    }
-
-    /// Starts a gateway on a given loopback port (0: any), for tests that
-    /// must know the gateway's URL before it starts.
-    pub async fn start_on_port(config: &str, port: u16) -> Gateway {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         Self::start_on_listener(config, listener).await
     }
 

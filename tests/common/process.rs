@@ -3,15 +3,19 @@
 //!
 //! A test gives the config text for a listen address ([`Gateway::spawn`]
 //! takes `Fn(SocketAddr) -> String`; [`with_listen`] puts the address into
-//! any text). Each child runs `presence-gateway --config <file>` on a port
-//! from [`pick_port`](super::pick_port), retried when someone else took it
-//! first, with stdout and stderr in a log file; its files live in a
+//! any text). Each child runs `presence-gateway --config <file>` on a
+//! listener the test bound on port 0 and passes as descriptor 3 with
+//! `LISTEN_FDS=1` (socket activation, as systemd starts it): the port is
+//! held from before the start, so no other process can take it. Stdout and
+//! stderr go to a log file; its files live in a
 //! [`TestDir`] of the test's own under the system temp dir, removed at the
 //! end. Children are killed when dropped, so a failing test leaves none
 //! behind; every wait is bounded.
 
 use std::fs::OpenOptions;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,15 +23,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{TOKEN, pick_port};
+use super::TOKEN;
 
 const BIN: &str = env!("CARGO_BIN_EXE_presence-gateway");
 /// How long a start may take until `/readyz` answers 200.
 pub const START_WITHIN: Duration = Duration::from_secs(30);
 /// How long a stop (or a refused start) may take until the process exits.
 pub const EXIT_WITHIN: Duration = Duration::from_secs(30);
-/// Starts retried when the picked port was taken in the meantime.
-const PORT_ATTEMPTS: u32 = 5;
 
 /// A directory of one test under the system temp dir (config files, logs
 /// and a data_dir below it), removed on drop.
@@ -82,14 +84,6 @@ pub fn with_listen(text: &str, addr: SocketAddr) -> String {
     }
 }
 
-/// What a child's start came to.
-enum Started {
-    Listening,
-    /// It could not bind its port (someone took it after `pick_port`).
-    PortTaken,
-    Exited(ExitStatus),
-}
-
 /// A `presence-gateway` child process; killed on drop if still running.
 /// Dropped while a test panics, it prints the end of its log first (the
 /// log goes with the [`TestDir`]).
@@ -124,32 +118,17 @@ impl Drop for Gateway {
     }
 }
 
-fn port_taken(output: &str) -> bool {
-    output.contains("cannot listen")
-}
-
 impl Gateway {
-    /// Starts the binary with the config `config(addr)` makes for a picked
-    /// port, with stdout and stderr in a log file of `dir`. Returns once
-    /// the process has bound its port (not necessarily ready), retrying
-    /// with a new port when that one was taken. Panics (with the log) when
-    /// it exits.
+    /// Starts the binary on a fresh listener with the config `config(addr)`
+    /// makes for its address, with stdout and stderr in a log file of
+    /// `dir`. Returns once the process serves the listener (not
+    /// necessarily ready). Panics (with the log) when it exits.
     pub async fn spawn(dir: &TestDir, config: &dyn Fn(SocketAddr) -> String) -> Gateway {
-        for attempt in 1..=PORT_ATTEMPTS {
-            let mut gw = Self::launch(dir, config);
-            match gw.wait_listening().await {
-                Started::Listening => return gw,
-                Started::PortTaken if attempt < PORT_ATTEMPTS => continue,
-                Started::PortTaken => panic!(
-                    "no free port after {PORT_ATTEMPTS} attempts:\n{}",
-                    gw.output()
-                ),
-                Started::Exited(status) => {
-                    panic!("the gateway exited at start ({status}):\n{}", gw.output())
-                }
-            }
+        let mut gw = Self::launch(dir, config);
+        if let Some(status) = gw.wait_listening().await {
+            panic!("the gateway exited at start ({status}):\n{}", gw.output());
         }
-        unreachable!("the loop returns or panics")
+        gw
     }
 
     /// [`Gateway::spawn`], then waits for `/readyz` 200.
@@ -165,21 +144,19 @@ impl Gateway {
         dir: &TestDir,
         config: &dyn Fn(SocketAddr) -> String,
     ) -> (ExitStatus, String) {
-        for attempt in 1..=PORT_ATTEMPTS {
-            let mut gw = Self::launch(dir, config);
-            let status = gw.wait_exit().await;
-            let output = gw.output();
-            if port_taken(&output) && attempt < PORT_ATTEMPTS {
-                continue;
-            }
-            return (status, output);
-        }
-        unreachable!("the loop returns")
+        let mut gw = Self::launch(dir, config);
+        let status = gw.wait_exit().await;
+        (status, gw.output())
     }
 
+    /// Starts the child on a listener bound here on port 0, which it gets
+    /// as descriptor 3 (`LISTEN_FDS=1`; no `LISTEN_PID`, which cannot be
+    /// known before the fork and may be absent). This process's copy is
+    /// closed once the child runs, so that the socket closes when the
+    /// child closes it.
     fn launch(dir: &TestDir, config: &dyn Fn(SocketAddr) -> String) -> Gateway {
-        let (port, _) = pick_port("unused");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a listener for the gateway");
+        let addr = listener.local_addr().expect("local addr");
         let n = dir.next();
         let config_path = dir.path().join(format!("gateway-{n}.toml"));
         std::fs::write(&config_path, config(addr)).expect("write the config");
@@ -190,16 +167,21 @@ impl Gateway {
             .open(&log)
             .expect("create the log file");
         let err = out.try_clone().expect("clone the log file");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .env("LISTEN_FDS", "1")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start presence-gateway");
+            .stderr(err);
+        pass_as_fd3(&mut command, &listener);
+        let child = command.spawn().expect("start presence-gateway");
+        drop(listener);
         presence_gateway::upstream::install_crypto_provider();
         Gateway {
             child,
@@ -219,23 +201,21 @@ impl Gateway {
         strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
-    async fn wait_listening(&mut self) -> Started {
+    /// Waits (bounded) until the child serves its listener; its exit
+    /// status if it exited instead.
+    async fn wait_listening(&mut self) -> Option<ExitStatus> {
         let deadline = Instant::now() + START_WITHIN;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return if port_taken(&self.output()) {
-                    Started::PortTaken
-                } else {
-                    Started::Exited(status)
-                };
+                return Some(status);
             }
-            // Logged once the listener is bound: the port is ours.
+            // Logged once `run` has the listener and serves it.
             if self.output().contains("presence-gateway listening") {
-                return Started::Listening;
+                return None;
             }
             assert!(
                 Instant::now() < deadline,
-                "the gateway did not bind its port within {START_WITHIN:?}:\n{}",
+                "the gateway did not serve its listener within {START_WITHIN:?}:\n{}",
                 self.output()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -348,6 +328,32 @@ impl Gateway {
     pub async fn counter(&self, source: &str, name: &str) -> u64 {
         let (_, sources) = self.get("/v1/sources").await;
         super::source_counter(&sources, source, name)
+    }
+}
+
+/// Makes `file` (a listener, as socket activation passes it) descriptor 3
+/// of the child `command` starts, open across its exec (where this process
+/// keeps it closed on exec, so that no other child started meanwhile
+/// inherits it).
+pub fn pass_as_fd3(command: &mut Command, file: &impl AsRawFd) {
+    let fd = file.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only dup2 and fcntl, which are async-signal-safe; `fd` stays open in
+    // the parent until `spawn` returns, so the child has it.
+    unsafe {
+        command.pre_exec(move || {
+            let done = if fd == 3 {
+                // dup2 onto itself would leave close-on-exec set.
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                // The new descriptor does not inherit close-on-exec.
+                libc::dup2(fd, 3)
+            };
+            if done == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
