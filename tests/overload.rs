@@ -426,7 +426,7 @@ async fn wait_for_open(raw: &mut Raw, count: u32) {
 }
 
 #[tokio::test]
-async fn oversized_heads_get_431_and_unfinished_heads_are_closed() {
+async fn heads_are_bounded_in_size_and_time_but_responses_are_not() {
     let gw = Gateway::start(&config(
         "max_header_bytes = 8192\nheader_read_timeout_secs = 1",
     ))
@@ -472,6 +472,39 @@ async fn oversized_heads_get_431_and_unfinished_heads_are_closed() {
         .await
         .unwrap();
     assert!(stalled.ends().await);
+
+    // The head timeout is not a limit on a response: an event stream
+    // outlives it.
+    let mut stream = Raw::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/stream?snapshot=false HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {TOKEN}\r\n\r\n"
+    );
+    stream.send(request.as_bytes()).await.unwrap();
+    let seen = |raw: &Raw, what: &str| String::from_utf8_lossy(&raw.buf).contains(what);
+    while !seen(&stream, "\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(STEP, stream.stream.read(&mut chunk))
+            .await
+            .expect("the stream's head")
+            .unwrap();
+        assert!(n > 0, "the stream ended before its head");
+        stream.buf.extend_from_slice(&chunk[..n]);
+    }
+    assert!(seen(&stream, "HTTP/1.1 200"));
+    // Twice the head timeout: the only fixed wait of this file, since what
+    // is shown is that nothing happens.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    gw.post_signed("mitel", MITEL_KEY, &common::fixture("mitel-presence.json"))
+        .await;
+    while !seen(&stream, "event: presence") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(STEP, stream.stream.read(&mut chunk))
+            .await
+            .expect("the event")
+            .unwrap();
+        assert!(n > 0, "the stream ended");
+        stream.buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[tokio::test]
@@ -662,6 +695,8 @@ async fn readyz_turns_503_on_an_open_keep_alive_connection_while_draining() {
     let answer = idle.get("/readyz").await.unwrap();
     assert_eq!(answer.status, 200);
     assert!(!answer.closes());
+    let mut upgrading = Raw::connect(gw.addr).await.unwrap();
+    assert_eq!(upgrading.get("/healthz").await.unwrap().status, 200);
     // A request in progress keeps the drain going while this test looks.
     let (mut held, body) = start_held_webhook(gw.addr).await;
 
@@ -676,6 +711,27 @@ async fn readyz_turns_503_on_an_open_keep_alive_connection_while_draining() {
     assert_eq!(answer.header("retry-after"), Some("1"));
     assert!(answer.closes(), "{answer:?}");
     assert!(idle.ends().await);
+
+    // A WebSocket opened on another one is switched (the drain does not
+    // turn its `Connection: upgrade` into `close`), and closed as a
+    // stream is at shutdown.
+    let url = format!("ws://{}/v1/ws?access_token={TOKEN}", gw.addr);
+    let (mut socket, response) = tokio_tungstenite::client_async(url, upgrading.stream)
+        .await
+        .expect("the upgrade while draining");
+    assert_eq!(response.status(), 101);
+    use futures_util::StreamExt;
+    let close = tokio::time::timeout(STEP, async {
+        while let Some(Ok(message)) = socket.next().await {
+            if let tokio_tungstenite::tungstenite::Message::Close(frame) = message {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("a close frame in time");
+    assert_eq!(close, Some(1001));
 
     // The request in progress completes, and closes its connection too.
     held.send(body.as_bytes()).await.unwrap();

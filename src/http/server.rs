@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderValue, Request, header};
+use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -269,7 +269,11 @@ where
         let this = self.project();
         let Ok(mut response) = ready!(this.inner.poll(cx));
         this.conn.busy.store(false, Ordering::Relaxed);
-        if this.conn.drain.draining.load(Ordering::Acquire) {
+        // A protocol switch keeps its `Connection: upgrade`; the stream
+        // it starts ends with the drain by itself.
+        if this.conn.drain.draining.load(Ordering::Acquire)
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
