@@ -8,7 +8,9 @@
 //! Loopback only; bounded by `--duration` and `--max-requests` (whichever
 //! comes first: the run ends early once every connection has stopped at the
 //! cap, which is how `benches/state/run.sh` writes an exact number of
-//! records).
+//! records). `--rate` paces the connections to a total request rate
+//! instead of sending back to back, for latency at a given load rather than
+//! at saturation (`benches/edge/run.sh`).
 //!
 //! `startup` measures the time from spawning the gateway to `/readyz` 200.
 
@@ -62,6 +64,10 @@ enum Mode {
         /// Hard cap on requests sent.
         #[arg(long, default_value_t = 20_000_000)]
         max_requests: u64,
+        /// Requests per second over all connections (0: as fast as answers
+        /// come back).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Spawn the gateway and time the first `/readyz` 200.
     Startup {
@@ -95,6 +101,7 @@ fn main() {
             warmup,
             principals,
             max_requests,
+            rate,
         } => {
             assert!(addr.ip().is_loopback(), "load targets loopback only");
             // One thread: the harness pins the generator to one CPU.
@@ -108,6 +115,8 @@ fn main() {
                 key: key.into_bytes(),
                 principals: principals.max(1),
                 max_requests,
+                pace: (rate > 0)
+                    .then(|| Duration::from_secs_f64(connections.max(1) as f64 / rate as f64)),
                 warmup: Duration::from_secs(warmup),
                 duration: Duration::from_secs(duration),
             };
@@ -138,6 +147,8 @@ struct Plan {
     key: Vec<u8>,
     principals: u64,
     max_requests: u64,
+    /// Time between two requests of one connection, when paced.
+    pace: Option<Duration>,
     warmup: Duration,
     duration: Duration,
 }
@@ -274,7 +285,14 @@ async fn connection(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let mut next = tokio::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if let Some(pace) = plan.pace {
+                // A connection that fell behind does not catch up in a
+                // burst: its schedule restarts from now.
+                next = (next + pace).max(tokio::time::Instant::now());
+                tokio::time::sleep_until(next).await;
+            }
             let n = counter.fetch_add(1, Ordering::Relaxed);
             if n >= plan.max_requests {
                 break 'reconnect;

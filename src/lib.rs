@@ -284,6 +284,8 @@ pub async fn run(
         consumer_tokens: config.consumers.tokens.clone(),
         max_in_flight: config.server.max_in_flight,
         body_limit: config.server.body_limit_bytes,
+        body_timeout: config.server.body_timeout,
+        max_requests_per_client: config.server.max_requests_per_client,
         trusted_proxies: config.server.trusted_proxies.clone(),
     });
     if config.consumers.tokens.is_empty() {
@@ -308,7 +310,12 @@ pub async fn run(
     };
     let listener =
         http::listener::GuardedListener::new(listener, config.server.write_timeout, global);
-    let server = http::server::serve(listener, app, draining);
+    let limits = http::server::Limits {
+        max_connections: http::server::fit_connections_to_fd_limit(config.server.max_connections),
+        header_read_timeout: config.server.header_read_timeout,
+        max_header_bytes: config.server.max_header_bytes,
+    };
+    let server = http::server::serve(listener, app, limits, draining);
     // Ready once every managed subscription has been adopted or created (or
     // has failed visibly) and every source that fills the store at start-up
     // has done so.

@@ -88,6 +88,10 @@ pub struct GlobalStats {
     pub consumer_unauthorized: AtomicU64,
     /// Connections closed because the peer took no bytes for `write_timeout`.
     pub write_timeouts: AtomicU64,
+    /// Open client connections (WebSocket streams included).
+    pub connections_open: AtomicU64,
+    /// Connections refused because `server.max_connections` were open.
+    pub connections_refused: AtomicU64,
     /// Open streams, Server-Sent Events and WebSocket.
     pub streams: [AtomicU64; 2],
     /// Stream consumers that fell behind the fan-out (SSE reset, WebSocket
@@ -389,7 +393,7 @@ impl Collector for GatewayCollector {
 
         let mut latency = encoder.encode_descriptor(
             "presence_gateway_webhook_request_duration_seconds",
-            "Time from routing a webhook request to its answer, by source.",
+            "Time from the arrival of an accepted webhook request (its head read) to its answer, by source.",
             None,
             MetricType::Histogram,
         )?;
@@ -425,6 +429,22 @@ impl Collector for GatewayCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(load(&self.global.write_timeouts)).encode(timeouts)?;
+
+        let open = encoder.encode_descriptor(
+            "presence_gateway_connections_open",
+            "Open client connections, WebSocket streams included.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(load(&self.global.connections_open)).unwrap_or(i64::MAX))
+            .encode(open)?;
+        let refused = encoder.encode_descriptor(
+            "presence_gateway_connections_refused",
+            "Connections answered 503 and closed at once because server.max_connections were open.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(load(&self.global.connections_refused)).encode(refused)?;
 
         let mut open = encoder.encode_descriptor(
             "presence_gateway_stream_consumers",

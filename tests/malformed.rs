@@ -30,6 +30,10 @@ const NS_SUBSCRIPTION: &str = "ns-subscription-1";
 /// Larger than any limit (webhook bodies 4 KiB here, consumer queries 2 MiB).
 const HUGE: usize = 3 * 1024 * 1024;
 
+/// Request heads up to 128 KiB: the longest targets walked here (60 000
+/// bytes, near hyper's own limit) must reach the router, where with the
+/// default `server.max_header_bytes` (16 KiB) hyper would answer its own
+/// empty 431 (tests/overload.rs holds the default to that).
 fn config() -> String {
     common::mitel_config(&format!(
         r#"
@@ -39,6 +43,7 @@ kind = "netsapiens"
 correlation_ids = ["{NS_SUBSCRIPTION}"]
 "#
     ))
+    .replacen("[server]\n", "[server]\nmax_header_bytes = 131072\n", 1)
 }
 
 /// How the body goes out.

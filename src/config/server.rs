@@ -1,7 +1,8 @@
 //! `[server]`: where the gateway listens, the limits of its HTTP side (body
-//! size, requests in flight, write timeout, shutdown grace, trusted proxies)
-//! and the name of this process among replicas (`replica_id`). Raw form,
-//! defaults, validation and the typed [`ServerConfig`].
+//! size and time, requests in flight and per client, connections, request
+//! heads, write timeout, shutdown grace, trusted proxies) and the name of
+//! this process among replicas (`replica_id`). Raw form, defaults,
+//! validation and the typed [`ServerConfig`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,6 +22,18 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// A connection whose peer takes no bytes for this long is closed.
     pub write_timeout: Duration,
+    /// How long a webhook body may take to arrive, from the request's head.
+    pub body_timeout: Duration,
+    /// Webhook requests of one client address whose bodies are still
+    /// arriving, at most.
+    pub max_requests_per_client: usize,
+    /// Open connections, at most; more are refused at once.
+    pub max_connections: usize,
+    /// How long a request head may take to arrive (also how long a
+    /// keep-alive connection may sit idle).
+    pub header_read_timeout: Duration,
+    /// The largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
     /// This process among the replicas sharing a store (lease holder in
     /// `/v1/sources`); default: `<host name>-<process id>`.
     pub replica_id: String,
@@ -35,6 +48,11 @@ pub(super) struct RawServer {
     shutdown_grace_secs: u64,
     max_in_flight: u64,
     write_timeout_secs: u64,
+    body_timeout_secs: u64,
+    max_requests_per_client: u64,
+    max_connections: u64,
+    header_read_timeout_secs: u64,
+    max_header_bytes: u64,
     replica_id: Option<String>,
 }
 
@@ -47,6 +65,11 @@ impl Default for RawServer {
             shutdown_grace_secs: 10,
             max_in_flight: 1024,
             write_timeout_secs: 30,
+            body_timeout_secs: 5,
+            max_requests_per_client: 64,
+            max_connections: 10_000,
+            header_read_timeout_secs: 10,
+            max_header_bytes: 16 * 1024,
             replica_id: None,
         }
     }
@@ -87,6 +110,36 @@ pub(super) fn resolve(
             "must be between 1 and 3600".into(),
         );
     }
+    for (key, value) in [
+        ("server.body_timeout_secs", raw.body_timeout_secs),
+        (
+            "server.header_read_timeout_secs",
+            raw.header_read_timeout_secs,
+        ),
+    ] {
+        if !(1..=3600).contains(&value) {
+            problem(key.into(), "must be between 1 and 3600".into());
+        }
+    }
+    if raw.max_requests_per_client == 0 {
+        problem(
+            "server.max_requests_per_client".into(),
+            "must be at least 1".into(),
+        );
+    }
+    if !(1..=1_000_000).contains(&raw.max_connections) {
+        problem(
+            "server.max_connections".into(),
+            "must be between 1 and 1000000".into(),
+        );
+    }
+    // hyper reads a head into a buffer of at least 8 KiB.
+    if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&raw.max_header_bytes) {
+        problem(
+            "server.max_header_bytes".into(),
+            format!("must be between {MIN_HEADER_BYTES} and {MAX_HEADER_BYTES}"),
+        );
+    }
     let trusted_proxies = parse_nets(&raw.trusted_proxies, "server.trusted_proxies", problem);
     let replica_id = match raw.replica_id {
         Some(id) => {
@@ -108,9 +161,19 @@ pub(super) fn resolve(
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs),
         max_in_flight: usize::try_from(raw.max_in_flight).unwrap_or(usize::MAX),
         write_timeout: Duration::from_secs(raw.write_timeout_secs),
+        body_timeout: Duration::from_secs(raw.body_timeout_secs),
+        max_requests_per_client: usize::try_from(raw.max_requests_per_client).unwrap_or(usize::MAX),
+        max_connections: usize::try_from(raw.max_connections).unwrap_or(usize::MAX),
+        header_read_timeout: Duration::from_secs(raw.header_read_timeout_secs),
+        max_header_bytes: usize::try_from(raw.max_header_bytes).unwrap_or(usize::MAX),
         replica_id,
     }
 }
+
+/// Bounds of `server.max_header_bytes`: hyper's smallest read buffer, and
+/// far more than any provider sends.
+const MIN_HEADER_BYTES: u64 = 8 * 1024;
+const MAX_HEADER_BYTES: u64 = 1024 * 1024;
 
 /// The longest replica id: it is stored with every lease and shown in
 /// `/v1/sources`, so it stays a name, not a document.
@@ -152,6 +215,54 @@ mod tests {
     use super::default_replica_id;
     use crate::config::ConfigError;
     use crate::config::test_support::parse;
+
+    #[test]
+    fn edge_limits_have_defaults_and_bounds() {
+        let c = parse("", &[]).unwrap().server;
+        assert_eq!(c.body_timeout.as_secs(), 5);
+        assert_eq!(c.max_requests_per_client, 64);
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.header_read_timeout.as_secs(), 10);
+        assert_eq!(c.max_header_bytes, 16 * 1024);
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "max_connections = 0",
+                "server.max_connections",
+                "must be between 1 and 1000000",
+            ),
+            (
+                "max_requests_per_client = 0",
+                "server.max_requests_per_client",
+                "must be at least 1",
+            ),
+            (
+                "body_timeout_secs = 0",
+                "server.body_timeout_secs",
+                "must be between 1 and 3600",
+            ),
+            (
+                "header_read_timeout_secs = 0",
+                "server.header_read_timeout_secs",
+                "must be between 1 and 3600",
+            ),
+            (
+                "max_header_bytes = 4096",
+                "server.max_header_bytes",
+                "must be between 8192 and 1048576",
+            ),
+        ];
+        for (line, key, message) in cases {
+            let text = format!("[server]\n{line}\n");
+            let Err(ConfigError::Invalid(problems)) = parse(&text, &[]) else {
+                panic!("{line:?} should be invalid");
+            };
+            let found: Vec<(&str, &str)> = problems
+                .iter()
+                .map(|p| (p.key.as_str(), p.message.as_str()))
+                .collect();
+            assert_eq!(found, [(*key, *message)], "{line:?}");
+        }
+    }
 
     #[test]
     fn bare_ips_are_single_host_networks() {

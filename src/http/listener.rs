@@ -15,6 +15,10 @@
 //! Accepted sockets get `TCP_NODELAY`: stream events are small writes that
 //! must not wait for the acknowledgement of the previous one.
 //!
+//! Every accepted connection is counted in
+//! [`GlobalStats::connections_open`] until its socket closes, which is
+//! what `server.max_connections` is checked against.
+//!
 //! A peer that vanished without a FIN is not noticed by this timer while
 //! only small writes (keep-alive comments) fit into the send buffer: on
 //! Linux, accepted sockets also get `TCP_USER_TIMEOUT` = `write_timeout`,
@@ -58,20 +62,7 @@ impl GuardedListener {
     pub async fn accept(&self) -> (Guarded, SocketAddr) {
         loop {
             match self.inner.accept().await {
-                Ok((stream, peer)) => {
-                    // Best effort: a socket that refuses still works.
-                    let _ = stream.set_nodelay(true);
-                    #[cfg(target_os = "linux")]
-                    let _ = socket2::SockRef::from(&stream)
-                        .set_tcp_user_timeout(Some(self.write_timeout));
-                    let io = Guarded {
-                        stream,
-                        write_timeout: self.write_timeout,
-                        stalled: None,
-                        global: Arc::clone(&self.global),
-                    };
-                    return (io, peer);
-                }
+                Ok((stream, peer)) => return (self.guard(stream), peer),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -83,11 +74,78 @@ impl GuardedListener {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
+
+    /// The counters connections report to.
+    pub fn global(&self) -> &Arc<GlobalStats> {
+        &self.global
+    }
+
+    /// Stops taking connections: returns those the kernel has already
+    /// completed (a client whose `connect` succeeded has been promised an
+    /// answer), and closes the listener.
+    ///
+    /// Closing a listening socket resets every connection still in its
+    /// queue, so the queue is emptied first: the backlog is shrunk to
+    /// nothing (on Linux at most one more handshake completes, further SYNs
+    /// are dropped, and their clients, retrying a second later, find the
+    /// port closed: refused, not reset), then everything queued is taken
+    /// with `accept` until it would block. The system call is made
+    /// directly: tokio's `accept` reports a connection only after its
+    /// reactor has seen the socket ready.
+    pub fn stop(self) -> Vec<(Guarded, SocketAddr)> {
+        let socket = socket2::SockRef::from(&self.inner);
+        let _ = socket.listen(0);
+        let mut queued = Vec::new();
+        while let Ok((accepted, peer)) = socket.accept() {
+            let stream = std::net::TcpStream::from(accepted);
+            let Some(peer) = peer.as_socket() else {
+                continue;
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                queued.push((self.guard(stream), peer));
+            }
+        }
+        queued
+    }
+
+    fn guard(&self, stream: TcpStream) -> Guarded {
+        self.global.connections_open.fetch_add(1, Ordering::Relaxed);
+        // Best effort: a socket that refuses still works.
+        let _ = stream.set_nodelay(true);
+        #[cfg(target_os = "linux")]
+        let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(self.write_timeout));
+        Guarded {
+            stream,
+            write_timeout: self.write_timeout,
+            stalled: None,
+            global: Arc::clone(&self.global),
+        }
+    }
 }
 
-/// The peer address of a connection, as `ConnectInfo<Peer>` on every request.
+/// Where and when a request came in, as `ConnectInfo<Peer>` on every
+/// request: the connection's peer address, and the instant its head had
+/// been read (the earliest the gateway knows of the request; request
+/// durations are measured from it, so that time spent waiting for a busy
+/// runtime counts).
 #[derive(Clone, Copy, Debug)]
-pub struct Peer(pub SocketAddr);
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub arrived: std::time::Instant,
+}
+
+impl Peer {
+    /// A request from `addr` arriving now.
+    pub fn now(addr: SocketAddr) -> Self {
+        Peer {
+            addr,
+            arrived: std::time::Instant::now(),
+        }
+    }
+}
 
 /// A TCP connection with a write deadline.
 pub struct Guarded {
@@ -98,7 +156,28 @@ pub struct Guarded {
     global: Arc<GlobalStats>,
 }
 
+/// The whole answer to a connection beyond `server.max_connections`.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/problem+json\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 156\r\n\
+\r\n\
+{\"type\":\"urn:presence-gateway:problem:too-many-connections\",\"title\":\"Service Unavailable\",\
+\"status\":503,\"detail\":\"the gateway has too many open connections\"}";
+
 impl Guarded {
+    /// Answers a connection the gateway will not serve with a fixed 503 and
+    /// closes it, without reading anything and without waiting: the answer
+    /// is written only if the socket takes it at once (a fresh socket's
+    /// buffer does), and a request already sent may make the close a reset.
+    pub fn refuse(self) {
+        self.global
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = self.stream.try_write(REFUSED);
+    }
+
     /// The kernel's side of the same limit (TCP_USER_TIMEOUT) may end the
     /// connection first; a read or a write then reports it.
     fn count_kernel_timeout(&self, e: &io::Error) {
@@ -135,6 +214,14 @@ impl Guarded {
                 )))
             }
         }
+    }
+}
+
+/// A connection is counted from accept until its socket closes, wherever it
+/// went meanwhile (a WebSocket stream takes it over from hyper).
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.global.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -195,6 +282,48 @@ mod tests {
         let client = TcpStream::connect(addr).await.unwrap();
         let (io, _) = guarded.accept().await;
         (io, client, global)
+    }
+
+    #[test]
+    fn the_refusal_is_a_whole_problem_answer() {
+        let text = std::str::from_utf8(REFUSED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(length, body.len());
+        let problem: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(problem["status"], 503);
+    }
+
+    #[tokio::test]
+    async fn stopping_hands_over_the_connections_already_queued() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let guarded = GuardedListener::new(
+            listener,
+            Duration::from_secs(5),
+            Arc::new(GlobalStats::default()),
+        );
+        // Completed by the kernel, never accepted by the server.
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let queued = guarded.stop();
+        assert_eq!(queued.len(), 3);
+        let mut locals: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        let mut peers: Vec<SocketAddr> = queued.iter().map(|(_, peer)| *peer).collect();
+        locals.sort();
+        peers.sort();
+        assert_eq!(locals, peers);
+        // The listener is closed; the handed-over connections work.
+        assert!(TcpStream::connect(addr).await.is_err());
+        let (mut io, _) = queued.into_iter().next().unwrap();
+        io.write_all(b"x").await.unwrap();
     }
 
     #[cfg(target_os = "linux")]

@@ -7,6 +7,7 @@ pub mod edge;
 pub mod extract;
 pub mod listener;
 pub mod ops;
+pub mod per_client;
 pub mod problem;
 pub mod server;
 pub mod stream;
@@ -88,6 +89,8 @@ struct Shared {
     ready: AtomicBool,
     in_flight: Semaphore,
     body_limit: usize,
+    body_timeout: std::time::Duration,
+    per_client: per_client::PerClient,
     trusted_proxies: Vec<IpNet>,
     /// Tasks that outlive their HTTP exchange (WebSocket streams): shutdown
     /// waits for them to send their close frames.
@@ -102,6 +105,10 @@ pub struct StateParts {
     pub consumer_tokens: Vec<Secret>,
     pub max_in_flight: usize,
     pub body_limit: usize,
+    /// How long a webhook body may take to arrive.
+    pub body_timeout: std::time::Duration,
+    /// Webhook bodies in transit per client address, at most.
+    pub max_requests_per_client: usize,
     pub trusted_proxies: Vec<IpNet>,
 }
 
@@ -122,6 +129,8 @@ impl AppState {
                 ready: AtomicBool::new(false),
                 in_flight: Semaphore::new(parts.max_in_flight),
                 body_limit: parts.body_limit,
+                body_timeout: parts.body_timeout,
+                per_client: per_client::PerClient::new(parts.max_requests_per_client),
                 trusted_proxies: parts.trusted_proxies,
                 detached: tokio_util::task::TaskTracker::new(),
             }),
@@ -154,6 +163,13 @@ impl AppState {
     }
     pub fn body_limit(&self) -> usize {
         self.inner.body_limit
+    }
+    pub fn body_timeout(&self) -> std::time::Duration {
+        self.inner.body_timeout
+    }
+    /// Webhook requests with a body in transit, per client address.
+    pub fn per_client(&self) -> &per_client::PerClient {
+        &self.inner.per_client
     }
     pub fn trusted_proxies(&self) -> &[IpNet] {
         &self.inner.trusted_proxies
@@ -255,6 +271,8 @@ pub(crate) fn test_state(history: usize) -> AppState {
         consumer_tokens: Vec::new(),
         max_in_flight: 1,
         body_limit: 1024,
+        body_timeout: std::time::Duration::from_secs(5),
+        max_requests_per_client: 64,
         trusted_proxies: Vec::new(),
     })
 }

@@ -135,11 +135,9 @@ mod tests {
         let _held = state.in_flight().try_acquire().unwrap();
         let mut request = Request::post("/webhooks/m").body(Body::from("{}")).unwrap();
         let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
-        request
-            .extensions_mut()
-            .insert(axum::extract::ConnectInfo(crate::http::listener::Peer(
-                peer,
-            )));
+        request.extensions_mut().insert(axum::extract::ConnectInfo(
+            crate::http::listener::Peer::now(peer),
+        ));
         let response = router(state.clone()).oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()["retry-after"], "1");

@@ -90,6 +90,12 @@ impl Problem {
         p
     }
 
+    /// The same problem with a `Retry-After` header.
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
     /// 500 with a generic detail; log the cause before calling this.
     pub fn internal() -> Self {
         Self::new(

@@ -1,22 +1,33 @@
-//! `POST /webhooks/{source_id}`: limit, verify, hand to the provider, apply.
+//! `POST /webhooks/{source_id}`: limit, read, verify, hand to the provider,
+//! apply.
 //!
 //! Checks run in the order DESIGN.md §1 fixes, and the first failure decides
-//! the answer: route (404), method (405), load (503), size (413), caller IP
-//! (403), authenticity (401), parsing (400). Nothing is counted or stored
-//! before the request has passed all of them, except its one rejection
-//! counter. Stale and duplicate events are answered like accepted ones so
-//! that providers do not retry them.
+//! the answer: route (404), method (405), declared size (413), caller IP
+//! (403), the body's arrival (413 when it grows over the limit, 408 when it
+//! is not complete within `server.body_timeout_secs` of the request's
+//! arrival, 429 when its client already has `server.max_requests_per_client`
+//! bodies in transit), load (503), authenticity (401), parsing (400).
+//! Nothing is counted or stored before the request has passed all of them,
+//! except its one rejection counter; only accepted requests are timed, from
+//! their arrival. Stale and duplicate events are answered like accepted
+//! ones so that providers do not retry them.
+//!
+//! The body is in memory before the request takes one of the
+//! `server.max_in_flight` slots, which is then held only to verify, parse
+//! and apply: a sender that trickles its body holds no capacity that
+//! authentic senders need, only its connection, for a bounded time.
+//! A body over the limit announced with `Expect: 100-continue` is refused
+//! without reading it, so that hyper does not invite it first.
 
 use std::future::Future;
 use std::net::IpAddr;
-
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 
@@ -26,9 +37,6 @@ use super::listener::Peer;
 use super::problem::Problem;
 use super::{AppState, REQUEST_ID};
 use crate::sources::{Rejection, Source, Verifier};
-
-/// How long a caller has to deliver its body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How much of an oversized body is read and thrown away before answering,
 /// so the connection closes cleanly and the caller reads the 413 instead of a
@@ -40,6 +48,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 struct Rejected {
     reason: Rejection,
     problem: Problem,
+    /// The answer ends the connection (a body was left unread).
+    close: bool,
 }
 
 impl Rejected {
@@ -49,10 +59,22 @@ impl Rejected {
         slug: &'static str,
         detail: impl Into<String>,
     ) -> Self {
+        Self::problem(reason, Problem::new(status, slug, detail))
+    }
+
+    fn problem(reason: Rejection, problem: Problem) -> Self {
         Rejected {
             reason,
-            problem: Problem::new(status, slug, detail),
+            problem,
+            close: false,
         }
+    }
+
+    /// Answered with `Connection: close`: what is left of the request is
+    /// not read, so the connection cannot carry another one.
+    fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 }
 
@@ -60,10 +82,9 @@ impl Rejected {
 pub async fn receive(
     State(state): State<AppState>,
     PathParams(source_id): PathParams<String>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     request: Request<Body>,
 ) -> Response {
-    let started = Instant::now();
     let request_id = request.headers().get(&REQUEST_ID).cloned();
     let request_id = || {
         request_id
@@ -92,11 +113,12 @@ pub async fn receive(
         .into_response();
     }
     // Derived once: used for allow_ips and for the log line of a rejection.
-    let client = client_addr(peer.ip(), request.headers(), state.trusted_proxies());
-    let result = handle(&state, source, client, request).await;
-    source.stats.latency.observe(started.elapsed());
-    match result {
-        Ok(response) => response,
+    let client = client_addr(peer.addr.ip(), request.headers(), state.trusted_proxies());
+    match handle(&state, source, client, peer.arrived, request).await {
+        Ok(response) => {
+            source.stats.latency.observe(peer.arrived.elapsed());
+            response
+        }
         Err(rejected) => {
             source.stats.reject(rejected.reason);
             tracing::info!(
@@ -107,7 +129,13 @@ pub async fn receive(
                 status = rejected.problem.status().as_u16(),
                 "webhook rejected"
             );
-            rejected.problem.into_response()
+            let mut response = rejected.problem.into_response();
+            if rejected.close {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
         }
     }
 }
@@ -116,29 +144,26 @@ async fn handle(
     state: &AppState,
     source: &Source,
     client: IpAddr,
+    arrived: Instant,
     request: Request<Body>,
 ) -> Result<Response, Rejected> {
     if request.method() != Method::POST {
-        return Err(Rejected {
-            reason: Rejection::MethodNotAllowed,
-            problem: Problem::method_not_allowed("POST"),
-        });
+        return Err(Rejected::problem(
+            Rejection::MethodNotAllowed,
+            Problem::method_not_allowed("POST"),
+        ));
     }
-    let Ok(_permit) = state.in_flight().try_acquire() else {
-        return Err(Rejected {
-            reason: Rejection::Overloaded,
-            problem: Problem::unavailable(
-                "overloaded",
-                "too many webhook requests in progress; retry shortly",
-                1,
-            ),
-        });
-    };
     let limit = state.body_limit();
     let (parts, body) = request.into_parts();
     if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
-        drain(body).await;
-        return Err(too_large(limit));
+        // A client that waits for `100 Continue` is told before it sends
+        // anything; any other gets its 413 after what it already sent (up
+        // to a bound), so that it reads the answer instead of a reset.
+        if !expects_continue(&parts.headers) {
+            drain(body).await;
+            return Err(too_large(limit));
+        }
+        return Err(too_large(limit).closing());
     }
     if !source.allow_ips.is_empty() && !source.allow_ips.iter().any(|net| net.contains(&client)) {
         return Err(Rejected::new(
@@ -148,7 +173,18 @@ async fn handle(
             format!("{client} is not in this source's allow_ips"),
         ));
     }
-    let body = read_body(body, limit).await?;
+    let deadline = arrived + state.body_timeout();
+    let body = read_body(state, client, deadline, body, limit).await?;
+    let Ok(_permit) = state.in_flight().try_acquire() else {
+        return Err(Rejected::problem(
+            Rejection::Overloaded,
+            Problem::unavailable(
+                "overloaded",
+                "too many webhook requests in progress; retry shortly",
+                1,
+            ),
+        ));
+    };
 
     let (verified, model) = source.verifier.verify(&parts.headers, &body).map_err(|e| {
         let reason = Rejection::from(e);
@@ -172,14 +208,14 @@ async fn handle(
         .await
         .map_err(|e| {
             tracing::warn!(source = %source.id, error = %e, "webhook not kept: the store is unavailable");
-            Rejected {
-                reason: Rejection::StoreUnavailable,
-                problem: Problem::unavailable(
+            Rejected::problem(
+                Rejection::StoreUnavailable,
+                Problem::unavailable(
                     "store-unavailable",
                     "the gateway cannot keep this notification right now; retry shortly",
                     e.retry_after_secs(),
                 ),
-            }
+            )
         })?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -191,6 +227,13 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
+}
+
+/// `Expect: 100-continue` (the only expectation HTTP/1.1 defines).
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 fn too_large(limit: usize) -> Rejected {
@@ -208,9 +251,18 @@ enum ReadError {
     Broken,
 }
 
-/// Reads the whole body, at most `limit` bytes, within [`BODY_TIMEOUT`].
-/// A body that arrives in one frame (the usual case) is kept without a copy.
-async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, Rejected> {
+/// Reads the whole body, at most `limit` bytes, by `deadline`. A body that
+/// arrives in one frame (the usual case) is kept without a copy.
+///
+/// A body that is not all there at once is counted for its client while it
+/// arrives ([`AppState::per_client`]); a client over its limit is refused.
+async fn read_body(
+    state: &AppState,
+    client: IpAddr,
+    deadline: Instant,
+    mut body: Body,
+    limit: usize,
+) -> Result<Bytes, Rejected> {
     let read = async {
         let mut first: Option<Bytes> = None;
         let mut joined: Vec<u8> = Vec::new();
@@ -236,37 +288,60 @@ async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, Rejected> {
         Ok(first.unwrap_or_else(|| Bytes::from(joined)))
     };
     // A webhook body usually arrives with the headers, so the first poll
-    // completes it; only a body still in transit gets a timer (registering
-    // one per request is measurable on the hot path).
+    // completes it; only a body still in transit is counted for its client
+    // and gets a timer (registering one per request is measurable on the
+    // hot path).
     let outcome = {
         let mut read = std::pin::pin!(read);
         let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
         match first {
-            Poll::Ready(result) => Ok(result),
-            Poll::Pending => tokio::time::timeout(BODY_TIMEOUT, read).await,
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                let Some(_slot) = state.per_client().enter(client) else {
+                    return Err(Rejected::problem(
+                        Rejection::Overloaded,
+                        Problem::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "too-many-requests",
+                            "this client has too many requests whose body is still arriving; \
+                             retry shortly",
+                        )
+                        .retry_after(1),
+                    )
+                    .closing());
+                };
+                let deadline = tokio::time::Instant::from_std(deadline);
+                match tokio::time::timeout_at(deadline, read).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        return Err(Rejected::new(
+                            Rejection::BadPayload,
+                            StatusCode::REQUEST_TIMEOUT,
+                            "body-timeout",
+                            format!(
+                                "the body did not arrive within {} s of the request",
+                                state.body_timeout().as_secs()
+                            ),
+                        )
+                        .closing());
+                    }
+                }
+            }
         }
     };
     match outcome {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(ReadError::TooLarge)) => {
+        Ok(bytes) => Ok(bytes),
+        Err(ReadError::TooLarge) => {
             drain(body).await;
             Err(too_large(limit))
         }
-        Ok(Err(ReadError::Broken)) => Err(Rejected::new(
+        Err(ReadError::Broken) => Err(Rejected::new(
             Rejection::BadPayload,
             StatusCode::BAD_REQUEST,
             "body-unreadable",
             "the request body could not be read",
-        )),
-        Err(_) => Err(Rejected::new(
-            Rejection::BadPayload,
-            StatusCode::REQUEST_TIMEOUT,
-            "body-timeout",
-            format!(
-                "the body did not arrive within {} s",
-                BODY_TIMEOUT.as_secs()
-            ),
-        )),
+        )
+        .closing()),
     }
 }
 
