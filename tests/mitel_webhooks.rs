@@ -159,7 +159,7 @@ async fn unchanged_content_refreshes_without_a_new_seq() {
         .await;
     let (_, record) = gw.get("/v1/presence/mitel/u1").await;
     assert_eq!(record["seq"], 1);
-    assert_eq!(record["observed_at"], "1970-01-01T00:00:02.000Z");
+    assert_eq!(record["observed_at"], "2025-01-01T00:00:02.000Z");
     assert_eq!(gw.counter("mitel", "accepted").await, 2);
     assert_eq!(gw.counter("mitel", "changed").await, 1);
     // Same observed_at, different content: last writer wins.
@@ -170,8 +170,14 @@ async fn unchanged_content_refreshes_without_a_new_seq() {
     assert_eq!(record["seq"], 2);
 }
 
-/// A presence envelope for `principal` with the given status, timestamp and event id.
-fn presence_body(principal: &str, status: &str, timestamp: i64, event_id: &str) -> String {
+/// A presence envelope for `principal` with the given status and event id,
+/// observed `at` ms after [`common::T0`].
+fn presence_body(principal: &str, status: &str, at: i64, event_id: &str) -> String {
+    presence_body_at(principal, status, common::T0 + at, event_id)
+}
+
+/// [`presence_body`] with `timestamp` as sent (epoch ms).
+fn presence_body_at(principal: &str, status: &str, timestamp: i64, event_id: &str) -> String {
     json!({
         "publicationId": "p",
         "topic": "platform-api-presence",
@@ -593,7 +599,7 @@ async fn untrusted_timestamps_are_replaced_by_the_receive_time_and_counted() {
     let now = jiff::Timestamp::now().as_millisecond();
     let year_2999 = 32_503_680_000_000;
     for (i, stamp) in [year_2999, i64::MAX].into_iter().enumerate() {
-        let body = presence_body("skewed", ["Busy", "Away"][i], stamp, &format!("skew-{i}"));
+        let body = presence_body_at("skewed", ["Busy", "Away"][i], stamp, &format!("skew-{i}"));
         gw.post_signed("mitel", MITEL_KEY, &body).await;
         let (status, record) = gw.get("/v1/presence/mitel/skewed").await;
         assert_eq!(status, 200);
@@ -605,7 +611,7 @@ async fn untrusted_timestamps_are_replaced_by_the_receive_time_and_counted() {
         assert!((observed.0 - now).abs() < 600_000, "{record}");
     }
     // A real event after them is not stale.
-    let real = presence_body("skewed", "Available", now + 1_000, "skew-real");
+    let real = presence_body_at("skewed", "Available", now + 1_000, "skew-real");
     gw.post_signed("mitel", MITEL_KEY, &real).await;
     let (_, record) = gw.get("/v1/presence/mitel/skewed").await;
     assert_eq!(record["availability"], "available");
@@ -614,7 +620,7 @@ async fn untrusted_timestamps_are_replaced_by_the_receive_time_and_counted() {
     assert_eq!(common::source_counter(&sources, "mitel", "stale"), 0);
     // Slightly ahead (within the skew) is trusted as sent.
     let ahead = now + 60_000;
-    let body = presence_body("ahead", "Busy", ahead, "ahead-1");
+    let body = presence_body_at("ahead", "Busy", ahead, "ahead-1");
     gw.post_signed("mitel", MITEL_KEY, &body).await;
     let (_, record) = gw.get("/v1/presence/mitel/ahead").await;
     assert_eq!(
