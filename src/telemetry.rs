@@ -79,6 +79,37 @@ impl LatencyHistogram {
     }
 }
 
+/// Lets a repeated log line through at most once per interval, so that a
+/// condition that repeats with every event (a provider's clock set wrong, a
+/// full store) says so without flooding the log.
+#[derive(Debug)]
+pub struct LogEvery {
+    interval_ms: i64,
+    /// When a line last went through (epoch ms).
+    last: std::sync::atomic::AtomicI64,
+}
+
+impl LogEvery {
+    /// At most one line per `interval_ms`; the first always goes through.
+    pub const fn new(interval_ms: i64) -> Self {
+        LogEvery {
+            interval_ms,
+            last: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// Whether a line may be logged at `now_ms` (then the next one waits
+    /// an interval).
+    pub fn ready(&self, now_ms: i64) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= self.interval_ms
+            && self
+                .last
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 /// Counters that belong to no source.
 #[derive(Debug, Default)]
 pub struct GlobalStats {
@@ -365,6 +396,30 @@ impl Collector for GatewayCollector {
             }
         }
 
+        let max_records = encoder.encode_descriptor(
+            "presence_gateway_store_max_records",
+            "store.max_records: records held before new principals are refused (0: no limit).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(self.store.max_records()).unwrap_or(i64::MAX))
+            .encode(max_records)?;
+        let held = encoder.encode_descriptor(
+            "presence_gateway_store_records_held",
+            "Records held, all sources (Redis backend: in this replica's mirror); compare with store.max_records.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(self.store.record_count()).unwrap_or(i64::MAX))
+            .encode(held)?;
+        let refused = encoder.encode_descriptor(
+            "presence_gateway_store_refused_principals",
+            "Events of new principals refused (503) because the store held store.max_records records.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.store.refused_new()).encode(refused)?;
+
         let last_seq = encoder.encode_descriptor(
             "presence_gateway_store_last_seq",
             "The last sequence number assigned to a change.",
@@ -515,5 +570,20 @@ mod histogram_tests {
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains("t_bucket{le=\"+Inf\"} 2"), "{text}");
         assert!(text.contains("t_count 2"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod log_every_tests {
+    use super::LogEvery;
+
+    #[test]
+    fn lets_one_line_through_per_interval() {
+        let every = LogEvery::new(60_000);
+        assert!(every.ready(1_000), "the first line goes through");
+        assert!(!every.ready(1_001));
+        assert!(!every.ready(60_999));
+        assert!(every.ready(61_000));
+        assert!(!every.ready(61_000));
     }
 }

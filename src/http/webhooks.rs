@@ -24,7 +24,8 @@ use super::client_addr::client_addr;
 use super::listener::Peer;
 use super::problem::Problem;
 use super::{AppState, REQUEST_ID};
-use crate::sources::{Rejection, Source, Verifier};
+use crate::presence::StoreError;
+use crate::sources::{ApplyError, Rejection, Source, Verifier};
 
 /// How long a caller has to deliver its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,15 +170,28 @@ async fn handle(
 
     crate::sources::apply(state.store(), source, &parsed)
         .await
-        .map_err(|e| {
-            tracing::warn!(source = %source.id, error = %e, "webhook not kept: the store is unavailable");
-            Rejected {
-                reason: Rejection::StoreUnavailable,
-                problem: Problem::unavailable(
-                    "store-unavailable",
-                    "the gateway cannot keep this notification right now; retry shortly",
-                    e.retry_after_secs(),
-                ),
+        .map_err(|e| match e {
+            ApplyError::TooLong(e) => Rejected::new(
+                Rejection::BadPayload,
+                StatusCode::BAD_REQUEST,
+                "field-too-long",
+                e.to_string(),
+            ),
+            // The store logs that it is full (at most once a minute).
+            ApplyError::Store(e @ StoreError::Full { .. }) => Rejected {
+                reason: Rejection::StoreFull,
+                problem: Problem::unavailable("store-full", e.to_string(), e.retry_after_secs()),
+            },
+            ApplyError::Store(e) => {
+                tracing::warn!(source = %source.id, error = %e, "webhook not kept: the store is unavailable");
+                Rejected {
+                    reason: Rejection::StoreUnavailable,
+                    problem: Problem::unavailable(
+                        "store-unavailable",
+                        "the gateway cannot keep this notification right now; retry shortly",
+                        e.retry_after_secs(),
+                    ),
+                }
             }
         })?;
     Ok(StatusCode::NO_CONTENT.into_response())
