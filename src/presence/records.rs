@@ -35,6 +35,10 @@ use super::{CallUpdate, PresenceUpdate};
 /// from queueing on one lock.
 const SHARDS: usize = 16;
 
+/// The most calls kept active per principal; a new one beyond them forgets
+/// the oldest (whose end was most likely missed).
+pub const MAX_ACTIVE_CALLS: usize = 16;
+
 /// What applying an update did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyOutcome {
@@ -680,7 +684,14 @@ pub(crate) fn update_call(
     let known = calls.active.iter().position(|(id, _)| **id == *call);
     match (known, update.state) {
         (Some(i), Some(state)) => calls.active[i].1 = state,
-        (None, Some(state)) => calls.active.push((call.into(), state)),
+        (None, Some(state)) => {
+            // A call whose end never came (a missed post) must not stay
+            // forever, nor let one principal's record grow without bound.
+            if calls.active.len() >= MAX_ACTIVE_CALLS {
+                calls.active.remove(0);
+            }
+            calls.active.push((call.into(), state));
+        }
         (Some(i), None) => {
             calls.active.remove(i);
         }
@@ -904,6 +915,26 @@ mod tests {
         let copy = s.get_presence(0, &kept).expect("a record");
         assert!(s.install(0, "installed", copy));
         assert_eq!(s.record_count(), 501);
+    }
+
+    #[test]
+    fn a_principal_keeps_at_most_max_active_calls() {
+        let s = store();
+        let now = Millis(10_000);
+        let ids: Vec<String> = (0..MAX_ACTIVE_CALLS + 5).map(|i| format!("c{i}")).collect();
+        for id in &ids {
+            s.apply_call(0, &call("p", id, Some(CallState::Connected)), now);
+        }
+        let calls = s.get_presence(0, "p").unwrap().calls.unwrap();
+        let kept: Vec<&str> = calls.active.iter().map(|(id, _)| &**id).collect();
+        let newest: Vec<&str> = ids[5..].iter().map(String::as_str).collect();
+        assert_eq!(kept, newest, "the oldest are forgotten");
+        // Ending the kept ones ends the calls.
+        for id in &ids[5..] {
+            s.apply_call(0, &call("p", id, None), now);
+        }
+        assert!(s.get_presence(0, "p").unwrap().calls.is_none());
+        assert_eq!(s.get(0, "p").unwrap().activity, None);
     }
 
     #[test]
