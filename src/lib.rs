@@ -54,6 +54,7 @@ async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, R
         max_future_skew_ms: i64::try_from(config.store.max_future_skew.as_millis())
             .unwrap_or(i64::MAX),
     };
+    let max_records = config.store.max_records;
     if config.store.backend == config::StoreBackend::Redis {
         let redis_config = &config.store.redis;
         let url = String::from_utf8_lossy(redis_config.url.expose()).into_owned();
@@ -63,10 +64,10 @@ async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, R
         if let Some(dir) = &config.store.data_dir {
             tracing::warn!(data_dir = %dir.display(), "store.data_dir is ignored with backend = \"redis\": Redis keeps the state");
         }
-        return Ok(Store::redis(redis, source_ids, limits));
+        return Ok(Store::redis(redis, source_ids, limits).with_max_records(max_records));
     }
     let Some(dir) = config.store.data_dir.clone() else {
-        return Ok(Store::new(source_ids, limits));
+        return Ok(Store::new(source_ids, limits).with_max_records(max_records));
     };
     let ids = source_ids.to_vec();
     let started = std::time::Instant::now();
@@ -74,6 +75,7 @@ async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, R
     let (store, loaded) = tokio::task::spawn_blocking(move || Store::open(&dir, &ids, limits))
         .await
         .map_err(|e| std::io::Error::other(format!("state loading failed: {e}")))??;
+    let store = store.with_max_records(max_records);
     tracing::info!(
         data_dir = %store.data_dir().map(|d| d.display().to_string()).unwrap_or_default(),
         records = loaded.records,
@@ -86,6 +88,14 @@ async fn open_store(config: &Config, source_ids: &[Arc<str>]) -> Result<Store, R
         tracing::warn!(
             records = loaded.orphans,
             "persisted records of sources no longer configured were skipped"
+        );
+    }
+    if max_records > 0 && store.record_count() >= max_records {
+        tracing::warn!(
+            records = store.record_count(),
+            max_records,
+            "the persisted state already holds store.max_records records: events of new \
+             principals will be refused until it is raised"
         );
     }
     Ok(store)
@@ -125,12 +135,24 @@ impl upstream::persist::Persisted for StorePersisted {
     }
 }
 
-/// Applies what a socket transport received; when the store cannot keep it,
-/// it is counted and logged (the transport has no way to ask for a retry).
+/// Applies what a socket transport received; when it is not kept (a field
+/// too long, the store unavailable or full), it is counted and logged (the
+/// transport has no way to ask for a retry).
 async fn keep(store: &Store, source: &sources::Source, parsed: &providers::Parsed<'_>, what: &str) {
-    if let Err(e) = sources::apply(store, source, parsed).await {
-        source.stats.reject(sources::Rejection::StoreUnavailable);
-        tracing::warn!(source = %source.id, error = %e, "{what} not kept: the store is unavailable");
+    match sources::apply(store, source, parsed).await {
+        Ok(()) => {}
+        Err(sources::ApplyError::TooLong(e)) => {
+            source.stats.reject(sources::Rejection::BadPayload);
+            tracing::info!(source = %source.id, error = %e, "{what} rejected");
+        }
+        // The store logs that it is full (at most once a minute).
+        Err(sources::ApplyError::Store(e @ presence::StoreError::Full { .. })) => {
+            source.stats.reject(sources::Rejection::from(&e));
+        }
+        Err(sources::ApplyError::Store(e)) => {
+            source.stats.reject(sources::Rejection::from(&e));
+            tracing::warn!(source = %source.id, error = %e, "{what} not kept: the store is unavailable");
+        }
     }
 }
 

@@ -12,12 +12,12 @@ use http::HeaderMap;
 use ipnet::IpNet;
 
 use crate::config::{SourceConfig, SourceKind};
-use crate::presence::{ApplyOutcome, Millis, PresenceUpdate};
+use crate::presence::{ApplyOutcome, Millis, PresenceUpdate, StoreError};
 use crate::providers::Parser;
 use crate::providers::fields::FieldsError;
 use crate::providers::mitel::MitelParser;
 use crate::providers::netsapiens::{Model, NetSapiensParser};
-use crate::telemetry::LatencyHistogram;
+use crate::telemetry::{LatencyHistogram, LogEvery};
 use crate::upstream::manager::Board;
 use crate::verify::{CorrelationIds, HmacHexVerifier, Verified, VerifyError};
 
@@ -41,10 +41,12 @@ pub enum Rejection {
     Overloaded,
     /// The store could not keep the write (journal failing, Redis down).
     StoreUnavailable,
+    /// A new principal while the store holds `store.max_records` records.
+    StoreFull,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 11] = [
         Rejection::MethodNotAllowed,
         Rejection::BodyTooLarge,
         Rejection::IpNotAllowed,
@@ -55,6 +57,7 @@ impl Rejection {
         Rejection::BadPayload,
         Rejection::Overloaded,
         Rejection::StoreUnavailable,
+        Rejection::StoreFull,
     ];
 
     /// Stable label for metrics and `/v1/sources`.
@@ -70,6 +73,7 @@ impl Rejection {
             Rejection::BadPayload => "bad_payload",
             Rejection::Overloaded => "overloaded",
             Rejection::StoreUnavailable => "store_unavailable",
+            Rejection::StoreFull => "store_full",
         }
     }
 
@@ -86,6 +90,7 @@ impl Rejection {
             Rejection::BadPayload => "bad-payload",
             Rejection::Overloaded => "overloaded",
             Rejection::StoreUnavailable => "store-unavailable",
+            Rejection::StoreFull => "store-full",
         }
     }
 
@@ -97,6 +102,15 @@ impl Rejection {
             Rejection::SignatureMismatch => Some(VerifyError::Mismatch),
             Rejection::SignatureExpired => Some(VerifyError::Expired),
             _ => None,
+        }
+    }
+}
+
+impl From<&StoreError> for Rejection {
+    fn from(e: &StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => Rejection::StoreUnavailable,
+            StoreError::Full { .. } => Rejection::StoreFull,
         }
     }
 }
@@ -126,12 +140,18 @@ pub struct SourceStats {
     /// Events whose provider timestamp was not trusted (far future, or
     /// before 2000): applied with the receive time instead.
     pub clock_skew: AtomicU64,
+    /// Paces the log line about untrusted timestamps.
+    clock_skew_logged: LogEvery,
     pub ignored: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
     /// Receive time of the last authentic event, epoch ms; 0 for never.
     last_event_at: AtomicI64,
     pub latency: LatencyHistogram,
 }
+
+/// How often, at most, a source logs that a provider timestamp was not
+/// trusted (a provider with a wrong clock sends every event so).
+const CLOCK_SKEW_LOG_INTERVAL_MS: i64 = 60_000;
 
 /// Request latency buckets, seconds: 50 µs to 1 s.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -149,6 +169,7 @@ impl Default for SourceStats {
             duplicate: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             clock_skew: AtomicU64::new(0),
+            clock_skew_logged: LogEvery::new(CLOCK_SKEW_LOG_INTERVAL_MS),
             ignored: AtomicU64::new(0),
             rejected: Default::default(),
             last_event_at: AtomicI64::new(0),
@@ -179,6 +200,9 @@ impl SourceStats {
             ApplyOutcome::Refreshed => &self.accepted,
             ApplyOutcome::Duplicate => &self.duplicate,
             ApplyOutcome::Stale => &self.stale,
+            // Not an applied event: the store answers it as an error, which
+            // the caller counts as a rejection.
+            ApplyOutcome::Full => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -379,26 +403,103 @@ impl Sources {
     }
 }
 
-/// Whether a provider's timestamp may order a principal's events: not more
-/// than `max_skew_ms` ahead of the gateway's clock (one event from a clock
-/// set decades ahead would otherwise make every later real event of that
-/// principal stale, DESIGN §2). (DESIGN's lower bound, timestamps before
-/// 2000, is not applied yet: the test suites still stamp events near 1970.)
+/// The earliest provider timestamp trusted, 2000-01-01T00:00:00Z in epoch
+/// ms: an earlier one is a clock that was never set, or a bug (DESIGN §2).
+pub const EARLIEST_TRUSTED_MS: i64 = 946_684_800_000;
+
+/// The longest principal id kept, in bytes (UTF-8). Provider ids are UUIDs,
+/// `user@domain` and SIP addresses (at most 254 bytes as e-mail addresses).
+pub const MAX_PRINCIPAL_BYTES: usize = 256;
+
+/// The longest status word kept (the provider's raw status, and the
+/// activity), in bytes. Provider words are short (`DoNotDisturb`,
+/// `UrgentInterruptionsOnly`).
+pub const MAX_STATUS_WORD_BYTES: usize = 64;
+
+/// The longest status text (note, status message) kept, in bytes: room for
+/// a few hundred characters in any script (Teams allows 280 characters,
+/// which may take up to 1,120 bytes).
+pub const MAX_STATUS_TEXT_BYTES: usize = 4096;
+
+/// The longest call id kept, in bytes.
+pub const MAX_CALL_ID_BYTES: usize = 256;
+
+/// A field of an event longer than the gateway keeps (the event is
+/// answered 400 and nothing of the notification is applied).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} is {len} bytes long; the gateway keeps at most {max}")]
+pub struct TooLong {
+    pub field: &'static str,
+    pub len: usize,
+    pub max: usize,
+}
+
+/// Why [`apply`] did not keep a notification.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// A field is longer than the gateway keeps: the notification is bad
+    /// (400), and nothing of it was applied.
+    #[error(transparent)]
+    TooLong(#[from] TooLong),
+    /// The store did not keep it (503; see [`apply`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Checks every field of a notification against the documented maximum
+/// lengths, before anything of it is applied: a few comparisons, no
+/// allocation.
+pub fn check_lengths(parsed: &crate::providers::Parsed<'_>) -> Result<(), TooLong> {
+    fn at_most(field: &'static str, text: &str, max: usize) -> Result<(), TooLong> {
+        match text.len() {
+            len if len > max => Err(TooLong { field, len, max }),
+            _ => Ok(()),
+        }
+    }
+    for u in &parsed.updates {
+        at_most("principal", &u.principal, MAX_PRINCIPAL_BYTES)?;
+        if let Some(word) = &u.raw_status {
+            at_most("status", word, MAX_STATUS_WORD_BYTES)?;
+        }
+        if let Some(word) = &u.activity {
+            at_most("activity", word, MAX_STATUS_WORD_BYTES)?;
+        }
+        if let Some(text) = &u.status_text {
+            at_most("status text", text, MAX_STATUS_TEXT_BYTES)?;
+        }
+    }
+    for call in &parsed.calls {
+        at_most("principal", &call.principal, MAX_PRINCIPAL_BYTES)?;
+        at_most("call id", &call.call_id, MAX_CALL_ID_BYTES)?;
+    }
+    Ok(())
+}
+
+/// Whether a provider's timestamp may order a principal's events: from 2000
+/// on, and not more than `max_skew_ms` ahead of the gateway's clock. One
+/// event from a clock set decades ahead would otherwise make every later
+/// real event of that principal stale (DESIGN §2); one from a clock never
+/// set would be stale against every real record.
 fn trusted_time(at: Millis, received_at: Millis, max_skew_ms: i64) -> bool {
-    at.0 <= received_at.0.saturating_add(max_skew_ms)
+    at.0 >= EARLIEST_TRUSTED_MS && at.0 <= received_at.0.saturating_add(max_skew_ms)
 }
 
 /// Applies what a provider parsed from one authentic notification (a
 /// webhook, or a message of a socket transport) to the store, and counts it.
+/// Every transport applies through here, so the limits on what one event
+/// may hold ([`check_lengths`]) and on its timestamp hold for all of them.
 ///
-/// Fails when the store cannot keep writes: then nothing of it was applied
-/// unless the store failed part-way (a retry of the whole notification then
-/// finds the applied part a duplicate or a refresh).
+/// Fails with [`ApplyError::TooLong`] before anything is applied; with
+/// [`ApplyError::Store`] when the store cannot keep writes or is full: then
+/// nothing of it was applied unless the store failed part-way (a retry of
+/// the whole notification then finds the applied part a duplicate or a
+/// refresh).
 pub async fn apply(
     store: &crate::presence::Store,
     source: &Source,
     parsed: &crate::providers::Parsed<'_>,
-) -> Result<(), crate::presence::StoreError> {
+) -> Result<(), ApplyError> {
+    check_lengths(parsed)?;
     store.check_writable()?;
     let received_at = Millis::now();
     source.stats.touch(received_at);
@@ -407,7 +508,17 @@ pub async fn apply(
         let update = match update.observed_at {
             Some(at) if !trusted_time(at, received_at, store.max_future_skew_ms()) => {
                 source.stats.clock_skew.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(source = %source.id, principal = %update.principal, observed_at = at.0, "provider timestamp not trusted; using the receive time");
+                if source.stats.clock_skew_logged.ready(received_at.0) {
+                    tracing::info!(
+                        source = %source.id,
+                        principal = %update.principal,
+                        observed_at = at.0,
+                        clock_skew_total = source.stats.clock_skew.load(Ordering::Relaxed),
+                        "provider timestamp not trusted (before 2000, or more than \
+                         store.max_future_skew_secs ahead); using the receive time \
+                         (logged at most once a minute per source)"
+                    );
+                }
                 trusted = PresenceUpdate {
                     observed_at: None,
                     ..update.clone()
@@ -429,4 +540,216 @@ pub async fn apply(
         source.stats.ignored(parsed.ignored);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::presence::store::StoreLimits;
+    use crate::presence::{Availability, CallUpdate, Store};
+    use crate::providers::Parsed;
+
+    const NOW: Millis = Millis(1_764_000_000_000);
+
+    #[test]
+    fn timestamps_from_2000_up_to_the_skew_ahead_are_trusted() {
+        let skew = 300_000;
+        for (at, trusted) in [
+            (EARLIEST_TRUSTED_MS - 1, false),
+            (EARLIEST_TRUSTED_MS, true),
+            (0, false),
+            (-1, false),
+            (i64::MIN, false),
+            (NOW.0, true),
+            (NOW.0 + skew, true),
+            (NOW.0 + skew + 1, false),
+            (i64::MAX, false),
+        ] {
+            assert_eq!(trusted_time(Millis(at), NOW, skew), trusted, "{at}");
+        }
+        assert_eq!(
+            Millis(EARLIEST_TRUSTED_MS).to_string(),
+            "2000-01-01T00:00:00.000Z"
+        );
+    }
+
+    fn update(principal: &str) -> PresenceUpdate<'_> {
+        PresenceUpdate {
+            principal: Cow::Borrowed(principal),
+            availability: Availability::Busy,
+            activity: Some(Cow::Borrowed("in_a_call")),
+            status_text: Some(Cow::Borrowed("On a call")),
+            raw_status: Some(Cow::Borrowed("Busy")),
+            observed_at: Some(NOW),
+            event_id: None,
+        }
+    }
+
+    fn call<'a>(principal: &'a str, id: &'a str) -> CallUpdate<'a> {
+        CallUpdate {
+            principal: Cow::Borrowed(principal),
+            call_id: Cow::Borrowed(id),
+            state: Some(crate::presence::CallState::Connected),
+            observed_at: None,
+        }
+    }
+
+    #[test]
+    fn every_field_may_be_as_long_as_documented_and_no_longer() {
+        let long: &'static str = "x".repeat(MAX_STATUS_TEXT_BYTES + 1).leak();
+        type Edit = fn(&mut PresenceUpdate<'static>, &'static str);
+        let cases: [(&str, usize, Edit); 4] = [
+            ("principal", MAX_PRINCIPAL_BYTES, |u, t| {
+                u.principal = Cow::Borrowed(t)
+            }),
+            ("status", MAX_STATUS_WORD_BYTES, |u, t| {
+                u.raw_status = Some(Cow::Borrowed(t))
+            }),
+            ("activity", MAX_STATUS_WORD_BYTES, |u, t| {
+                u.activity = Some(Cow::Borrowed(t))
+            }),
+            ("status text", MAX_STATUS_TEXT_BYTES, |u, t| {
+                u.status_text = Some(Cow::Borrowed(t))
+            }),
+        ];
+        for (field, max, edit) in cases {
+            let mut fits = update("p");
+            edit(&mut fits, &long[..max]);
+            let mut over = update("p");
+            edit(&mut over, &long[..max + 1]);
+            // The long one second: a notification is checked whole.
+            let parsed = Parsed {
+                updates: vec![fits.clone(), over],
+                ..Parsed::default()
+            };
+            assert_eq!(
+                check_lengths(&parsed),
+                Err(TooLong {
+                    field,
+                    len: max + 1,
+                    max
+                }),
+                "{field}"
+            );
+            let parsed = Parsed {
+                updates: vec![fits],
+                ..Parsed::default()
+            };
+            assert_eq!(check_lengths(&parsed), Ok(()), "{field}");
+        }
+        // Multi-byte text is measured in bytes.
+        let text = "é".repeat(MAX_PRINCIPAL_BYTES / 2 + 1);
+        let parsed = Parsed {
+            updates: vec![update(&text)],
+            ..Parsed::default()
+        };
+        assert!(check_lengths(&parsed).is_err());
+        let calls = |principal: &'static str, id: &'static str| Parsed {
+            calls: vec![call(principal, id)],
+            ..Parsed::default()
+        };
+        assert_eq!(
+            check_lengths(&calls(&long[..MAX_PRINCIPAL_BYTES], "c")),
+            Ok(())
+        );
+        assert!(check_lengths(&calls(&long[..MAX_PRINCIPAL_BYTES + 1], "c")).is_err());
+        assert!(check_lengths(&calls("p", &long[..MAX_CALL_ID_BYTES + 1])).is_err());
+    }
+
+    fn source_and_store(max_records: usize) -> (Source, Store) {
+        let text = "[[sources]]\nid = \"m\"\nkind = \"mitel\"\nsigning_keys = [\"k\"]\n";
+        let config =
+            crate::Config::parse_with_env(text, std::path::Path::new("t.toml"), Vec::new(), |_| {
+                None
+            })
+            .expect("test config");
+        let source = Source::new(0, &config.sources[0]).expect("source");
+        let limits = StoreLimits {
+            history: 16,
+            dedup_window_ms: 60_000,
+            dedup_capacity: 16,
+            stream_buffer: 16,
+            max_future_skew_ms: 300_000,
+        };
+        let store = Store::new(&[Arc::clone(&source.id)], limits).with_max_records(max_records);
+        (source, store)
+    }
+
+    #[tokio::test]
+    async fn a_notification_with_a_field_too_long_applies_nothing() {
+        let (source, store) = source_and_store(0);
+        let long = "p".repeat(MAX_PRINCIPAL_BYTES + 1);
+        let parsed = Parsed {
+            updates: vec![update("fine"), update(&long)],
+            ..Parsed::default()
+        };
+        let err = apply(&store, &source, &parsed).await.unwrap_err();
+        assert!(matches!(
+            err,
+            ApplyError::TooLong(TooLong {
+                field: "principal",
+                ..
+            })
+        ));
+        assert!(store.is_empty());
+        assert_eq!(store.changes().last_seq(), 0);
+        assert_eq!(source.stats.received.load(Ordering::Relaxed), 0);
+        assert_eq!(source.stats.last_event_at(), None);
+    }
+
+    #[tokio::test]
+    async fn untrusted_times_are_applied_with_the_receive_time_and_counted() {
+        let (source, store) = source_and_store(0);
+        for (i, at) in [0, -1, EARLIEST_TRUSTED_MS - 1, i64::MAX]
+            .into_iter()
+            .enumerate()
+        {
+            let principal = format!("p{i}");
+            let mut u = update(&principal);
+            u.observed_at = Some(Millis(at));
+            let parsed = Parsed {
+                updates: vec![u],
+                ..Parsed::default()
+            };
+            apply(&store, &source, &parsed).await.unwrap();
+            let record = store.get(0, &principal).unwrap();
+            assert_eq!(record.observed_at, record.received_at, "{at}");
+        }
+        assert_eq!(source.stats.clock_skew.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_new_principals_and_updates_known_ones() {
+        let (source, store) = source_and_store(1);
+        let one = |u: PresenceUpdate<'static>| Parsed {
+            updates: vec![u],
+            ..Parsed::default()
+        };
+        apply(&store, &source, &one(update("known"))).await.unwrap();
+        let err = apply(&store, &source, &one(update("new")))
+            .await
+            .unwrap_err();
+        assert_eq!(err, ApplyError::Store(StoreError::Full { max: 1 }));
+        assert_eq!(
+            Rejection::from(&StoreError::Full { max: 1 }),
+            Rejection::StoreFull
+        );
+        assert_eq!(StoreError::Full { max: 1 }.retry_after_secs(), 60);
+        let calls = Parsed {
+            calls: vec![call("new", "c-1")],
+            ..Parsed::default()
+        };
+        assert!(apply(&store, &source, &calls).await.is_err());
+        assert_eq!(store.refused_new(), 2);
+        let mut away = update("known");
+        away.availability = Availability::Away;
+        apply(&store, &source, &one(away)).await.unwrap();
+        assert_eq!(
+            store.get(0, "known").unwrap().availability,
+            Availability::Away
+        );
+        assert_eq!((store.record_count(), store.get(0, "new")), (1, None));
+    }
 }

@@ -5,6 +5,12 @@
 //! module only renders them in the Prometheus/OpenMetrics text format when
 //! `/metrics` is scraped, through a `prometheus_client` collector. The hot
 //! path therefore never touches a metrics registry or a label map.
+//!
+//! Scrapes get OpenMetrics, or the classic Prometheus text format (0.0.4)
+//! when they prefer it ([`Format::negotiate`]); every metric has HELP text,
+//! so both lint clean (`promtool check metrics` reads the classic one).
+
+mod process;
 
 use std::fmt;
 use std::sync::Arc;
@@ -76,6 +82,37 @@ impl LatencyHistogram {
         let sum = load(&self.sum_ns) as f64 / 1e9;
         encoder
             .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+}
+
+/// Lets a repeated log line through at most once per interval, so that a
+/// condition that repeats with every event (a provider's clock set wrong, a
+/// full store) says so without flooding the log.
+#[derive(Debug)]
+pub struct LogEvery {
+    interval_ms: i64,
+    /// When a line last went through (epoch ms).
+    last: std::sync::atomic::AtomicI64,
+}
+
+impl LogEvery {
+    /// At most one line per `interval_ms`; the first always goes through.
+    pub const fn new(interval_ms: i64) -> Self {
+        LogEvery {
+            interval_ms,
+            last: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// Whether a line may be logged at `now_ms` (then the next one waits
+    /// an interval).
+    pub fn ready(&self, now_ms: i64) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= self.interval_ms
+            && self
+                .last
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -154,7 +191,8 @@ impl fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// A registry reading the given state on every scrape.
+    /// A registry reading the given state (and the process' figures) on
+    /// every scrape.
     pub fn new(sources: Arc<Sources>, store: Arc<Store>, global: Arc<GlobalStats>) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(GatewayCollector {
@@ -162,15 +200,111 @@ impl Metrics {
             store,
             global,
         }));
+        registry.register_collector(Box::new(process::ProcessCollector));
         Metrics { registry }
     }
 
-    /// The OpenMetrics text exposition.
-    pub fn render(&self) -> Result<String, fmt::Error> {
+    /// The text exposition in `format`.
+    pub fn render(&self, format: Format) -> Result<String, fmt::Error> {
         let mut out = String::with_capacity(8 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
-        Ok(out)
+        Ok(match format {
+            Format::OpenMetrics => out,
+            Format::Classic => to_classic(&out),
+        })
     }
+}
+
+/// A text format of `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0, what Prometheus asks for first.
+    OpenMetrics,
+    /// The classic Prometheus text format, version 0.0.4.
+    Classic,
+}
+
+impl Format {
+    /// The `Content-Type` of an answer in this format.
+    pub const fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+
+    /// The format an `Accept` header asks for: the classic one when
+    /// `text/plain` (version 0.0.4, or none given) is preferred, by quality,
+    /// over `application/openmetrics-text`; OpenMetrics otherwise, also for
+    /// no header and wildcards (what `/metrics` has always answered).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let (mut classic, mut openmetrics) = (0.0f32, 0.0f32);
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default();
+            let (mut q, mut version) = (1.0f32, None);
+            for param in parts {
+                let (key, value) = param.split_once('=').unwrap_or((param, ""));
+                let value = value.trim().trim_matches('"');
+                if key.trim().eq_ignore_ascii_case("q") {
+                    q = value.parse().unwrap_or(0.0);
+                } else if key.trim().eq_ignore_ascii_case("version") {
+                    version = Some(value);
+                }
+            }
+            if media.eq_ignore_ascii_case("text/plain") && matches!(version, None | Some("0.0.4")) {
+                classic = classic.max(q);
+            } else if media.eq_ignore_ascii_case("application/openmetrics-text") {
+                openmetrics = openmetrics.max(q);
+            }
+        }
+        if classic > 0.0 && classic > openmetrics {
+            Format::Classic
+        } else {
+            Format::OpenMetrics
+        }
+    }
+}
+
+/// Rewrites the OpenMetrics text of this registry in the classic format:
+/// a counter family is named with its `_total` suffix there (as its
+/// samples are), `unknown` is `untyped`, and there are no `# UNIT` or
+/// `# EOF` lines. (Exemplars and `_created` samples, which the classic
+/// format lacks, are never written here.)
+fn to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match descriptor {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(if prefix == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                });
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 struct GatewayCollector {
@@ -369,6 +503,30 @@ impl Collector for GatewayCollector {
             }
         }
 
+        let max_records = encoder.encode_descriptor(
+            "presence_gateway_store_max_records",
+            "store.max_records: records held before new principals are refused (0: no limit).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(self.store.max_records()).unwrap_or(i64::MAX))
+            .encode(max_records)?;
+        let held = encoder.encode_descriptor(
+            "presence_gateway_store_records_held",
+            "Records held, all sources (Redis backend: in this replica's mirror); compare with store.max_records.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(self.store.record_count()).unwrap_or(i64::MAX))
+            .encode(held)?;
+        let refused = encoder.encode_descriptor(
+            "presence_gateway_store_refused_principals",
+            "Events of new principals refused (503) because the store held store.max_records records.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.store.refused_new()).encode(refused)?;
+
         let last_seq = encoder.encode_descriptor(
             "presence_gateway_store_last_seq",
             "The last sequence number assigned to a change.",
@@ -535,5 +693,72 @@ mod histogram_tests {
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains("t_bucket{le=\"+Inf\"} 2"), "{text}");
         assert!(text.contains("t_count 2"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod log_every_tests {
+    use super::LogEvery;
+
+    #[test]
+    fn lets_one_line_through_per_interval() {
+        let every = LogEvery::new(60_000);
+        assert!(every.ready(1_000), "the first line goes through");
+        assert!(!every.ready(1_001));
+        assert!(!every.ready(60_999));
+        assert!(every.ready(61_000));
+        assert!(!every.ready(61_000));
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn the_classic_format_only_when_a_scrape_prefers_it() {
+        let classic = [
+            "text/plain; version=0.0.4",
+            "text/plain;version=0.0.4;charset=utf-8",
+            "text/plain",
+            "TEXT/PLAIN; Version=\"0.0.4\"",
+            "application/openmetrics-text;q=0.4, text/plain;version=0.0.4;q=0.5",
+        ];
+        for accept in classic {
+            assert_eq!(Format::negotiate(Some(accept)), Format::Classic, "{accept}");
+        }
+        let openmetrics = [
+            None,
+            Some(""),
+            Some("*/*"),
+            Some("text/*"),
+            Some("application/json"),
+            Some("text/plain; version=1.0.0"),
+            Some("text/plain; q=0"),
+            Some("application/openmetrics-text; version=1.0.0"),
+            // What Prometheus sends: OpenMetrics first.
+            Some(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                 version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            ),
+            Some("text/plain;version=0.0.4;q=0.5, application/openmetrics-text;q=0.5"),
+        ];
+        for accept in openmetrics {
+            assert_eq!(Format::negotiate(accept), Format::OpenMetrics, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn classic_text_names_counters_with_total_and_has_no_openmetrics_lines() {
+        let openmetrics = "# HELP a_requests Requests.\n# TYPE a_requests counter\n\
+             a_requests_total{source=\"m\"} 3\n# HELP a_size Size.\n# TYPE a_size gauge\n\
+             # UNIT a_size bytes\na_size 7\n# HELP a_other Other.\n# TYPE a_other unknown\n\
+             a_other 1\n# EOF\n";
+        assert_eq!(
+            to_classic(openmetrics),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\n\
+             a_requests_total{source=\"m\"} 3\n# HELP a_size Size.\n# TYPE a_size gauge\n\
+             a_size 7\n# HELP a_other Other.\n# TYPE a_other untyped\na_other 1\n"
+        );
     }
 }

@@ -7,11 +7,12 @@ use std::collections::BTreeSet;
 use common::{Gateway, MITEL_KEY, TOKEN, assert_problem, sign};
 use serde_json::{Value, json};
 
-fn presence(principal: &str, status: &str, timestamp: i64) -> String {
+/// A presence envelope observed `at` ms after [`common::T0`].
+fn presence(principal: &str, status: &str, at: i64) -> String {
     json!({
         "topic": "platform-api-presence",
         "subject": format!("/presentities/{principal}"),
-        "content": {"eventId": format!("{principal}-{timestamp}"), "timestamp": timestamp, "presence": status},
+        "content": {"eventId": format!("{principal}-{at}"), "timestamp": common::T0 + at, "presence": status},
     })
     .to_string()
 }

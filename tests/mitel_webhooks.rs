@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Gateway, MITEL_KEY, assert_problem, fixture, sign};
+use common::{Gateway, MITEL_KEY, TOKEN, assert_problem, fixture, sign};
 use serde_json::{Value, json};
 
 const PRINCIPAL: &str = "2f1c9a1e-5a9e-4a57-9d1e-2f6f8f7e9b11";
@@ -159,7 +159,7 @@ async fn unchanged_content_refreshes_without_a_new_seq() {
         .await;
     let (_, record) = gw.get("/v1/presence/mitel/u1").await;
     assert_eq!(record["seq"], 1);
-    assert_eq!(record["observed_at"], "1970-01-01T00:00:02.000Z");
+    assert_eq!(record["observed_at"], "2025-01-01T00:00:02.000Z");
     assert_eq!(gw.counter("mitel", "accepted").await, 2);
     assert_eq!(gw.counter("mitel", "changed").await, 1);
     // Same observed_at, different content: last writer wins.
@@ -170,8 +170,14 @@ async fn unchanged_content_refreshes_without_a_new_seq() {
     assert_eq!(record["seq"], 2);
 }
 
-/// A presence envelope for `principal` with the given status, timestamp and event id.
-fn presence_body(principal: &str, status: &str, timestamp: i64, event_id: &str) -> String {
+/// A presence envelope for `principal` with the given status and event id,
+/// observed `at` ms after [`common::T0`].
+fn presence_body(principal: &str, status: &str, at: i64, event_id: &str) -> String {
+    presence_body_at(principal, status, common::T0 + at, event_id)
+}
+
+/// [`presence_body`] with `timestamp` as sent (epoch ms).
+fn presence_body_at(principal: &str, status: &str, timestamp: i64, event_id: &str) -> String {
     json!({
         "publicationId": "p",
         "topic": "platform-api-presence",
@@ -593,7 +599,7 @@ async fn untrusted_timestamps_are_replaced_by_the_receive_time_and_counted() {
     let now = jiff::Timestamp::now().as_millisecond();
     let year_2999 = 32_503_680_000_000;
     for (i, stamp) in [year_2999, i64::MAX].into_iter().enumerate() {
-        let body = presence_body("skewed", ["Busy", "Away"][i], stamp, &format!("skew-{i}"));
+        let body = presence_body_at("skewed", ["Busy", "Away"][i], stamp, &format!("skew-{i}"));
         gw.post_signed("mitel", MITEL_KEY, &body).await;
         let (status, record) = gw.get("/v1/presence/mitel/skewed").await;
         assert_eq!(status, 200);
@@ -605,7 +611,7 @@ async fn untrusted_timestamps_are_replaced_by_the_receive_time_and_counted() {
         assert!((observed.0 - now).abs() < 600_000, "{record}");
     }
     // A real event after them is not stale.
-    let real = presence_body("skewed", "Available", now + 1_000, "skew-real");
+    let real = presence_body_at("skewed", "Available", now + 1_000, "skew-real");
     gw.post_signed("mitel", MITEL_KEY, &real).await;
     let (_, record) = gw.get("/v1/presence/mitel/skewed").await;
     assert_eq!(record["availability"], "available");
@@ -614,12 +620,232 @@ async fn untrusted_timestamps_are_replaced_by_the_receive_time_and_counted() {
     assert_eq!(common::source_counter(&sources, "mitel", "stale"), 0);
     // Slightly ahead (within the skew) is trusted as sent.
     let ahead = now + 60_000;
-    let body = presence_body("ahead", "Busy", ahead, "ahead-1");
+    let body = presence_body_at("ahead", "Busy", ahead, "ahead-1");
     gw.post_signed("mitel", MITEL_KEY, &body).await;
     let (_, record) = gw.get("/v1/presence/mitel/ahead").await;
     assert_eq!(
         presence_gateway::presence::Millis::parse_rfc3339(record["observed_at"].as_str().unwrap()),
         Some(presence_gateway::presence::Millis(ahead))
     );
+    gw.stop().await;
+}
+
+/// One Mitel source `mitel` with the default body limit (256 KiB), so that
+/// bodies are long enough for every field limit to be reached first.
+fn roomy_config() -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[consumers]
+tokens = ["{TOKEN}"]
+
+[[sources]]
+id = "mitel"
+kind = "mitel"
+signing_keys = ["{MITEL_KEY}"]
+"#
+    )
+}
+
+/// A presence envelope for `principal` with `content` members as JSON text.
+fn envelope(principal: &str, content: &str) -> String {
+    format!(
+        r#"{{"topic":"platform-api-presence","subject":"/presentities/{principal}","content":{{{content}}}}}"#
+    )
+}
+
+/// Posts `body` signed; when `status` is 400, asserts a problem of `kind`
+/// and that nothing changed but the bad_payload counter.
+async fn post_expecting(gw: &Gateway, name: &str, body: String, status: u16, kind: &str) {
+    let before = gw.snapshot().await;
+    let signature = sign(MITEL_KEY, body.as_bytes());
+    let response = gw.post_webhook("mitel", body, Some(&signature)).await;
+    if status != 400 {
+        assert_eq!(response.status().as_u16(), status, "{name}");
+        return;
+    }
+    let problem = assert_problem(response, 400).await;
+    assert_eq!(
+        problem["type"],
+        format!("urn:presence-gateway:problem:{kind}"),
+        "{name}: {problem}"
+    );
+    let after = gw.snapshot().await;
+    let mut expected = before.clone();
+    bump(&mut expected.sources, "mitel", "rejected.bad_payload");
+    assert_eq!(after.records, before.records, "{name}: records changed");
+    assert_eq!(after.last_seq, before.last_seq, "{name}: seq changed");
+    assert_eq!(after.sources, expected.sources, "{name}: counters");
+}
+
+/// DESIGN §2: principal ids, status words and status texts have documented
+/// maximum lengths (README); longer ones are 400 and nothing is stored.
+#[tokio::test]
+async fn fields_longer_than_documented_are_400_and_change_nothing() {
+    let gw = Gateway::start(&roomy_config()).await;
+    gw.post_signed("mitel", MITEL_KEY, &fixture("mitel-presence.json"))
+        .await;
+    let run = |n: usize, c: &str| c.repeat(n);
+    let busy = r#""presence":"Busy""#;
+    let media_with_call_id = |id: &str| {
+        fixture("mitel-media-call.json")
+            .replace(r#""callId":"f4e3d2c1""#, &format!(r#""callId":"{id}""#))
+    };
+    let cases = [
+        (
+            "principal at 256 bytes",
+            envelope(&run(256, "p"), busy),
+            204,
+        ),
+        (
+            "principal of 257 bytes",
+            envelope(&run(257, "p"), busy),
+            400,
+        ),
+        (
+            "principal of 200 KB",
+            envelope(&run(200_000, "p"), busy),
+            400,
+        ),
+        (
+            "principal of 129 two-byte characters",
+            envelope(&run(129, "é"), busy),
+            400,
+        ),
+        (
+            "status word at 64 bytes",
+            envelope("u-word", &format!(r#""presence":"{}""#, run(64, "w"))),
+            204,
+        ),
+        (
+            "status word of 65 bytes",
+            envelope("u-word", &format!(r#""presence":"{}""#, run(65, "w"))),
+            400,
+        ),
+        (
+            "activity of 65 bytes",
+            envelope("u-act", &format!(r#"{busy},"activity":"{}""#, run(65, "a"))),
+            400,
+        ),
+        (
+            "status text at 4096 bytes",
+            envelope("u-note", &format!(r#"{busy},"note":"{}""#, run(4096, "n"))),
+            204,
+        ),
+        (
+            "status text of 4097 bytes",
+            envelope("u-note", &format!(r#"{busy},"note":"{}""#, run(4097, "n"))),
+            400,
+        ),
+        (
+            "status text of 2049 two-byte characters",
+            envelope("u-note", &format!(r#"{busy},"note":"{}""#, run(2049, "é"))),
+            400,
+        ),
+        (
+            "call id of 257 bytes",
+            media_with_call_id(&run(257, "c")),
+            400,
+        ),
+    ];
+    for (name, body, status) in cases {
+        post_expecting(&gw, name, body, status, "field-too-long").await;
+    }
+    // What fits is kept whole.
+    let (status, record) = gw
+        .get(&format!("/v1/presence/mitel/{}", run(256, "p")))
+        .await;
+    assert_eq!(status, 200, "{record}");
+    let (_, record) = gw.get("/v1/presence/mitel/u-note").await;
+    assert_eq!(record["status_text"].as_str().map(str::len), Some(4096));
+    let (_, record) = gw.get("/v1/presence/mitel/u-word").await;
+    assert_eq!(record["raw_status"].as_str().map(str::len), Some(64));
+    assert_eq!(record["availability"], "unknown");
+    let (_, record) = gw.get(&format!("/v1/presence/mitel/{PRINCIPAL}")).await;
+    assert_eq!(
+        record["activity"],
+        Value::Null,
+        "the long call id was not applied"
+    );
+    gw.stop().await;
+}
+
+/// DESIGN §2: epoch milliseconds with a sign, a fraction or beyond 64 bits
+/// are no time (400, nothing stored); a time before 2000 or far ahead is
+/// not trusted (applied with the receive time, counted as clock_skew), and
+/// every time the API returns is RFC 3339.
+#[tokio::test]
+async fn provider_timestamps_are_read_strictly_and_trusted_from_2000_to_the_clock() {
+    let gw = Gateway::start(&roomy_config()).await;
+    gw.post_signed("mitel", MITEL_KEY, &fixture("mitel-presence.json"))
+        .await;
+    let cases: [(&str, &str, u16); 16] = [
+        ("negative", "-1764000930123", 400),
+        ("negative, as text", r#""-1764000930123""#, 400),
+        ("minus one", "-1", 400),
+        ("fractional", "1764000930123.5", 400),
+        ("fractional, as text", r#""1764000930123.5""#, 400),
+        ("with a zero fraction", "1764000930123.0", 400),
+        ("exponent", "1.764000930123e12", 400),
+        ("beyond 64 bits", "99999999999999999999", 400),
+        ("beyond 64 bits, as text", r#""99999999999999999999""#, 400),
+        ("zero (1970)", "0", 204),
+        ("the last millisecond of 1999", "946684799999", 204),
+        ("RFC 3339 in 1999", r#""1999-12-31T23:59:59Z""#, 204),
+        ("the largest 64-bit value", "9223372036854775807", 204),
+        (
+            "the largest 64-bit value, as text",
+            r#""9223372036854775807""#,
+            204,
+        ),
+        ("RFC 3339 in 9998", r#""9998-12-31T23:59:59.999Z""#, 204),
+        // Beyond the times the gateway represents (jiff's range ends a day
+        // early): no time.
+        (
+            "RFC 3339 at the end of 9999",
+            r#""9999-12-31T23:59:59.999Z""#,
+            400,
+        ),
+    ];
+    for (i, (name, timestamp, status)) in cases.into_iter().enumerate() {
+        let principal = format!("t-{i}");
+        let skewed = gw.counter("mitel", "clock_skew").await;
+        let body = envelope(
+            &principal,
+            &format!(r#""presence":"Busy","eventId":"t-{i}","timestamp":{timestamp}"#),
+        );
+        post_expecting(&gw, name, body, status, "bad-payload").await;
+        if status == 400 {
+            assert_eq!(
+                gw.get(&format!("/v1/presence/mitel/{principal}")).await.0,
+                404
+            );
+            continue;
+        }
+        let (_, record) = gw.get(&format!("/v1/presence/mitel/{principal}")).await;
+        assert_eq!(
+            record["observed_at"], record["received_at"],
+            "{name}: {record}"
+        );
+        for field in ["observed_at", "received_at"] {
+            let text = record[field].as_str().unwrap_or_default();
+            assert!(
+                presence_gateway::presence::Millis::parse_rfc3339(text).is_some(),
+                "{name}: {field} {text:?} is not RFC 3339"
+            );
+        }
+        assert_eq!(
+            gw.counter("mitel", "clock_skew").await,
+            skewed + 1,
+            "{name}"
+        );
+    }
+    // 2000 itself is trusted as sent.
+    let body = envelope("t-2000", r#""presence":"Busy","timestamp":946684800000"#);
+    gw.post_signed("mitel", MITEL_KEY, &body).await;
+    let (_, record) = gw.get("/v1/presence/mitel/t-2000").await;
+    assert_eq!(record["observed_at"], "2000-01-01T00:00:00.000Z");
     gw.stop().await;
 }

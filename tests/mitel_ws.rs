@@ -330,6 +330,15 @@ async fn envelopes_over_mqtt_reach_the_store_and_survive_a_broker_restart() {
         record(&gw).await["availability"] == "busy"
     })
     .await;
+    // ... and through the same checks: a principal longer than documented
+    // is rejected and not stored.
+    let long = fixture("mitel-presence.json").replace(PRINCIPAL, &"p".repeat(257));
+    publish(&presence_topic, long).await;
+    eventually("the long principal rejected", || async {
+        gw.counter("mitel-ws", "rejected.bad_payload").await == 1
+    })
+    .await;
+    assert_eq!(gw.snapshot().await.records.len(), 1);
     publish(&media_topic, fixture("mitel-media-call.json")).await;
     eventually("call state", || async {
         record(&gw).await["activity"] == "ringing"

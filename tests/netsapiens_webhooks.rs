@@ -247,3 +247,161 @@ async fn allow_ips_is_checked_before_the_correlation_id() {
     assert_eq!(gw.counter("ns", "rejected.ip_not_allowed").await, 1);
     assert_eq!(gw.snapshot().await.records, before.records);
 }
+
+/// Posts `body` with the subscription id; when `status` is 400, asserts a
+/// problem of `kind` and that nothing changed but the bad_payload counter.
+async fn post_expecting(gw: &Gateway, id: &str, name: &str, body: String, status: u16, kind: &str) {
+    let before = gw.snapshot().await;
+    let rejected = gw.counter("ns", "rejected.bad_payload").await;
+    let response = post(gw, "ns", Some(id), &body).await;
+    if status != 400 {
+        assert_eq!(response.status().as_u16(), status, "{name}");
+        return;
+    }
+    let problem = assert_problem(response, 400).await;
+    assert_eq!(
+        problem["type"],
+        format!("urn:presence-gateway:problem:{kind}"),
+        "{name}: {problem}"
+    );
+    let after = gw.snapshot().await;
+    assert_eq!(after.records, before.records, "{name}: records changed");
+    assert_eq!(after.last_seq, before.last_seq, "{name}: seq changed");
+    assert_eq!(
+        gw.counter("ns", "rejected.bad_payload").await,
+        rejected + 1,
+        "{name}"
+    );
+    assert_eq!(
+        gw.counter("ns", "received").await,
+        common::source_counter(&before.sources, "ns", "received"),
+        "{name}"
+    );
+}
+
+/// DESIGN §2's documented maximum lengths (README), for NetSapiens posts:
+/// an object with a longer field rejects the whole post (400), and nothing
+/// of it is stored.
+#[tokio::test]
+async fn fields_longer_than_documented_are_400_and_change_nothing() {
+    let gw =
+        Gateway::start(&config("").replace("body_limit_bytes = 4096", "body_limit_bytes = 65536"))
+            .await;
+    let object = |user: &str, presence: &str, message: &str| {
+        json!({"user": user, "domain": "acme.example", "presence": presence,
+               "message": message, "time": "2025-01-01 00:00:00"})
+    };
+    let one = |o: Value| json!([o]).to_string();
+    let n = |count: usize| "x".repeat(count);
+    // "@acme.example" is 13 bytes.
+    let cases = [
+        (
+            "principal at 256 bytes",
+            one(object(&n(243), "open", "")),
+            204,
+        ),
+        (
+            "principal of 257 bytes",
+            one(object(&n(244), "open", "")),
+            400,
+        ),
+        (
+            "status word at 64 bytes",
+            one(object("1010", &n(64), "")),
+            204,
+        ),
+        (
+            "status word of 65 bytes",
+            one(object("1010", &n(65), "")),
+            400,
+        ),
+        (
+            "status text at 4096 bytes",
+            one(object("1011", "open", &n(4096))),
+            204,
+        ),
+        (
+            "status text of 4097 bytes",
+            one(object("1011", "open", &n(4097))),
+            400,
+        ),
+        (
+            "a good object, then a long one",
+            json!([object("1012", "open", ""), object(&n(300), "open", "")]).to_string(),
+            400,
+        ),
+    ];
+    for (name, body, status) in cases {
+        post_expecting(&gw, SUBSCRIPTION, name, body, status, "field-too-long").await;
+    }
+    assert_eq!(gw.get("/v1/presence/ns/1012@acme.example").await.0, 404);
+    let call = json!([{"orig_callid": n(257), "orig_user": "1001", "orig_domain": "acme.example"}]);
+    post_expecting(
+        &gw,
+        CALL_SUBSCRIPTION,
+        "call id of 257 bytes",
+        call.to_string(),
+        400,
+        "field-too-long",
+    )
+    .await;
+    let record = record(&gw, &format!("{}@acme.example", n(243))).await;
+    assert_eq!(record["availability"], "available");
+}
+
+/// DESIGN §2 for NetSapiens `time`: epoch values with a sign, a fraction or
+/// beyond 64 bits are 400 (nothing stored); times before 2000 or far ahead
+/// are applied with the receive time and counted as clock_skew.
+#[tokio::test]
+async fn provider_times_are_read_strictly_and_trusted_from_2000_to_the_clock() {
+    let gw = Gateway::start(&config("")).await;
+    // The time as JSON text.
+    let cases: [(&str, &str, u16); 12] = [
+        ("negative epoch ms", "-1764000930123", 400),
+        ("negative epoch ms, as text", r#""-1764000930123""#, 400),
+        ("fractional epoch ms", "1764000930123.5", 400),
+        ("fractional epoch ms, as text", r#""1764000930123.5""#, 400),
+        ("beyond 64 bits", "99999999999999999999", 400),
+        ("zero (1970)", "0", 204),
+        ("1999", r#""1999-12-31 23:59:59""#, 204),
+        ("year 0000", r#""0000-01-01 00:00:00""#, 204),
+        ("the largest 64-bit value", "9223372036854775807", 204),
+        ("2999", r#""2999-01-01 00:00:00""#, 204),
+        ("RFC 3339 in 9998", r#""9998-12-31T23:59:59Z""#, 204),
+        (
+            "RFC 3339 at the end of 9999",
+            r#""9999-12-31T23:59:59Z""#,
+            400,
+        ),
+    ];
+    for (i, (name, time, status)) in cases.into_iter().enumerate() {
+        let user = format!("20{i:02}");
+        let principal = format!("{user}@acme.example");
+        let skewed = gw.counter("ns", "clock_skew").await;
+        let body = format!(
+            r#"[{{"user":"{user}","domain":"acme.example","presence":"open","message":"","time":{time}}}]"#
+        );
+        post_expecting(&gw, SUBSCRIPTION, name, body, status, "bad-payload").await;
+        if status == 400 {
+            assert_eq!(
+                gw.get(&format!("/v1/presence/ns/{principal}")).await.0,
+                404,
+                "{name}"
+            );
+            continue;
+        }
+        let record = record(&gw, &principal).await;
+        assert_eq!(
+            record["observed_at"], record["received_at"],
+            "{name}: {record}"
+        );
+        for field in ["observed_at", "received_at"] {
+            let text = record[field].as_str().unwrap_or_default();
+            assert!(
+                presence_gateway::presence::Millis::parse_rfc3339(text).is_some(),
+                "{name}: {field} {text:?} is not RFC 3339"
+            );
+        }
+        assert_eq!(gw.counter("ns", "clock_skew").await, skewed + 1, "{name}");
+    }
+}

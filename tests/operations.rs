@@ -96,6 +96,146 @@ async fn metrics_expose_requests_rejections_store_and_latency() {
     assert!(!text.contains(MITEL_KEY));
 }
 
+/// `/metrics` in one format, with its content type.
+async fn scrape(gw: &Gateway, accept: Option<&str>) -> (String, String) {
+    let mut request = gw.client.get(gw.url("/metrics"));
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (content_type, response.text().await.unwrap())
+}
+
+/// Every family has HELP text and a TYPE; every sample belongs to a family
+/// declared before it. `classic`: the classic format names a counter
+/// family with its `_total`, OpenMetrics without.
+fn assert_well_formed(text: &str, classic: bool) {
+    let mut families: Vec<(String, String)> = Vec::new();
+    let mut helped = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("HELP name and text");
+            assert!(!help.trim().is_empty(), "empty HELP: {line}");
+            assert!(!help.contains(['\\', '"']), "HELP needing escapes: {line}");
+            helped.insert(name.to_owned());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name and type");
+            assert!(helped.contains(name), "no HELP before {line}");
+            if kind == "counter" {
+                assert_eq!(name.ends_with("_total"), classic, "{line}");
+            }
+            families.push((name.to_owned(), kind.to_owned()));
+        } else if line.starts_with('#') {
+            assert!(!classic, "not a classic line: {line}");
+        } else {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let (family, kind) = families.last().expect("a sample before any TYPE");
+            let base = match kind.as_str() {
+                "histogram" => ["_bucket", "_sum", "_count"]
+                    .into_iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name),
+                "counter" if !classic => name.strip_suffix("_total").unwrap_or(name),
+                _ => name,
+            };
+            assert_eq!(base, family, "sample outside its family: {line}");
+        }
+    }
+    assert!(families.len() > 20, "{text}");
+}
+
+#[tokio::test]
+async fn metrics_in_both_text_formats_have_help_for_every_family() {
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    gw.post_signed("mitel", MITEL_KEY, &fixture("mitel-presence.json"))
+        .await;
+    let (content_type, openmetrics) = scrape(&gw, None).await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"));
+    assert_well_formed(&openmetrics, false);
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,\
+        application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    assert_eq!(
+        scrape(&gw, Some(prometheus_accept)).await.0,
+        content_type,
+        "Prometheus asks for OpenMetrics first"
+    );
+
+    let (content_type, classic) = scrape(&gw, Some("text/plain; version=0.0.4")).await;
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert_well_formed(&classic, true);
+    assert!(classic.contains(
+        "# TYPE presence_gateway_events_total counter\n\
+         presence_gateway_events_total{source=\"mitel\",result=\"changed\"} 1\n"
+    ));
+    // The process collector (read from /proc on Linux).
+    if cfg!(target_os = "linux") {
+        for name in [
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_cpu_seconds_total",
+            "process_start_time_seconds",
+        ] {
+            let value = common::metric_value(&classic, name);
+            assert!(value.is_some_and(|v| v > 0.0), "{name} in\n{classic}");
+        }
+    }
+}
+
+/// `promtool check metrics` (Prometheus' own linter, from Debian's
+/// `prometheus` package, which `scripts/test` provides as `$PROMTOOL`)
+/// accepts the classic format the gateway serves. Skipped where there is
+/// no promtool.
+#[tokio::test]
+async fn promtool_check_metrics_passes() {
+    use std::io::Write as _;
+    let candidates = [std::env::var("PROMTOOL").ok(), Some("promtool".to_owned())];
+    let Some(promtool) = candidates.into_iter().flatten().find(|p| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        eprintln!("promtool not found: skipped (bash scripts/test provides it as $PROMTOOL)");
+        return;
+    };
+    let gw = Gateway::start(&common::mitel_config("")).await;
+    gw.post_signed("mitel", MITEL_KEY, &fixture("mitel-presence.json"))
+        .await;
+    let (_, text) = scrape(&gw, Some("text/plain; version=0.0.4")).await;
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let output = child.wait_with_output().expect("promtool");
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {:?}\n{}{}\n{text}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+}
+
 #[test]
 fn shipped_config_files_parse() {
     // example.toml documents every key; it reads its secrets from the environment.

@@ -31,13 +31,14 @@ lease_ttl_secs = 2
     )
 }
 
-fn presence(principal: &str, status: &str, timestamp: i64, event_id: &str) -> String {
+/// A presence envelope observed `at` ms after [`common::T0`].
+fn presence(principal: &str, status: &str, at: i64, event_id: &str) -> String {
     json!({
         "publicationId": "p",
         "topic": "platform-api-presence",
         "method": "PUT",
         "subject": format!("/presentities/{principal}"),
-        "content": {"eventId": event_id, "timestamp": timestamp, "presence": status, "note": ""},
+        "content": {"eventId": event_id, "timestamp": common::T0 + at, "presence": status, "note": ""},
     })
     .to_string()
 }

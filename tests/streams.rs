@@ -138,9 +138,10 @@ impl Client {
     }
 }
 
+/// A presence envelope observed `ts` ms after [`common::T0`].
 fn body(principal: &str, status: &str, ts: i64) -> String {
     json!({"topic": "platform-api-presence", "subject": format!("/presentities/{principal}"),
-           "content": {"presence": status, "timestamp": ts, "eventId": format!("{principal}-{ts}")}})
+           "content": {"presence": status, "timestamp": common::T0 + ts, "eventId": format!("{principal}-{ts}")}})
     .to_string()
 }
 

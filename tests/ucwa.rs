@@ -256,3 +256,28 @@ async fn contacts_beyond_one_batch_join_through_memberships() {
         "contacts the server does not know do not block"
     );
 }
+
+/// The event channel applies through the same checks as webhooks: a
+/// contact's presence with a status word longer than documented is
+/// rejected (counted as bad_payload) and nothing of it is stored.
+#[tokio::test(start_paused = true)]
+async fn a_status_word_longer_than_documented_is_rejected_and_not_stored() {
+    let (api, base) = start_mock().await;
+    let gw = start_gateway(&base).await;
+    settle().await;
+    assert_eq!(availability(&gw, "sarad@contoso.com").await, "available");
+    let before = gw.get("/v1/presence/sfb/sarad@contoso.com").await.1;
+    api.set("sarad@contoso.com", &"W".repeat(65));
+    api.event("sarad@contoso.com");
+    settle().await;
+    assert_eq!(api.fetches("sarad@contoso.com"), 2);
+    assert_eq!(gw.get("/v1/presence/sfb/sarad@contoso.com").await.1, before);
+    assert_eq!(gw.counter("sfb", "rejected.bad_payload").await, 1);
+    // A word of 64 bytes is kept.
+    api.set("sarad@contoso.com", &"W".repeat(64));
+    api.event("sarad@contoso.com");
+    settle().await;
+    let (_, record) = gw.get("/v1/presence/sfb/sarad@contoso.com").await;
+    assert_eq!(record["raw_status"].as_str().map(str::len), Some(64));
+    assert_eq!(record["availability"], "unknown");
+}

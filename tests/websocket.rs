@@ -89,10 +89,11 @@ fn p(id: u64, principal: &str) -> (String, Option<u64>, String) {
     ("presence".into(), Some(id), principal.into())
 }
 
+/// Posts a presence change observed `ts` ms after [`common::T0`].
 async fn post(gw: &Gateway, principal: &str, status: &str, ts: i64) {
     let body = json!({"topic": "platform-api-presence",
         "subject": format!("/presentities/{principal}"),
-        "content": {"presence": status, "timestamp": ts}})
+        "content": {"presence": status, "timestamp": common::T0 + ts}})
     .to_string();
     gw.post_signed("mitel", MITEL_KEY, &body).await;
 }

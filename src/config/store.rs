@@ -21,6 +21,9 @@ pub struct StoreConfig {
     /// A provider timestamp further than this ahead of the gateway's clock
     /// is not trusted (DESIGN §2).
     pub max_future_skew: Duration,
+    /// Records held before events of new principals are refused (503); 0:
+    /// no limit. Protects memory from a subscription wider than intended.
+    pub max_records: usize,
     pub backend: StoreBackend,
     /// `backend = "memory"`: the directory state is persisted to; `None`:
     /// nothing persists. A relative path is relative to the working
@@ -67,6 +70,7 @@ pub(super) struct RawStore {
     dedup_window_secs: u64,
     dedup_capacity: u64,
     max_future_skew_secs: u64,
+    max_records: u64,
     backend: String,
     data_dir: Option<String>,
     redis: RawRedis,
@@ -79,6 +83,7 @@ impl Default for RawStore {
             dedup_window_secs: 600,
             dedup_capacity: 1_000_000,
             max_future_skew_secs: 300,
+            max_records: 5_000_000,
             backend: StoreBackend::Memory.as_str().into(),
             data_dir: None,
             redis: RawRedis::default(),
@@ -156,6 +161,7 @@ pub(super) fn resolve(
         dedup_window: Duration::from_secs(raw.dedup_window_secs),
         dedup_capacity: usize::try_from(raw.dedup_capacity).unwrap_or(usize::MAX),
         max_future_skew: Duration::from_secs(raw.max_future_skew_secs),
+        max_records: usize::try_from(raw.max_records).unwrap_or(usize::MAX),
         backend,
         data_dir: raw.data_dir.map(PathBuf::from),
         redis,

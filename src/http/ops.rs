@@ -2,15 +2,13 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
 use super::problem::Problem;
-
-/// The OpenMetrics text media type, which Prometheus negotiates.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use crate::telemetry::Format;
 
 /// `GET /healthz`: 200 while the process serves.
 pub async fn healthz() -> Json<serde_json::Value> {
@@ -73,12 +71,18 @@ pub async fn dashboard_css() -> Response {
     asset("text/css; charset=utf-8", DASHBOARD_CSS)
 }
 
-/// `GET /metrics`.
-pub async fn metrics(State(state): State<AppState>) -> Response {
-    match state.metrics().render() {
+/// `GET /metrics`: OpenMetrics, or the classic Prometheus text format for
+/// a scrape that prefers `text/plain; version=0.0.4`.
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
+    match state.metrics().render(format) {
         Ok(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(format.content_type()),
+            )],
             text,
         )
             .into_response(),

@@ -36,7 +36,8 @@ use super::extract::PathParams;
 use super::listener::Peer;
 use super::problem::Problem;
 use super::{AppState, REQUEST_ID};
-use crate::sources::{Rejection, Source, Verifier};
+use crate::presence::StoreError;
+use crate::sources::{ApplyError, Rejection, Source, Verifier};
 
 /// How much of an oversized body is read and thrown away before answering,
 /// so the connection closes cleanly and the caller reads the 413 instead of a
@@ -206,16 +207,29 @@ async fn handle(
 
     crate::sources::apply(state.store(), source, &parsed)
         .await
-        .map_err(|e| {
-            tracing::warn!(source = %source.id, error = %e, "webhook not kept: the store is unavailable");
-            Rejected::problem(
-                Rejection::StoreUnavailable,
-                Problem::unavailable(
-                    "store-unavailable",
-                    "the gateway cannot keep this notification right now; retry shortly",
-                    e.retry_after_secs(),
-                ),
-            )
+        .map_err(|e| match e {
+            ApplyError::TooLong(e) => Rejected::new(
+                Rejection::BadPayload,
+                StatusCode::BAD_REQUEST,
+                "field-too-long",
+                e.to_string(),
+            ),
+            // The store logs that it is full (at most once a minute).
+            ApplyError::Store(e @ StoreError::Full { .. }) => Rejected::problem(
+                Rejection::StoreFull,
+                Problem::unavailable("store-full", e.to_string(), e.retry_after_secs()),
+            ),
+            ApplyError::Store(e) => {
+                tracing::warn!(source = %source.id, error = %e, "webhook not kept: the store is unavailable");
+                Rejected::problem(
+                    Rejection::StoreUnavailable,
+                    Problem::unavailable(
+                        "store-unavailable",
+                        "the gateway cannot keep this notification right now; retry shortly",
+                        e.retry_after_secs(),
+                    ),
+                )
+            }
         })?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -86,13 +86,22 @@ impl Millis {
     }
 }
 
+/// The first millisecond RFC 3339 can write (year 0000), and the last one
+/// `jiff` takes (a day short of the end of year 9999, to leave room for any
+/// offset).
+const RFC3339_FIRST_MS: i64 = -62_167_219_200_000;
+const RFC3339_LAST_MS: i64 = 253_402_207_200_000;
+
 impl fmt::Display for Millis {
+    /// Always RFC 3339 (DESIGN §2): a time outside years 0000–9999 (which
+    /// only a record kept from before timestamps were checked can hold) is
+    /// written as the nearest one inside.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match jiff::Timestamp::from_millisecond(self.0) {
+        let ms = self.0.clamp(RFC3339_FIRST_MS, RFC3339_LAST_MS);
+        match jiff::Timestamp::from_millisecond(ms) {
             Ok(ts) => write!(f, "{}", ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")),
-            // Out of jiff's range (years beyond ±9999): still print something
-            // a reader can act on rather than failing the whole response.
-            Err(_) => write!(f, "{}ms", self.0),
+            // Inside jiff's range (years ±9999) by the clamp above.
+            Err(_) => f.write_str("1970-01-01T00:00:00.000Z"),
         }
     }
 }
@@ -258,10 +267,24 @@ mod tests {
             "2025-11-24T16:15:30.123Z"
         );
         assert_eq!(Millis(0).to_string(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(Millis(-1).to_string(), "1969-12-31T23:59:59.999Z");
         assert_eq!(
             Millis::parse_rfc3339("2026-11-24T10:15:30.5+01:00"),
             Some(Millis(1_795_511_730_500))
         );
+    }
+
+    #[test]
+    fn times_beyond_rfc3339_are_written_as_the_nearest_it_can_write() {
+        for (ms, text) in [
+            (i64::MAX, "9999-12-30T22:00:00.000Z"),
+            (RFC3339_LAST_MS, "9999-12-30T22:00:00.000Z"),
+            (i64::MIN, "0000-01-01T00:00:00.000Z"),
+            (RFC3339_FIRST_MS, "0000-01-01T00:00:00.000Z"),
+        ] {
+            assert_eq!(Millis(ms).to_string(), text, "{ms}");
+            assert!(Millis::parse_rfc3339(text).is_some(), "{text}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use foldhash::quality::RandomState;
 use parking_lot::RwLock;
@@ -34,6 +35,10 @@ use super::{CallUpdate, PresenceUpdate};
 /// from queueing on one lock.
 const SHARDS: usize = 16;
 
+/// The most calls kept active per principal; a new one beyond them forgets
+/// the oldest (whose end was most likely missed).
+pub const MAX_ACTIVE_CALLS: usize = 16;
+
 /// What applying an update did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyOutcome {
@@ -45,6 +50,11 @@ pub enum ApplyOutcome {
     Duplicate,
     /// Older than what is stored.
     Stale,
+    /// Not kept: a new principal while the store holds its maximum number
+    /// of records ([`Records::set_max_records`]); nothing of the event was
+    /// written or remembered. The store answers it as
+    /// [`super::StoreError::Full`].
+    Full,
 }
 
 /// Sizing of the store, from `[store]`.
@@ -69,6 +79,10 @@ pub struct Records {
     /// (Nothing persisted depends on them: the journal keeps ids, not digests.)
     hash_a: RandomState,
     hash_b: RandomState,
+    /// Records held, all sources together.
+    count: AtomicUsize,
+    /// The most records held before new principals are refused; 0: no limit.
+    max_records: usize,
 }
 
 struct SourceStore {
@@ -110,7 +124,45 @@ impl Records {
             changes: ChangeLog::new(limits.history, limits.stream_buffer),
             hash_a: RandomState::default(),
             hash_b: RandomState::default(),
+            count: AtomicUsize::new(0),
+            max_records: 0,
         }
+    }
+
+    /// Refuses new principals once `max` records are held, all sources
+    /// together (`store.max_records`; 0: no limit). Known principals are
+    /// always updated, and records loaded or replicated are always taken.
+    pub fn set_max_records(&mut self, max: usize) {
+        self.max_records = max;
+    }
+
+    /// The most records held before new principals are refused (0: no limit).
+    pub fn max_records(&self) -> usize {
+        self.max_records
+    }
+
+    /// Records held, all sources together (without taking a lock).
+    pub fn record_count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether a new principal would be taken now.
+    pub fn has_room(&self) -> bool {
+        self.max_records == 0 || self.record_count() < self.max_records
+    }
+
+    /// Takes the place of one new record; false when the store is full. Two
+    /// writers in different shards cannot both take the last place.
+    fn reserve(&self) -> bool {
+        if self.max_records == 0 {
+            self.count.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_records).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// The change log every applied change is published to.
@@ -192,9 +244,17 @@ impl Records {
         let probe =
             event_digest.map(|(bucket, fingerprint)| (src.dedup.probe(bucket), fingerprint));
         let found = shard.find(hash, &update.principal);
+        // A new principal takes its place before anything of the event is
+        // remembered: refused, its id must not make the retry a duplicate.
+        if found.is_none() && !self.reserve() {
+            return ApplyOutcome::Full;
+        }
         if let Some((probe, fingerprint)) = probe
             && probe.seen(&src.dedup, fingerprint, received_at.0)
         {
+            if found.is_none() {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
             return ApplyOutcome::Duplicate;
         }
         // The id is remembered from here on, whatever the outcome: so is it
@@ -269,6 +329,9 @@ impl Records {
             // The end of a call never seen: nothing to show.
             (None, None) => return ApplyOutcome::Refreshed,
             (None, Some(_)) => {
+                if !self.reserve() {
+                    return ApplyOutcome::Full;
+                }
                 let presence = new_call_record(update, received_at);
                 shard.push(hash, &update.principal, presence, &self.hash_a)
             }
@@ -333,6 +396,7 @@ impl Records {
         match shard.find(hash, principal) {
             Some(position) => shard.entries[position].presence = presence,
             None => {
+                self.count.fetch_add(1, Ordering::Relaxed);
                 shard.push(hash, principal, presence, &self.hash_a);
             }
         }
@@ -620,7 +684,14 @@ pub(crate) fn update_call(
     let known = calls.active.iter().position(|(id, _)| **id == *call);
     match (known, update.state) {
         (Some(i), Some(state)) => calls.active[i].1 = state,
-        (None, Some(state)) => calls.active.push((call.into(), state)),
+        (None, Some(state)) => {
+            // A call whose end never came (a missed post) must not stay
+            // forever, nor let one principal's record grow without bound.
+            if calls.active.len() >= MAX_ACTIVE_CALLS {
+                calls.active.remove(0);
+            }
+            calls.active.push((call.into(), state));
+        }
         (Some(i), None) => {
             calls.active.remove(i);
         }
@@ -786,6 +857,84 @@ mod tests {
             state,
             observed_at: None,
         }
+    }
+
+    #[test]
+    fn new_principals_beyond_max_records_are_refused_and_known_ones_still_update() {
+        let mut s = store();
+        s.set_max_records(2);
+        let now = Millis(10_000);
+        assert_eq!(
+            s.apply(0, &update("a", Availability::Busy, 1), now),
+            ApplyOutcome::Changed(1)
+        );
+        // The limit is for all sources together.
+        assert_eq!(
+            s.apply(1, &update("b", Availability::Busy, 1), now),
+            ApplyOutcome::Changed(2)
+        );
+        let mut c = update("c", Availability::Busy, 1);
+        c.event_id = Some(Cow::Borrowed("event-c"));
+        assert_eq!(s.apply(0, &c, now), ApplyOutcome::Full);
+        let ringing = call("c", "call-1", Some(CallState::Ringing));
+        assert_eq!(s.apply_call(0, &ringing, now), ApplyOutcome::Full);
+        assert_eq!(
+            s.apply(0, &update("a", Availability::Away, 2), now),
+            ApplyOutcome::Changed(3)
+        );
+        let ringing_a = call("a", "call-2", Some(CallState::Ringing));
+        assert_eq!(s.apply_call(0, &ringing_a, now), ApplyOutcome::Changed(4));
+        assert_eq!((s.record_count(), s.total_len()), (2, 2));
+        assert!(s.get(0, "c").is_none() && !s.has_room());
+        // Raised: the refused event was not remembered, so its retry is
+        // applied, not taken for a duplicate.
+        s.set_max_records(3);
+        assert_eq!(s.apply(0, &c, now), ApplyOutcome::Changed(5));
+        assert_eq!(s.record_count(), 3);
+    }
+
+    #[test]
+    fn concurrent_new_principals_never_pass_max_records() {
+        let mut s = Records::new(&[Arc::from("a")], limits());
+        s.set_max_records(500);
+        let names: Vec<String> = (0..2_000).map(|i| format!("p{i}")).collect();
+        let now = Millis(10_000);
+        std::thread::scope(|scope| {
+            for chunk in names.chunks(250) {
+                let s = &s;
+                scope.spawn(move || {
+                    for name in chunk {
+                        s.apply(0, &update(name, Availability::Busy, 1), now);
+                    }
+                });
+            }
+        });
+        assert_eq!((s.record_count(), s.total_len()), (500, 500));
+        // Records loaded or replicated are always taken, and counted.
+        let kept = s.page(&[0], None, 1, |_| true).items[0].principal.clone();
+        let copy = s.get_presence(0, &kept).expect("a record");
+        assert!(s.install(0, "installed", copy));
+        assert_eq!(s.record_count(), 501);
+    }
+
+    #[test]
+    fn a_principal_keeps_at_most_max_active_calls() {
+        let s = store();
+        let now = Millis(10_000);
+        let ids: Vec<String> = (0..MAX_ACTIVE_CALLS + 5).map(|i| format!("c{i}")).collect();
+        for id in &ids {
+            s.apply_call(0, &call("p", id, Some(CallState::Connected)), now);
+        }
+        let calls = s.get_presence(0, "p").unwrap().calls.unwrap();
+        let kept: Vec<&str> = calls.active.iter().map(|(id, _)| &**id).collect();
+        let newest: Vec<&str> = ids[5..].iter().map(String::as_str).collect();
+        assert_eq!(kept, newest, "the oldest are forgotten");
+        // Ending the kept ones ends the calls.
+        for id in &ids[5..] {
+            s.apply_call(0, &call("p", id, None), now);
+        }
+        assert!(s.get_presence(0, "p").unwrap().calls.is_none());
+        assert_eq!(s.get(0, "p").unwrap().activity, None);
     }
 
     #[test]

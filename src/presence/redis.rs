@@ -460,6 +460,9 @@ impl RedisBackend {
                     let step = update_record(&mut presence, update, received_at, &mut own);
                     (step, presence)
                 }
+                // The limit is checked on the mirror: a record another
+                // replica has just added may not be here yet.
+                None if !records.has_room() => return Decision::Done(ApplyOutcome::Full),
                 None => (Step::Changed, new_record(update, received_at, &mut own)),
             };
             // Stale without an id: nothing to write or remember (the stored
@@ -486,6 +489,9 @@ impl RedisBackend {
                 (Some(presence), _) => presence,
                 // The end of a call never seen: nothing to show.
                 (None, None) => return Decision::Done(ApplyOutcome::Refreshed),
+                (None, Some(_)) if !records.has_room() => {
+                    return Decision::Done(ApplyOutcome::Full);
+                }
                 (None, Some(_)) => new_call_record(update, received_at),
             };
             match update_call(&mut next, update, received_at, &mut own) {

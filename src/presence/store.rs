@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -31,6 +32,7 @@ use super::records::Records;
 use super::redis::{RecordsHandle, RedisBackend};
 use super::{CallUpdate, PresenceUpdate};
 use crate::cluster::Redis;
+use crate::telemetry::LogEvery;
 use tokio_util::sync::CancellationToken;
 
 pub use super::records::{ApplyOutcome, Cursor, Page, StoreLimits};
@@ -43,14 +45,27 @@ pub enum StoreError {
     /// Redis unreachable).
     #[error("the store cannot keep writes right now: {0}")]
     Unavailable(String),
+    /// A new principal while the store holds `store.max_records` records.
+    #[error(
+        "the gateway holds its maximum of {max} presence records (store.max_records); \
+         it takes no new principals until an operator raises the limit"
+    )]
+    Full { max: usize },
 }
 
 impl StoreError {
-    /// Seconds a caller should wait before retrying.
+    /// Seconds a caller should wait before retrying: a full store stays
+    /// full until an operator acts, so its callers need not hurry.
     pub fn retry_after_secs(&self) -> u32 {
-        1
+        match self {
+            StoreError::Unavailable(_) => 1,
+            StoreError::Full { .. } => 60,
+        }
     }
 }
+
+/// How often, at most, the store logs that it is full.
+const FULL_LOG_INTERVAL_MS: i64 = 60_000;
 
 /// Current presence and its change log; see the module doc.
 pub struct Store {
@@ -58,6 +73,10 @@ pub struct Store {
     backend: Backend,
     /// Upstream values (subscription ids, refresh tokens).
     meta: Mutex<HashMap<String, String>>,
+    /// New principals refused because the store was full.
+    refused: AtomicU64,
+    /// Paces the log line that says so.
+    full_logged: LogEvery,
 }
 
 enum Backend {
@@ -82,6 +101,8 @@ impl Store {
             records: Records::new(source_ids, limits),
             backend: Backend::Memory { journal: None },
             meta: Mutex::new(HashMap::new()),
+            refused: AtomicU64::new(0),
+            full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
         }
     }
 
@@ -108,6 +129,8 @@ impl Store {
                     journal: Some(journal),
                 },
                 meta: Mutex::new(meta),
+                refused: AtomicU64::new(0),
+                full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
             },
             loaded,
         ))
@@ -125,7 +148,51 @@ impl Store {
                 limits.dedup_window_ms,
             ))),
             meta: Mutex::new(HashMap::new()),
+            refused: AtomicU64::new(0),
+            full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
         }
+    }
+
+    /// Refuses new principals once `max` records are held, all sources
+    /// together (`store.max_records`; 0: no limit). With Redis the count is
+    /// this replica's mirror of the shared records.
+    pub fn with_max_records(mut self, max: usize) -> Self {
+        self.records.set_max_records(max);
+        self
+    }
+
+    /// The most records held before new principals are refused (0: no limit).
+    pub fn max_records(&self) -> usize {
+        self.records.max_records()
+    }
+
+    /// Records held, all sources together (Redis: in this replica's mirror).
+    pub fn record_count(&self) -> usize {
+        self.records.record_count()
+    }
+
+    /// New principals refused so far because the store was full.
+    pub fn refused_new(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Turns a refusal of the records into the error callers answer with,
+    /// counting it, and says so in the log at most once a minute.
+    fn full(&self) -> StoreError {
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let max = self.max_records();
+        if self.full_logged.ready(Millis::now().0) {
+            tracing::warn!(
+                max_records = max,
+                records = self.record_count(),
+                refused_total = refused,
+                "the store is full: it holds store.max_records records, so events of new \
+                 principals are refused (503) while known principals are still updated; \
+                 raise store.max_records if this many principals are expected, or narrow \
+                 the provider subscriptions"
+            );
+        }
+        StoreError::Full { max }
     }
 
     /// Starts what the backend runs in the background (Redis: loading the
@@ -194,17 +261,20 @@ impl Store {
         received_at: Millis,
     ) -> Result<ApplyOutcome, StoreError> {
         self.check_writable()?;
-        match &self.backend {
+        let outcome = match &self.backend {
             Backend::Memory { journal } => {
-                Ok(self
-                    .records
-                    .apply_with(source, update, received_at, journal.as_ref()))
+                self.records
+                    .apply_with(source, update, received_at, journal.as_ref())
             }
             Backend::Redis(backend) => {
                 backend
                     .apply(&self.records, source, update, received_at)
-                    .await
+                    .await?
             }
+        };
+        match outcome {
+            ApplyOutcome::Full => Err(self.full()),
+            outcome => Ok(outcome),
         }
     }
 
@@ -216,17 +286,20 @@ impl Store {
         received_at: Millis,
     ) -> Result<ApplyOutcome, StoreError> {
         self.check_writable()?;
-        match &self.backend {
+        let outcome = match &self.backend {
             Backend::Memory { journal } => {
-                Ok(self
-                    .records
-                    .apply_call_with(source, update, received_at, journal.as_ref()))
+                self.records
+                    .apply_call_with(source, update, received_at, journal.as_ref())
             }
             Backend::Redis(backend) => {
                 backend
                     .apply_call(&self.records, source, update, received_at)
-                    .await
+                    .await?
             }
+        };
+        match outcome {
+            ApplyOutcome::Full => Err(self.full()),
+            outcome => Ok(outcome),
         }
     }
 

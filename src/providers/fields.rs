@@ -269,6 +269,14 @@ impl Fields {
     }
 }
 
+/// Digits only, as epoch milliseconds.
+fn epoch_ms(digits: &str) -> Option<Millis> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<i64>().ok().map(Millis)
+}
+
 fn first<'de>(found: &Found<'de>, pointers: &[usize]) -> Option<(usize, Raw<'de>)> {
     pointers
         .iter()
@@ -277,13 +285,19 @@ fn first<'de>(found: &Found<'de>, pointers: &[usize]) -> Option<(usize, Raw<'de>
 
 /// A provider timestamp: epoch milliseconds (number or digit string), RFC
 /// 3339, or `YYYY-MM-DD HH:MM:SS` (NetSapiens) in `zone`.
+///
+/// Epoch milliseconds are a whole number of digits: a sign, a fraction or an
+/// exponent makes no time (400) rather than one rounded or truncated, and
+/// so does a number beyond the 64-bit range. Whether a readable time is
+/// believed (2000 or later, not far ahead) is decided when it is applied.
 fn parse_time(raw: Raw<'_>, zone: &jiff::tz::TimeZone) -> Option<Millis> {
-    if let Some(ms) = extract::as_i64(raw) {
-        return Some(Millis(ms));
+    let number = raw.get();
+    if number.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        return epoch_ms(number);
     }
     let text = extract::as_str(raw)?;
-    if let Ok(ms) = text.parse::<i64>() {
-        return Some(Millis(ms));
+    if let Some(ms) = epoch_ms(&text) {
+        return Some(ms);
     }
     if let Some(ms) = Millis::parse_rfc3339(&text) {
         return Some(ms);
@@ -324,5 +338,35 @@ mod tests {
         );
         assert_eq!(parse_time(raw("\"yesterday\""), &utc), None);
         assert_eq!(parse_time(raw("{}"), &utc), None);
+        // Far ahead, or before 2000, still reads: applying decides (clock_skew).
+        assert_eq!(
+            parse_time(raw("9223372036854775807"), &utc),
+            Some(Millis(i64::MAX))
+        );
+        assert_eq!(parse_time(raw("0"), &utc), Some(Millis(0)));
+    }
+
+    #[test]
+    fn epoch_values_that_are_no_whole_milliseconds_are_no_time() {
+        let utc = jiff::tz::TimeZone::UTC;
+        for bad in [
+            "-1",
+            "-1764000930123",
+            "\"-1764000930123\"",
+            "1764000930123.5",
+            "\"1764000930123.5\"",
+            "1764000930123.0",
+            "1.764000930123e12",
+            "1764000930123e0",
+            "\"+1764000930123\"",
+            "9223372036854775808",
+            "99999999999999999999999",
+            "\"99999999999999999999999\"",
+            "\"\"",
+            "true",
+            "null",
+        ] {
+            assert_eq!(parse_time(Raw::for_tests(bad), &utc), None, "{bad}");
+        }
     }
 }

@@ -22,6 +22,11 @@ use tokio_util::sync::CancellationToken;
 pub const MITEL_KEY: &str = "829e823f-f27e-47ee-a101-5d5e9c6266bf";
 /// The consumer token the test configs use.
 pub const TOKEN: &str = "test-consumer-token";
+/// The time test events are stamped from, epoch ms (2025-01-01T00:00:00Z):
+/// fixed, never today's date, and realistic, as the gateway distrusts
+/// provider timestamps before 2000 (and ahead of its clock; DESIGN §2).
+/// Tests add the offsets that order their events.
+pub const T0: i64 = 1_735_689_600_000;
 
 /// A fixture file's text.
 pub fn fixture(name: &str) -> String {
@@ -284,7 +289,7 @@ impl Gateway {
             .for_each_concurrent(16, |i| {
                 let body = serde_json::json!({"topic": "platform-api-presence",
                     "subject": format!("/presentities/p{i}"),
-                    "content": {"presence": "Busy", "statusMessage": note, "timestamp": i + 1}})
+                    "content": {"presence": "Busy", "statusMessage": note, "timestamp": T0 + i as i64 + 1}})
                 .to_string();
                 async move { self.post_signed("mitel", MITEL_KEY, &body).await }
             })
