@@ -416,12 +416,21 @@ impl<'de> Scanner<'_, 'de> {
             let sub = if mask == 0 {
                 0
             } else if escaped {
-                let key = as_str(Raw(&self.text[key_start..self.at])).ok_or(Invalid::Syntax)?;
-                self.set.matching_key(mask, depth, &key)
+                // A key that does not decode (a lone surrogate escape: valid
+                // grammar) names no pointer, as pointers are Rust strings.
+                as_str(Raw(&self.text[key_start..self.at]))
+                    .map_or(0, |key| self.set.matching_key(mask, depth, &key))
             } else {
                 self.set
                     .matching_key(mask, depth, &self.text[key_start + 1..self.at - 1])
             };
+            // A repeated key's last value wins, as in serde_json: forget
+            // what an earlier one gave the pointers below it.
+            let mut bits = sub;
+            while bits != 0 {
+                self.found.values[bits.trailing_zeros() as usize] = None;
+                bits &= bits - 1;
+            }
             self.whitespace();
             if self.peek()? != b':' {
                 return Err(Invalid::Syntax);
@@ -743,6 +752,36 @@ mod tests {
         let too_deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
         let err = extract(&set(&["/a"]), &too_deep).unwrap_err().to_string();
         assert!(err.contains("deeper than 128"), "{err}");
+    }
+
+    /// Found by fuzz/fuzz_targets/json_scanner.rs: a key with a lone
+    /// surrogate escape is valid JSON, but was refused whenever a pointer
+    /// needed the keys of its object.
+    #[test]
+    fn keys_with_lone_surrogates_are_valid_and_match_nothing() {
+        let s = set(&["/a", "/\u{fffd}"]);
+        for text in [r#"{"\ude00":1,"a":2}"#, r#"{"a\ud800":1,"a":2}"#] {
+            let f = extract(&s, text).unwrap();
+            assert_eq!(f.get(0).unwrap().get(), "2", "{text}");
+            assert!(f.get(1).is_none(), "{text}");
+            assert!(serde_json::from_str::<IgnoredAny>(text).is_ok());
+        }
+    }
+
+    /// Found by comparing with serde_json (fuzz/fuzz_targets/json_scanner.rs):
+    /// with a repeated key, pointers below it kept the earlier value's
+    /// members, mixing two objects serde_json reads as the last one alone.
+    #[test]
+    fn a_repeated_key_is_its_last_value_alone() {
+        let s = set(&["/content", "/content/presence", "/content/time", "/a/1"]);
+        let text = r#"{"content":{"presence":"Busy"},"a":[1,2],"content":{"time":5},"a":[3]}"#;
+        let f = extract(&s, text).unwrap();
+        let value: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(f.get(0).unwrap().get(), r#"{"time":5}"#);
+        assert!(f.get(1).is_none(), "not the first object's member");
+        assert!(value.pointer("/content/presence").is_none());
+        assert_eq!(f.get(2).unwrap().get(), "5");
+        assert!(f.get(3).is_none(), "not the first array's element");
     }
 
     proptest! {
