@@ -105,6 +105,8 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
             consumer_tokens: config.consumers.tokens.clone(),
             max_in_flight: config.server.max_in_flight,
             body_limit: config.server.body_limit_bytes,
+            body_timeout: config.server.body_timeout,
+            max_requests_per_client: config.server.max_requests_per_client,
             trusted_proxies: config.server.trusted_proxies.clone(),
         });
         state.set_ready(true);
@@ -153,7 +155,9 @@ async fn exchange(app: http::edge::Edge<axum::Router>, input: &[u8], answer: &mu
     let peer: SocketAddr = ([127, 0, 0, 1], 40000).into();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let mut request = request.map(Body::new);
-        request.extensions_mut().insert(ConnectInfo(Peer(peer)));
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(Peer::now(peer)));
         tower::ServiceExt::oneshot(app.clone(), request)
     });
     // As src/http/server.rs builds it, but answering what was asked even
@@ -161,7 +165,8 @@ async fn exchange(app: http::edge::Edge<axum::Router>, input: &[u8], answer: &mu
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(Duration::from_secs(10))
+        .max_header_size(16 * 1024)
         .half_close(true);
     let connection = builder
         .serve_connection(TokioIo::new(server), service)
