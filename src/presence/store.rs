@@ -29,11 +29,12 @@ use super::journal::{Journal, Loaded, OpenError};
 use super::model::{Availability, Millis, Presence, PresenceRecord};
 use super::records::Records;
 use super::redis::{RecordsHandle, RedisBackend};
+use super::snapshot::Snapshots;
 use super::{CallUpdate, PresenceUpdate};
 use crate::cluster::Redis;
 use tokio_util::sync::CancellationToken;
 
-pub use super::records::{ApplyOutcome, Cursor, Page, StoreLimits};
+pub use super::records::{ApplyOutcome, Cursor, Page, Slot, StoreLimits};
 
 /// Why the store could not take a write; the caller answers 503 with
 /// `Retry-After` and the provider retries.
@@ -58,6 +59,8 @@ pub struct Store {
     backend: Backend,
     /// Upstream values (subscription ids, refresh tokens).
     meta: Mutex<HashMap<String, String>>,
+    /// Snapshots for stream consumers.
+    snapshots: Snapshots,
 }
 
 enum Backend {
@@ -82,6 +85,7 @@ impl Store {
             records: Records::new(source_ids, limits),
             backend: Backend::Memory { journal: None },
             meta: Mutex::new(HashMap::new()),
+            snapshots: Snapshots::default(),
         }
     }
 
@@ -108,6 +112,7 @@ impl Store {
                     journal: Some(journal),
                 },
                 meta: Mutex::new(meta),
+                snapshots: Snapshots::default(),
             },
             loaded,
         ))
@@ -125,6 +130,7 @@ impl Store {
                 limits.dedup_window_ms,
             ))),
             meta: Mutex::new(HashMap::new()),
+            snapshots: Snapshots::default(),
         }
     }
 
@@ -270,6 +276,11 @@ impl Store {
     /// The change log every applied change is published to.
     pub fn changes(&self) -> &ChangeLog {
         self.records.changes()
+    }
+
+    /// Snapshots for stream consumers (see [`super::snapshot`]).
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.snapshots
     }
 
     /// Number of sources the store was built for.
