@@ -285,6 +285,10 @@ pub async fn run(
         max_in_flight: config.server.max_in_flight,
         body_limit: config.server.body_limit_bytes,
         trusted_proxies: config.server.trusted_proxies.clone(),
+        stream_opens: http::opens::OpenLimit {
+            burst: config.consumers.stream_open_burst,
+            per_minute: config.consumers.stream_opens_per_minute,
+        },
     });
     if config.consumers.tokens.is_empty() {
         tracing::warn!("consumers.tokens is empty: the /v1 API is open to anyone who can reach it");

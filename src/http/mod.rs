@@ -6,6 +6,7 @@ pub mod consumers;
 pub mod edge;
 pub mod extract;
 pub mod listener;
+pub mod opens;
 pub mod ops;
 pub mod problem;
 pub mod server;
@@ -89,6 +90,8 @@ struct Shared {
     in_flight: Semaphore,
     body_limit: usize,
     trusted_proxies: Vec<IpNet>,
+    /// Stream opens per consumer.
+    stream_opens: opens::StreamOpens,
     /// Tasks that outlive their HTTP exchange (WebSocket streams): shutdown
     /// waits for them to send their close frames.
     detached: tokio_util::task::TaskTracker,
@@ -103,6 +106,7 @@ pub struct StateParts {
     pub max_in_flight: usize,
     pub body_limit: usize,
     pub trusted_proxies: Vec<IpNet>,
+    pub stream_opens: opens::OpenLimit,
 }
 
 impl AppState {
@@ -123,6 +127,7 @@ impl AppState {
                 in_flight: Semaphore::new(parts.max_in_flight),
                 body_limit: parts.body_limit,
                 trusted_proxies: parts.trusted_proxies,
+                stream_opens: opens::StreamOpens::new(parts.stream_opens),
                 detached: tokio_util::task::TaskTracker::new(),
             }),
         }
@@ -157,6 +162,10 @@ impl AppState {
     }
     pub fn trusted_proxies(&self) -> &[IpNet] {
         &self.inner.trusted_proxies
+    }
+    /// How often each consumer may open a stream with a snapshot or replay.
+    pub fn stream_opens(&self) -> &opens::StreamOpens {
+        &self.inner.stream_opens
     }
     /// Tasks that outlive their HTTP exchange (WebSocket streams).
     pub fn detached(&self) -> &tokio_util::task::TaskTracker {
@@ -256,6 +265,7 @@ pub(crate) fn test_state(history: usize) -> AppState {
         max_in_flight: 1,
         body_limit: 1024,
         trusted_proxies: Vec::new(),
+        stream_opens: opens::OpenLimit::default(),
     })
 }
 

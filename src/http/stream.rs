@@ -18,23 +18,29 @@
 //! changes, are read a page at a time as the consumer takes them, each read
 //! under a lock held for that page only, and every record sent uses up some
 //! of the task's budget, so a long snapshot lets the worker serve others.
-//! A stream holds a page, never a whole snapshot or history.
+//! A stream holds a page, never a whole snapshot or history. Opens that
+//! take a snapshot or a replay are limited per consumer ([`super::opens`]).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::IntoResponse;
 use tokio::sync::broadcast;
 use tokio::time::MissedTickBehavior;
 
 use super::AppState;
+use super::client_addr::client_addr;
+use super::listener::Peer;
 use super::problem::Problem;
 use crate::presence::changes::PAGE;
 use crate::presence::snapshot::{Index, Snapshots, Taken};
@@ -521,16 +527,91 @@ pub(crate) fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
+/// Counts an open that starts with a snapshot or a replay against its
+/// consumer's allowance (see [`super::opens`]): the 429 answer once that
+/// is used up. Opens with `snapshot=false` and no id are free.
+pub(crate) fn admit(
+    state: &AppState,
+    filter: &Filter,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    kind: StreamKind,
+) -> Result<(), Problem> {
+    if filter.last_event_id.is_none() && !filter.snapshot {
+        return Ok(());
+    }
+    let peer = peer.map_or(
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        |Extension(ConnectInfo(Peer(p)))| p.ip(),
+    );
+    let client = client_addr(peer, headers, state.trusted_proxies());
+    // The token only when tokens are checked: on an open API any made-up
+    // token would be a fresh allowance.
+    let token = if state.consumer_auth().is_open() {
+        None
+    } else {
+        presented_token(headers, query)
+    };
+    let limit = state.stream_opens().limit();
+    state
+        .stream_opens()
+        .take(client, token.as_deref(), tokio::time::Instant::now())
+        .map_err(|wait| {
+            state.global().streams_refused[kind as usize].fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%client, wait, "stream open refused: too many for this consumer");
+            Problem::too_many_requests(
+                "too-many-stream-opens",
+                format!(
+                    "at most {} stream opens with a snapshot or a replay at once per consumer, \
+                     then {} a minute; retry in {wait} s",
+                    limit.burst, limit.per_minute
+                ),
+                wait,
+            )
+        })
+}
+
+/// The consumer token of a request: the bearer token, or `access_token`
+/// in the query (checked already by [`super::consumers::require_token`]).
+fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<Vec<u8>> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().as_bytes().to_vec())
+        });
+    bearer.or_else(|| {
+        form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v.as_bytes().to_vec())
+    })
+}
+
 /// `GET /v1/stream`.
 pub async fn sse(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
     headers: HeaderMap,
 ) -> axum::response::Response {
     let filter = match Filter::parse(query.as_deref(), &headers) {
         Ok(f) => f,
         Err(problem) => return problem.into_response(),
     };
+    if let Err(problem) = admit(
+        &state,
+        &filter,
+        peer,
+        &headers,
+        query.as_deref(),
+        StreamKind::Sse,
+    ) {
+        return problem.into_response();
+    }
     state
         .store()
         .catch_up(filter.last_event_id.unwrap_or(0))
