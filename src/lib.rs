@@ -309,6 +309,10 @@ pub async fn run(
         body_timeout: config.server.body_timeout,
         max_requests_per_client: config.server.max_requests_per_client,
         trusted_proxies: config.server.trusted_proxies.clone(),
+        stream_opens: http::opens::OpenLimit {
+            burst: config.consumers.stream_open_burst,
+            per_minute: config.consumers.stream_opens_per_minute,
+        },
     });
     if config.consumers.tokens.is_empty() {
         tracing::warn!("consumers.tokens is empty: the /v1 API is open to anyone who can reach it");

@@ -134,6 +134,9 @@ pub struct GlobalStats {
     /// Stream consumers that fell behind the fan-out (SSE reset, WebSocket
     /// closed), Server-Sent Events and WebSocket.
     pub streams_lagged: [AtomicU64; 2],
+    /// Stream opens refused because their consumer opened too many with a
+    /// snapshot or replay, Server-Sent Events and WebSocket.
+    pub streams_refused: [AtomicU64; 2],
 }
 
 /// Index into [`GlobalStats::streams`] and [`GlobalStats::streams_lagged`].
@@ -625,6 +628,16 @@ impl Collector for GatewayCollector {
         for kind in StreamKind::ALL {
             ConstCounter::new(load(&self.global.streams_lagged[kind as usize]))
                 .encode(lagged.encode_family(&[("transport", kind.label())])?)?;
+        }
+        let mut refused = encoder.encode_descriptor(
+            "presence_gateway_stream_opens_refused",
+            "Stream opens answered 429: their consumer opened too many with a snapshot or replay.",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in StreamKind::ALL {
+            ConstCounter::new(load(&self.global.streams_refused[kind as usize]))
+                .encode(refused.encode_family(&[("transport", kind.label())])?)?;
         }
         Ok(())
     }

@@ -31,10 +31,15 @@ struct Client {
 
 impl Client {
     async fn open(gw: &Gateway, query: &str, last_event_id: Option<u64>) -> Client {
+        Client::open_as(gw, TOKEN, query, last_event_id).await
+    }
+
+    /// A stream opened with `token`.
+    async fn open_as(gw: &Gateway, token: &str, query: &str, last_event_id: Option<u64>) -> Client {
         let mut request = gw
             .client
             .get(gw.url(&format!("/v1/stream{query}")))
-            .bearer_auth(TOKEN);
+            .bearer_auth(token);
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }
@@ -442,5 +447,66 @@ async fn a_consumer_that_falls_behind_gets_reset_and_the_snapshot() {
             r#"presence_gateway_stream_lagged_total{transport="sse"}"#
         ),
         1
+    );
+}
+
+#[tokio::test]
+async fn snapshot_and_replay_opens_are_limited_per_consumer_and_nobody_else_waits() {
+    const OTHER: &str = "another-consumer-token";
+    let config = common::mitel_config("")
+        .replace(
+            "[consumers]\n",
+            "[consumers]\nstream_open_burst = 2\nstream_opens_per_minute = 1\n",
+        )
+        .replace(
+            &format!("tokens = [\"{TOKEN}\"]"),
+            &format!("tokens = [\"{TOKEN}\", \"{OTHER}\"]"),
+        );
+    let gw = Gateway::start(&config).await;
+    post(&gw, "u1", "Busy", 1).await;
+    // Two opens that cost work (a snapshot, a replay): the burst.
+    let mut snapshot = Client::open(&gw, "", None).await;
+    assert_eq!(snapshot.next().await.unwrap().id, Some(1));
+    let mut replay = Client::open(&gw, "", Some(0)).await;
+    assert_eq!(replay.next().await.unwrap().id, Some(1));
+    // The third, either kind: 429, a problem, and when to come back (one
+    // open a minute).
+    for last_event_id in [None, Some(1)] {
+        let mut request = gw.client.get(gw.url("/v1/stream")).bearer_auth(TOKEN);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let refused = request.send().await.unwrap();
+        let retry_after: u64 = refused.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&retry_after), "{retry_after}");
+        let problem = common::assert_problem(refused, 429).await;
+        assert_eq!(
+            problem["type"],
+            "urn:presence-gateway:problem:too-many-stream-opens"
+        );
+    }
+    // Live-only opens cost nothing and are not counted; another consumer
+    // (another token) has its own allowance; webhooks and /healthz are
+    // answered as ever (post() asserts the 204).
+    let mut live = Client::open(&gw, "?snapshot=false", None).await;
+    let mut other = Client::open_as(&gw, OTHER, "", None).await;
+    assert_eq!(other.next().await.unwrap().id, Some(1));
+    post(&gw, "u2", "Away", 2).await;
+    let health = gw.client.get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // Every open stream, the limited consumer's included, goes on live.
+    for client in [&mut snapshot, &mut replay, &mut live, &mut other] {
+        assert_eq!(client.next().await.unwrap().id, Some(2));
+    }
+    assert_eq!(
+        labelled(
+            &gw.metrics().await,
+            r#"presence_gateway_stream_opens_refused_total{transport="sse"}"#
+        ),
+        2
     );
 }

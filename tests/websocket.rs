@@ -309,3 +309,31 @@ async fn shutdown_closes_with_going_away() {
         (1001, "shutdown".to_owned())
     );
 }
+
+#[tokio::test]
+async fn snapshot_and_replay_opens_share_the_per_consumer_limit() {
+    let config = common::mitel_config("").replace(
+        "[consumers]\n",
+        "[consumers]\nstream_open_burst = 1\nstream_opens_per_minute = 1\n",
+    );
+    let gw = Gateway::start(&config).await;
+    let _first = connect(&gw, "").await;
+    for query in ["", "?last_event_id=0"] {
+        let url = format!("ws://{}/v1/ws{query}", gw.addr);
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        match tokio_tungstenite::connect_async(request).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 429);
+                assert!(response.headers().contains_key("retry-after"));
+            }
+            other => panic!("expected 429, got {other:?}"),
+        }
+    }
+    // Live only: not counted.
+    let mut live = connect(&gw, "?snapshot=false").await;
+    post(&gw, "u1", "Busy", 1).await;
+    assert_eq!(take(&mut live, 1).await, [p(1, "u1")]);
+}

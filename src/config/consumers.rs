@@ -13,6 +13,10 @@ pub struct ConsumersConfig {
     pub tokens: Vec<Secret>,
     /// Changes a stream consumer may fall behind the live fan-out.
     pub stream_buffer: usize,
+    /// Stream opens with a snapshot or replay one consumer may make at
+    /// once (0: no limit), and how many it regains per minute.
+    pub stream_open_burst: u32,
+    pub stream_opens_per_minute: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -20,6 +24,8 @@ pub struct ConsumersConfig {
 pub(super) struct RawConsumers {
     tokens: Vec<String>,
     stream_buffer: u64,
+    stream_open_burst: u64,
+    stream_opens_per_minute: u64,
 }
 
 impl Default for RawConsumers {
@@ -27,6 +33,8 @@ impl Default for RawConsumers {
         RawConsumers {
             tokens: Vec::new(),
             stream_buffer: 4096,
+            stream_open_burst: 60,
+            stream_opens_per_minute: 60,
         }
     }
 }
@@ -44,6 +52,18 @@ pub(super) fn resolve(
             "must be between 16 and 1048576".into(),
         );
     }
+    if raw.stream_open_burst > 1_000_000 {
+        problem(
+            "consumers.stream_open_burst".into(),
+            "must be at most 1000000 (0 turns the limit off)".into(),
+        );
+    }
+    if !(1..=1_000_000).contains(&raw.stream_opens_per_minute) {
+        problem(
+            "consumers.stream_opens_per_minute".into(),
+            "must be between 1 and 1000000".into(),
+        );
+    }
     let tokens = raw
         .tokens
         .iter()
@@ -57,5 +77,7 @@ pub(super) fn resolve(
     ConsumersConfig {
         tokens,
         stream_buffer: usize::try_from(raw.stream_buffer).unwrap_or(usize::MAX),
+        stream_open_burst: u32::try_from(raw.stream_open_burst).unwrap_or(u32::MAX),
+        stream_opens_per_minute: u32::try_from(raw.stream_opens_per_minute).unwrap_or(u32::MAX),
     }
 }

@@ -6,6 +6,7 @@ pub mod consumers;
 pub mod edge;
 pub mod extract;
 pub mod listener;
+pub mod opens;
 pub mod ops;
 pub mod per_client;
 pub mod problem;
@@ -92,6 +93,8 @@ struct Shared {
     body_timeout: std::time::Duration,
     per_client: per_client::PerClient,
     trusted_proxies: Vec<IpNet>,
+    /// Stream opens per consumer.
+    stream_opens: opens::StreamOpens,
     /// Tasks that outlive their HTTP exchange (WebSocket streams): shutdown
     /// waits for them to send their close frames.
     detached: tokio_util::task::TaskTracker,
@@ -110,6 +113,7 @@ pub struct StateParts {
     /// Webhook bodies in transit per client address, at most.
     pub max_requests_per_client: usize,
     pub trusted_proxies: Vec<IpNet>,
+    pub stream_opens: opens::OpenLimit,
 }
 
 impl AppState {
@@ -132,6 +136,7 @@ impl AppState {
                 body_timeout: parts.body_timeout,
                 per_client: per_client::PerClient::new(parts.max_requests_per_client),
                 trusted_proxies: parts.trusted_proxies,
+                stream_opens: opens::StreamOpens::new(parts.stream_opens),
                 detached: tokio_util::task::TaskTracker::new(),
             }),
         }
@@ -173,6 +178,10 @@ impl AppState {
     }
     pub fn trusted_proxies(&self) -> &[IpNet] {
         &self.inner.trusted_proxies
+    }
+    /// How often each consumer may open a stream with a snapshot or replay.
+    pub fn stream_opens(&self) -> &opens::StreamOpens {
+        &self.inner.stream_opens
     }
     /// Tasks that outlive their HTTP exchange (WebSocket streams).
     pub fn detached(&self) -> &tokio_util::task::TaskTracker {
@@ -274,6 +283,7 @@ pub(crate) fn test_state(history: usize) -> AppState {
         body_timeout: std::time::Duration::from_secs(5),
         max_requests_per_client: 64,
         trusted_proxies: Vec::new(),
+        stream_opens: opens::OpenLimit::default(),
     })
 }
 

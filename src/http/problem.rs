@@ -96,6 +96,17 @@ impl Problem {
         self
     }
 
+    /// 429 with `Retry-After`.
+    pub fn too_many_requests(
+        slug: &'static str,
+        detail: impl Into<String>,
+        retry_after_secs: u32,
+    ) -> Self {
+        let mut p = Self::new(StatusCode::TOO_MANY_REQUESTS, slug, detail);
+        p.retry_after_secs = Some(retry_after_secs);
+        p
+    }
+
     /// 500 with a generic detail; log the cause before calling this.
     pub fn internal() -> Self {
         Self::new(

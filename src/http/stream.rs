@@ -11,22 +11,40 @@
 //! stream sends `event: reset` (`{"reason":"history"}` or `{"reason":
 //! "lagged"}`) and then the snapshot, and goes on live. The gateway ends
 //! every stream at shutdown.
+//!
+//! Opening a stream never stalls ingestion or the runtime: a snapshot is an
+//! index shared by the consumers that open together, built off the async
+//! workers ([`crate::presence::snapshot`]); its records, and a replay's
+//! changes, are read a page at a time as the consumer takes them, each read
+//! under a lock held for that page only, and every record sent uses up some
+//! of the task's budget, so a long snapshot lets the worker serve others.
+//! A stream holds a page, never a whole snapshot or history. Opens that
+//! take a snapshot or a replay are limited per consumer ([`super::opens`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, Ipv6Addr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::IntoResponse;
 use tokio::sync::broadcast;
 use tokio::time::MissedTickBehavior;
 
 use super::AppState;
+use super::client_addr::client_addr;
+use super::listener::Peer;
 use super::problem::Problem;
-use crate::presence::{Change, PresenceRecord};
+use crate::presence::changes::PAGE;
+use crate::presence::snapshot::{Index, Snapshots, Taken};
+use crate::presence::{Change, PresenceRecord, Store};
 use crate::telemetry::{OpenStream, StreamKind};
 
 /// Keep-alive comment interval.
@@ -90,103 +108,6 @@ fn parse_id(text: &str) -> Result<u64, Problem> {
         .map_err(|_| bad("Last-Event-ID must be a sequence number"))
 }
 
-/// The matching records as they were at one position of the change log,
-/// in ascending `seq`, and that position.
-///
-/// The store is read page by page while webhooks keep changing it, so the
-/// pages alone would mix older and newer states: a record changed after
-/// the read began could show its new `seq` while another change before it
-/// is in no page yet, and a consumer resuming from the highest id it saw
-/// would skip that one. Every change committed during the read is therefore
-/// laid over the pages (from the history), which makes the result exactly
-/// the state at the returned position, and no record in it is newer.
-pub(crate) fn snapshot(state: &AppState, filter: &Filter) -> (Vec<Arc<Change>>, u64) {
-    let changes = state.store().changes();
-    // A read during which more changes arrive than the history keeps is
-    // read again; after that, the unmerged read and the position it began
-    // at (live changes after it still follow).
-    let mut attempts = 3;
-    loop {
-        let from = changes.last_seq();
-        let mut records = read_store(state, filter);
-        let during = match changes.since(from) {
-            Ok(during) => during,
-            Err(_gap) if attempts > 1 => {
-                attempts -= 1;
-                continue;
-            }
-            Err(_gap) => {
-                records.sort_by_key(|c| c.record.seq);
-                return (records, from);
-            }
-        };
-        let at = during.last().map_or(from, |c| c.record.seq);
-        // (The pages were read before this position was fixed, so none of
-        // them is newer than it.)
-        let mut latest: HashMap<(Arc<str>, Arc<str>), Arc<Change>> = HashMap::new();
-        for change in during.into_iter().filter(|c| filter.matches(&c.record)) {
-            let key = (
-                Arc::clone(&change.record.source),
-                Arc::clone(&change.record.principal),
-            );
-            latest.insert(key, change);
-        }
-        if !latest.is_empty() {
-            for record in &mut records {
-                let key = (
-                    Arc::clone(&record.record.source),
-                    Arc::clone(&record.record.principal),
-                );
-                if let Some(newer) = latest.remove(&key) {
-                    *record = newer;
-                }
-            }
-            // Principals first seen during the read.
-            records.extend(latest.into_values());
-        }
-        // With a shared backend a replica's own write is in its records
-        // before the feed brings it to the change log: such a record is
-        // newer than the position, and the live changes after it deliver
-        // it (sending it here too would send it twice).
-        records.retain(|c| c.record.seq <= at);
-        records.sort_by_key(|c| c.record.seq);
-        return (records, at);
-    }
-}
-
-/// Every matching record, page by page.
-fn read_store(state: &AppState, filter: &Filter) -> Vec<Arc<Change>> {
-    let sources: Vec<usize> = state
-        .sources()
-        .sorted_indexes()
-        .iter()
-        .copied()
-        .filter(|&i| {
-            filter.sources.is_empty()
-                || state
-                    .sources()
-                    .by_index(i)
-                    .is_some_and(|s| filter.sources.iter().any(|f| **f == *s.id))
-        })
-        .collect();
-    let mut records = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = state.store().page(&sources, cursor, 1000, |_| true);
-        records.extend(
-            page.items
-                .into_iter()
-                .filter(|r| filter.matches(r))
-                .map(|r| Arc::new(Change::new(r))),
-        );
-        match page.next {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    records
-}
-
 /// What a stream sends next.
 pub(crate) enum Item {
     Record(Arc<Change>),
@@ -219,13 +140,76 @@ pub(crate) enum OnLag {
     Close,
 }
 
+/// The snapshot being obtained (kept across polls of [`Streamer::next`],
+/// which `select!` drops on every keep-alive tick).
+type Taking = Pin<Box<dyn Future<Output = Option<Positioned>> + Send>>;
+
+/// A snapshot, the position it is for, and a receiver of every change
+/// after that position.
+struct Positioned {
+    rx: broadcast::Receiver<Arc<Change>>,
+    at: u64,
+    taken: Taken,
+}
+
+/// The snapshot as of now, for a stream that takes nothing live until it
+/// has it.
+///
+/// The stream subscribes afresh here, right before its position is read:
+/// whatever the old receiver missed or will miss while the snapshot is
+/// obtained is in the snapshot, so waiting for a build never makes a
+/// stream lag. With Redis, the change log first catches up with what this
+/// replica has written or seen (a snapshot positioned behind the feed would
+/// then take the rest from the fan-out, which keeps only so many).
+async fn position_snapshot(store: Arc<Store>) -> Option<Positioned> {
+    store.catch_up(0).await;
+    let rx = store.changes().subscribe();
+    let at = store.changes().last_seq();
+    let taken = Snapshots::take(store, at).await?;
+    Some(Positioned { rx, at, taken })
+}
+
+/// What a stream sends before the live changes, in order; each part is
+/// produced as the consumer takes it, so a stream holds a page of
+/// records at most, not the whole snapshot or replay.
+enum Part {
+    Item(Item),
+    /// The snapshot, being obtained (see [`position_snapshot`]).
+    Take(Option<Taking>),
+    /// The records of an index from entry `next` on, those with `seq <=
+    /// upto`.
+    Index {
+        index: Arc<Index>,
+        next: usize,
+        upto: u64,
+    },
+    /// Changes ready to send.
+    Changes(VecDeque<Arc<Change>>),
+    /// The kept changes after `after` up to `until`, read a page at a time.
+    Replay {
+        after: u64,
+        until: u64,
+    },
+}
+
+/// What the parts gave.
+enum Step {
+    Item(Item),
+    /// Nothing before the live changes.
+    Done,
+    /// The runtime is shutting down.
+    Gone,
+}
+
 /// One consumer's position: replay or snapshot first, then the live
 /// fan-out, filtered.
 pub(crate) struct Streamer {
     state: AppState,
     filter: Filter,
+    /// The indexes of the sources the filter names (`None`: every source).
+    sources: Option<Vec<usize>>,
     rx: broadcast::Receiver<Arc<Change>>,
-    pending: VecDeque<Item>,
+    parts: VecDeque<Part>,
     /// Live changes up to this `seq` are already covered by what was
     /// queued (the replay, the state a snapshot shows, or live changes
     /// received, whether they matched or not).
@@ -241,11 +225,19 @@ impl Streamer {
     pub(crate) fn start(state: &AppState, filter: Filter, on_lag: OnLag, open: OpenStream) -> Self {
         // Subscribe first: nothing committed after this point can be missed.
         let rx = state.store().changes().subscribe();
+        let sources = (!filter.sources.is_empty()).then(|| {
+            filter
+                .sources
+                .iter()
+                .filter_map(|id| state.store().records().source_index(id))
+                .collect()
+        });
         let mut streamer = Streamer {
             state: state.clone(),
             filter,
+            sources,
             rx,
-            pending: VecDeque::new(),
+            parts: VecDeque::new(),
             covered: 0,
             on_lag,
             open,
@@ -255,25 +247,29 @@ impl Streamer {
     }
 
     fn position(&mut self) {
+        let changes = self.state.store().changes();
         match self.filter.last_event_id {
-            Some(after) => match self.state.store().changes().since(after) {
-                Ok(records) => {
-                    // The history and the fan-out share one order:
-                    // everything replayed is exactly what the fan-out must
-                    // not repeat.
-                    self.covered = records.last().map_or(after, |c| c.record.seq).max(after);
-                    let filter = &self.filter;
-                    self.pending.extend(
-                        records
-                            .into_iter()
-                            .filter(|c| filter.matches(&c.record))
-                            .map(Item::Record),
-                    );
+            Some(after) => {
+                // The history and the fan-out share one order: everything
+                // up to `until` is replayed, and exactly that is what the
+                // fan-out must not repeat.
+                let until = changes.last_seq();
+                // The first page now: a position the history no longer
+                // reaches is a reset at once.
+                match changes.page(after, PAGE) {
+                    Ok(first) => {
+                        self.covered = until.max(after);
+                        let next = first.last().map_or(after, |c| c.record.seq);
+                        self.queue_changes(first, until);
+                        if next < until {
+                            self.parts.push_back(Part::Replay { after: next, until });
+                        }
+                    }
+                    Err(_gap) => self.reset(Reset::History),
                 }
-                Err(_gap) => self.reset(Reset::History),
-            },
+            }
             None if self.filter.snapshot => self.queue_snapshot(),
-            None => self.covered = self.state.store().changes().last_seq(),
+            None => self.covered = changes.last_seq(),
         }
     }
 
@@ -286,20 +282,56 @@ impl Streamer {
     /// (a WebSocket consumer's resume message).
     pub(crate) fn resume(&mut self, after: u64) {
         self.rx = self.state.store().changes().subscribe();
-        self.pending.clear();
+        self.parts.clear();
         self.filter.last_event_id = Some(after);
         self.position();
     }
 
-    /// Queues the snapshot; live changes after its position follow.
+    /// Queues the snapshot; live changes after it follow.
     fn queue_snapshot(&mut self) {
-        let (records, at) = snapshot(&self.state, &self.filter);
+        let at = self.state.store().changes().last_seq();
         self.covered = at;
-        self.pending.extend(records.into_iter().map(Item::Record));
+        if self.filter.principals.is_empty() {
+            self.parts.push_back(Part::Take(None));
+        } else {
+            // A few principals: looked up one by one, no index needed.
+            let store = self.state.store();
+            let sources = match &self.sources {
+                Some(sources) => sources.clone(),
+                None => (0..store.source_count()).collect(),
+            };
+            let mut principals: Vec<&str> =
+                self.filter.principals.iter().map(String::as_str).collect();
+            principals.sort_unstable();
+            principals.dedup();
+            let mut records: Vec<PresenceRecord> = sources
+                .iter()
+                .flat_map(|&source| principals.iter().filter_map(move |p| store.get(source, p)))
+                // Newer than the position: it comes as a live change.
+                .filter(|r| r.seq <= at)
+                .collect();
+            records.sort_unstable_by_key(|r| r.seq);
+            let changes = records.into_iter().map(|r| Arc::new(Change::new(r)));
+            self.parts.push_back(Part::Changes(changes.collect()));
+        }
+    }
+
+    /// Queues the changes of `changes` with `seq <= until` that match.
+    fn queue_changes(&mut self, changes: Vec<Arc<Change>>, until: u64) {
+        let filter = &self.filter;
+        let matching: VecDeque<Arc<Change>> = changes
+            .into_iter()
+            .take_while(|c| c.record.seq <= until)
+            .filter(|c| filter.matches(&c.record))
+            .collect();
+        if !matching.is_empty() {
+            self.parts.push_back(Part::Changes(matching));
+        }
     }
 
     fn reset(&mut self, reason: Reset) {
-        self.pending.push_back(Item::Reset(reason));
+        self.parts.clear();
+        self.parts.push_back(Part::Item(Item::Reset(reason)));
         self.queue_snapshot();
     }
 
@@ -309,8 +341,10 @@ impl Streamer {
             if self.state.store().changes().is_closed() {
                 return None;
             }
-            if let Some(item) = self.pending.pop_front() {
-                return Some(item);
+            match self.next_queued().await {
+                Step::Item(item) => return Some(item),
+                Step::Gone => return None,
+                Step::Done => {}
             }
             match self.rx.recv().await {
                 // Changes before this one never reached this replica (a
@@ -338,6 +372,115 @@ impl Streamer {
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The next item before the live changes. Cancel-safe: every `.await`
+    /// comes before the part it serves is advanced. Each record looked at
+    /// uses up some of the task's budget, so a long snapshot or replay
+    /// (also one whose records are mostly filtered out) lets the worker
+    /// serve others between pages.
+    async fn next_queued(&mut self) -> Step {
+        loop {
+            let Some(part) = self.parts.front_mut() else {
+                return Step::Done;
+            };
+            match part {
+                Part::Item(_) => {
+                    if let Some(Part::Item(item)) = self.parts.pop_front() {
+                        return Step::Item(item);
+                    }
+                }
+                Part::Take(taking) => {
+                    let store = self.state.store_arc();
+                    let taking = taking.get_or_insert_with(|| Box::pin(position_snapshot(store)));
+                    let Some(Positioned { rx, at, taken }) = taking.as_mut().await else {
+                        return Step::Gone;
+                    };
+                    self.parts.pop_front();
+                    self.rx = rx;
+                    // An index built after `at` moves the position up to
+                    // its own (nothing live was taken since `at`: the
+                    // changes in between are in the index); one built
+                    // before it comes with the changes up to `at`.
+                    let upto = taken.index.at();
+                    self.covered = at.max(upto);
+                    let filter = &self.filter;
+                    let then: VecDeque<_> = taken
+                        .then
+                        .into_iter()
+                        .filter(|c| filter.matches(&c.record))
+                        .collect();
+                    if !then.is_empty() {
+                        self.parts.push_front(Part::Changes(then));
+                    }
+                    self.parts.push_front(Part::Index {
+                        index: taken.index,
+                        next: 0,
+                        upto,
+                    });
+                }
+                Part::Index { index, next, upto } => {
+                    tokio::task::coop::consume_budget().await;
+                    let Some((seq, slot)) = index.get(*next).filter(|&(seq, _)| seq <= *upto)
+                    else {
+                        self.parts.pop_front();
+                        continue;
+                    };
+                    *next += 1;
+                    if self
+                        .sources
+                        .as_ref()
+                        .is_some_and(|s| !s.contains(&slot.source()))
+                    {
+                        continue;
+                    }
+                    // Changed since: that change follows the snapshot.
+                    let Some(record) = self.state.store().records().at_slot(slot, seq) else {
+                        continue;
+                    };
+                    if self.filter.matches(&record) {
+                        return Step::Item(Item::Record(Arc::new(Change::new(record))));
+                    }
+                }
+                Part::Changes(changes) => match changes.pop_front() {
+                    Some(change) => {
+                        tokio::task::coop::consume_budget().await;
+                        return Step::Item(Item::Record(change));
+                    }
+                    None => {
+                        self.parts.pop_front();
+                    }
+                },
+                Part::Replay { after, until } => {
+                    tokio::task::coop::consume_budget().await;
+                    let (after, until) = (*after, *until);
+                    match self.state.store().changes().page(after, PAGE) {
+                        Ok(page) if !page.is_empty() && after < until => {
+                            let next = page.last().map_or(until, |c| c.record.seq);
+                            self.parts.pop_front();
+                            if next < until {
+                                self.parts.push_front(Part::Replay { after: next, until });
+                            }
+                            let filter = &self.filter;
+                            let matching: VecDeque<_> = page
+                                .into_iter()
+                                .take_while(|c| c.record.seq <= until)
+                                .filter(|c| filter.matches(&c.record))
+                                .collect();
+                            if !matching.is_empty() {
+                                self.parts.push_front(Part::Changes(matching));
+                            }
+                        }
+                        Ok(_) => {
+                            self.parts.pop_front();
+                        }
+                        // The history moved past what this consumer has
+                        // read of it.
+                        Err(_gap) => self.reset(Reset::History),
+                    }
+                }
             }
         }
     }
@@ -384,16 +527,91 @@ pub(crate) fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
+/// Counts an open that starts with a snapshot or a replay against its
+/// consumer's allowance (see [`super::opens`]): the 429 answer once that
+/// is used up. Opens with `snapshot=false` and no id are free.
+pub(crate) fn admit(
+    state: &AppState,
+    filter: &Filter,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    kind: StreamKind,
+) -> Result<(), Problem> {
+    if filter.last_event_id.is_none() && !filter.snapshot {
+        return Ok(());
+    }
+    let peer = peer.map_or(
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        |Extension(ConnectInfo(peer))| peer.addr.ip(),
+    );
+    let client = client_addr(peer, headers, state.trusted_proxies());
+    // The token only when tokens are checked: on an open API any made-up
+    // token would be a fresh allowance.
+    let token = if state.consumer_auth().is_open() {
+        None
+    } else {
+        presented_token(headers, query)
+    };
+    let limit = state.stream_opens().limit();
+    state
+        .stream_opens()
+        .take(client, token.as_deref(), tokio::time::Instant::now())
+        .map_err(|wait| {
+            state.global().streams_refused[kind as usize].fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%client, wait, "stream open refused: too many for this consumer");
+            Problem::too_many_requests(
+                "too-many-stream-opens",
+                format!(
+                    "at most {} stream opens with a snapshot or a replay at once per consumer, \
+                     then {} a minute; retry in {wait} s",
+                    limit.burst, limit.per_minute
+                ),
+                wait,
+            )
+        })
+}
+
+/// The consumer token of a request: the bearer token, or `access_token`
+/// in the query (checked already by [`super::consumers::require_token`]).
+fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<Vec<u8>> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().as_bytes().to_vec())
+        });
+    bearer.or_else(|| {
+        form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v.as_bytes().to_vec())
+    })
+}
+
 /// `GET /v1/stream`.
 pub async fn sse(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
     headers: HeaderMap,
 ) -> axum::response::Response {
     let filter = match Filter::parse(query.as_deref(), &headers) {
         Ok(f) => f,
         Err(problem) => return problem.into_response(),
     };
+    if let Err(problem) = admit(
+        &state,
+        &filter,
+        peer,
+        &headers,
+        query.as_deref(),
+        StreamKind::Sse,
+    ) {
+        return problem.into_response();
+    }
     state
         .store()
         .catch_up(filter.last_event_id.unwrap_or(0))
@@ -436,6 +654,8 @@ mod tests {
     use super::*;
     use crate::presence::{Availability, Millis, PresenceUpdate};
     use std::borrow::Cow;
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
 
     fn update(principal: String, n: u64) -> PresenceUpdate<'static> {
         let availability = [
@@ -454,21 +674,60 @@ mod tests {
         }
     }
 
-    /// A snapshot taken while another thread keeps changing the store is
-    /// exactly the state at its position: laying every later change over
-    /// it gives the final state, and no record in it is newer.
-    #[test]
-    fn a_snapshot_is_the_state_at_its_position_despite_concurrent_writes() {
+    /// Every record: the snapshot, then live changes.
+    fn all() -> Filter {
+        Filter {
+            snapshot: true,
+            ..Filter::default()
+        }
+    }
+
+    /// An SSE stream on `state`.
+    fn streamer(state: &AppState, filter: Filter) -> Streamer {
+        let open = OpenStream::new(state.global_arc(), StreamKind::Sse);
+        Streamer::start(state, filter, OnLag::Reset, open)
+    }
+
+    /// What a stream queued before the live changes (snapshot or replay),
+    /// and its position.
+    async fn queued(streamer: &mut Streamer) -> (Vec<Arc<Change>>, u64) {
+        let mut out = Vec::new();
+        loop {
+            match streamer.next_queued().await {
+                Step::Item(Item::Record(change)) => out.push(change),
+                Step::Item(_) => panic!("only records expected"),
+                Step::Done => return (out, streamer.covered),
+                Step::Gone => panic!("the runtime is there"),
+            }
+        }
+    }
+
+    /// The final state of every record, as principal -> seq.
+    fn truth(state: &AppState) -> HashMap<String, u64> {
+        let mut truth = HashMap::new();
+        state.store().records().for_each(|_, p, presence| {
+            truth.insert(p.to_owned(), presence.seq);
+        });
+        truth
+    }
+
+    /// A snapshot taken while another thread keeps changing the store
+    /// leaves nothing out: laying every later change over it gives the
+    /// final state, it is in ascending `seq`, and no record in it is newer
+    /// than its position.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_is_the_state_at_its_position_despite_concurrent_writes() {
         let state = crate::http::test_state(1 << 20);
-        let store = state.store();
+        let store = state.store_arc();
         for i in 0..20_000u64 {
             store
                 .records()
                 .apply(0, &update(format!("p{i}"), i), Millis(0));
         }
-        let writing = std::sync::atomic::AtomicBool::new(true);
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
+        let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let writer = {
+            let (store, writing) = (Arc::clone(&store), Arc::clone(&writing));
+            std::thread::spawn(move || {
                 // Updates to old principals, and some new ones; bounded.
                 for n in 20_000u64..120_000 {
                     let p = if n % 10 == 0 { n } else { (n * 7919) % 20_000 };
@@ -476,41 +735,203 @@ mod tests {
                         .records()
                         .apply(0, &update(format!("p{p}"), n), Millis(0));
                 }
-                writing.store(false, std::sync::atomic::Ordering::Relaxed);
-            });
-            let mut rounds = 0;
-            while rounds < 3 || writing.load(std::sync::atomic::Ordering::Relaxed) && rounds < 20 {
-                rounds += 1;
-                let (records, at) = snapshot(&state, &Filter::default());
-                assert!(records.iter().all(|c| c.record.seq <= at));
-                assert!(
-                    records
-                        .windows(2)
-                        .all(|w| w[0].record.seq < w[1].record.seq)
-                );
-                let mut view: HashMap<String, u64> = records
-                    .iter()
-                    .map(|c| (c.record.principal.to_string(), c.record.seq))
-                    .collect();
-                // Lay everything after the position over it.
-                let later = store.changes().since(at).unwrap();
-                for c in &later {
-                    view.insert(c.record.principal.to_string(), c.record.seq);
+                writing.store(false, Ordering::Relaxed);
+            })
+        };
+        let mut taken = Vec::new();
+        while taken.len() < 3 || writing.load(Ordering::Relaxed) && taken.len() < 20 {
+            let (records, at) = queued(&mut streamer(&state, all())).await;
+            assert!(records.iter().all(|c| c.record.seq <= at));
+            assert!(
+                records
+                    .windows(2)
+                    .all(|w| w[0].record.seq < w[1].record.seq)
+            );
+            taken.push((records, at));
+        }
+        writer.join().unwrap();
+        let truth = truth(&state);
+        for (records, at) in taken {
+            let mut view: HashMap<String, u64> = records
+                .iter()
+                .map(|c| (c.record.principal.to_string(), c.record.seq))
+                .collect();
+            for c in store.changes().since(at).unwrap() {
+                view.insert(c.record.principal.to_string(), c.record.seq);
+            }
+            assert_eq!(view, truth, "snapshot at {at}");
+        }
+    }
+
+    /// What one consumer received, checked against the contract: in
+    /// ascending `seq` since the last reset, each at most once, and, laid
+    /// over each other in order, exactly the final state.
+    #[derive(Default)]
+    struct Consumer {
+        view: HashMap<String, u64>,
+        last: u64,
+        resets: usize,
+    }
+
+    impl Consumer {
+        fn take(&mut self, item: Item) {
+            match item {
+                Item::Record(change) => {
+                    let seq = change.record.seq;
+                    assert!(seq > self.last, "{seq} after {}", self.last);
+                    self.last = seq;
+                    self.view.insert(change.record.principal.to_string(), seq);
                 }
-                let (now, _) = snapshot(&state, &Filter::default());
-                let truth: HashMap<String, u64> = now
-                    .iter()
-                    .map(|c| (c.record.principal.to_string(), c.record.seq))
-                    .collect();
-                // Changes may land between `since` and the second read:
-                // compare only up to the second read's position.
-                let settled = later.last().map_or(at, |c| c.record.seq);
-                for (principal, seq) in &truth {
-                    if *seq <= settled {
-                        assert_eq!(view.get(principal), Some(seq), "{principal}");
+                Item::Reset(_) => {
+                    self.view.clear();
+                    self.last = 0;
+                    self.resets += 1;
+                }
+                Item::Lagged { .. } => panic!("SSE streams reset instead"),
+            }
+        }
+
+        /// Reads until the change with `seq` (the last one made) arrived.
+        async fn read_to(&mut self, streamer: &mut Streamer, seq: u64) {
+            while self.last < seq {
+                self.take(streamer.next().await.expect("open"));
+            }
+        }
+    }
+
+    /// A replay of a long history read part of the way holds no lock:
+    /// commits made meanwhile (on this very thread, which a held lock would
+    /// deadlock) go through, and the consumer then gets the rest of the
+    /// replay and those commits live, each once, in order.
+    #[tokio::test]
+    async fn a_commit_goes_through_while_a_replay_is_half_read() {
+        let state = crate::http::test_state(100_000);
+        let records = state.store().records();
+        for n in 0..5_000u64 {
+            records.apply(0, &update(format!("p{}", n % 700), n), Millis(0));
+        }
+        let filter = Filter {
+            last_event_id: Some(0),
+            ..Filter::default()
+        };
+        let mut s = streamer(&state, filter);
+        let mut consumer = Consumer::default();
+        for _ in 0..(PAGE + 10) {
+            consumer.take(s.next().await.unwrap());
+        }
+        // (Fewer than the 64 live changes a consumer may fall behind.)
+        for n in 5_000..5_050u64 {
+            records.apply(0, &update(format!("p{}", n % 1000), n), Millis(0));
+        }
+        let last = state.store().changes().last_seq();
+        assert_eq!(last, 5_050, "every one a change");
+        consumer.read_to(&mut s, last).await;
+        assert_eq!(consumer.resets, 0);
+        assert_eq!(consumer.view, truth(&state));
+    }
+
+    /// The same for a snapshot: records sent already, records not sent
+    /// yet and new records change while it is half sent; the consumer
+    /// still ends with exactly the final state, never seeing a `seq` twice
+    /// or out of order.
+    #[tokio::test]
+    async fn a_commit_goes_through_while_a_snapshot_is_half_sent() {
+        let state = crate::http::test_state(100_000);
+        let records = state.store().records();
+        for n in 0..5_000u64 {
+            records.apply(0, &update(format!("p{n}"), n), Millis(0));
+        }
+        let mut s = streamer(&state, all());
+        let mut consumer = Consumer::default();
+        for _ in 0..2_000 {
+            consumer.take(s.next().await.unwrap());
+        }
+        // Early ones (sent), late ones (not yet), and new ones.
+        for n in 0..60u64 {
+            let p = match n % 3 {
+                0 => n,
+                1 => 4_000 + n,
+                _ => 10_000 + n,
+            };
+            records.apply(0, &update(format!("p{p}"), 10_001 + n), Millis(0));
+        }
+        let last = state.store().changes().last_seq();
+        assert_eq!(last, 5_060, "every one a change");
+        consumer.read_to(&mut s, last).await;
+        assert_eq!(consumer.resets, 0);
+        assert_eq!(consumer.view, truth(&state));
+    }
+
+    /// A principal filter reads those principals only, as of the opening.
+    #[tokio::test]
+    async fn a_principal_filter_snapshot_is_looked_up_directly() {
+        let state = crate::http::test_state(16);
+        let records = state.store().records();
+        for (n, p) in ["a", "b", "c"].into_iter().enumerate() {
+            records.apply(0, &update(p.into(), n as u64), Millis(0));
+        }
+        let filter = Filter::parse(
+            Some("principal=c&principal=a&principal=a"),
+            &HeaderMap::new(),
+        );
+        let mut s = streamer(&state, filter.unwrap());
+        records.apply(0, &update("a".into(), 10), Millis(0));
+        let (snapshot, at) = queued(&mut s).await;
+        assert_eq!(at, 3);
+        let seqs: Vec<u64> = snapshot.iter().map(|c| c.record.seq).collect();
+        assert_eq!(seqs, [1, 3], "a as it was at the opening, then c");
+        let Some(Item::Record(live)) = s.next().await else {
+            panic!("the change after the opening");
+        };
+        assert_eq!((live.record.seq, &*live.record.principal), (4, "a"));
+    }
+
+    /// A stream whose consumer takes a snapshot or replay one item now and
+    /// then (each `next` given one poll, and dropped when not ready, as the
+    /// keep-alive does) while webhooks keep coming: whatever the
+    /// interleaving, it ends with exactly the final state, in order.
+    #[test]
+    fn any_interleaving_of_commits_and_reads_keeps_the_contract() {
+        use futures_util::FutureExt;
+        use proptest::prelude::*;
+        let ops = proptest::collection::vec((any::<bool>(), 0..40u64), 1..300);
+        let start = (any::<bool>(), 0..200u64);
+        proptest!(ProptestConfig::with_cases(64), |(ops in ops, start in start)| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let state = crate::http::test_state(150);
+                let records = state.store().records();
+                for n in 0..100u64 {
+                    records.apply(0, &update(format!("p{}", n % 31), n), Millis(0));
+                }
+                let (resume, after) = start;
+                let filter = Filter {
+                    last_event_id: resume.then_some(after.min(100)),
+                    ..all()
+                };
+                let mut s = streamer(&state, filter);
+                // A consumer resuming holds what it was sent up to there.
+                let mut consumer = Consumer::default();
+                if let Some(after) = s.filter.last_event_id {
+                    for c in state.store().changes().between(0, after).unwrap() {
+                        consumer.take(Item::Record(c));
                     }
                 }
-            }
+                for (n, (write, principal)) in ops.into_iter().enumerate() {
+                    if write {
+                        let u = update(format!("p{principal}"), 1_000 + n as u64);
+                        records.apply(0, &u, Millis(0));
+                    } else if let Some(item) = s.next().now_or_never() {
+                        consumer.take(item.expect("open"));
+                    }
+                    tokio::task::yield_now().await;
+                }
+                consumer.read_to(&mut s, state.store().changes().last_seq()).await;
+                assert_eq!(consumer.view, truth(&state));
+            });
         });
     }
 

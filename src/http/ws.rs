@@ -12,17 +12,21 @@
 //! seq, exactly as a new connection with `last_event_id` would. A consumer that falls behind the live fan-out is closed with code
 //! 4000 and the reason `lagged; resume from <seq>` (the last seq it was
 //! sent); at shutdown the gateway closes with 1001. Pings keep idle
-//! connections alive through proxies.
+//! connections alive through proxies. Opens with a snapshot or a replay
+//! count against the same per-consumer limit as on `/v1/stream` (429
+//! before the upgrade; see [`super::opens`]).
 
+use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::AppState;
+use super::listener::Peer;
 use super::problem::Problem;
-use super::stream::{Filter, Item, KEEP_ALIVE, OnLag, Reset, Streamer, itoa_u64};
+use super::stream::{Filter, Item, KEEP_ALIVE, OnLag, Reset, Streamer, admit, itoa_u64};
 use crate::telemetry::{OpenStream, StreamKind};
 
 /// Close code for a consumer that fell behind (private-use range).
@@ -45,6 +49,7 @@ struct Resume {
 pub async fn ws(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
@@ -67,6 +72,16 @@ pub async fn ws(
             .into_response();
         }
     };
+    if let Err(problem) = admit(
+        &state,
+        &filter,
+        peer,
+        &headers,
+        query.as_deref(),
+        StreamKind::WebSocket,
+    ) {
+        return problem.into_response();
+    }
     // Positioned now, before the 101 goes out: nothing committed after the
     // consumer sees the upgrade can be missed.
     state

@@ -13,6 +13,7 @@ pub mod model;
 pub mod records;
 pub mod redis;
 mod shard;
+pub mod snapshot;
 pub mod store;
 
 use std::borrow::Cow;

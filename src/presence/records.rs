@@ -99,6 +99,41 @@ pub struct Cursor {
     pub index: usize,
 }
 
+/// Where one record sits: its source, shard and position in the shard,
+/// packed in 8 bytes (a snapshot of a million records keeps a million of
+/// them). Records are never removed or moved, so a slot names the same
+/// record for the life of the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot(u64);
+
+impl Slot {
+    const INDEX_BITS: u32 = 40;
+    const SHARD_BITS: u32 = 8;
+
+    fn new(source: usize, shard: usize, index: usize) -> Self {
+        // Sources come from the configuration (far fewer than 2^16) and a
+        // shard holds far fewer than 2^40 records.
+        debug_assert!(source < 1 << 16 && shard < SHARDS && index < 1 << Self::INDEX_BITS);
+        Slot(
+            ((source as u64) << (Self::INDEX_BITS + Self::SHARD_BITS))
+                | ((shard as u64) << Self::INDEX_BITS)
+                | index as u64,
+        )
+    }
+
+    /// The index of the record's source.
+    pub fn source(self) -> usize {
+        self.parts().0
+    }
+
+    fn parts(self) -> (usize, usize, usize) {
+        let source = self.0 >> (Self::INDEX_BITS + Self::SHARD_BITS);
+        let shard = (self.0 >> Self::INDEX_BITS) & ((1 << Self::SHARD_BITS) - 1);
+        let index = self.0 & ((1 << Self::INDEX_BITS) - 1);
+        (source as usize, shard as usize, index as usize)
+    }
+}
+
 /// One page of records.
 #[derive(Debug)]
 pub struct Page {
@@ -543,6 +578,63 @@ impl Records {
             }
         }
         Page { items, next: None }
+    }
+
+    /// Reads the `seq` and [`Slot`] of up to `limit` records of one shard,
+    /// from `from` on, into `out` (those with `seq <= upto`); returns where
+    /// the next read starts, or `None` after the last shard of the last
+    /// source. The shard's read lock is held for this one read only, so a
+    /// writer waits for at most `limit` entries (see
+    /// [`super::snapshot`]).
+    pub fn seq_page(
+        &self,
+        from: Cursor,
+        limit: usize,
+        upto: u64,
+        out: &mut Vec<(u64, Slot)>,
+    ) -> Option<Cursor> {
+        let src = self.sources.get(from.source)?;
+        let end = {
+            let shard = src.shards.get(from.shard)?.read();
+            let end = shard.entries.len().min(from.index.saturating_add(limit));
+            for index in from.index..end {
+                if let Some(entry) = shard.entries.get(index)
+                    && entry.presence.seq <= upto
+                {
+                    out.push((
+                        entry.presence.seq,
+                        Slot::new(from.source, from.shard, index),
+                    ));
+                }
+            }
+            (end < shard.entries.len()).then_some(end)
+        };
+        let next = match end {
+            Some(index) => Cursor { index, ..from },
+            None if from.shard + 1 < SHARDS => Cursor {
+                shard: from.shard + 1,
+                index: 0,
+                ..from
+            },
+            None if from.source + 1 < self.sources.len() => Cursor {
+                source: from.source + 1,
+                shard: 0,
+                index: 0,
+            },
+            None => return None,
+        };
+        Some(next)
+    }
+
+    /// The record at `slot`, if it still has this `seq` (it has not
+    /// changed since).
+    pub fn at_slot(&self, slot: Slot, seq: u64) -> Option<PresenceRecord> {
+        let (source, shard, index) = slot.parts();
+        let src = self.sources.get(source)?;
+        let shard = src.shards.get(shard)?.read();
+        let entry = shard.entries.get(index)?;
+        (entry.presence.seq == seq)
+            .then(|| PresenceRecord::new(&src.id, entry.key.as_str(), &entry.presence))
     }
 
     fn has_records_at_or_after(&self, sources: &[usize], pos: usize, at: Cursor) -> bool {

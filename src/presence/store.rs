@@ -30,12 +30,13 @@ use super::journal::{Journal, Loaded, OpenError};
 use super::model::{Availability, Millis, Presence, PresenceRecord};
 use super::records::Records;
 use super::redis::{RecordsHandle, RedisBackend};
+use super::snapshot::Snapshots;
 use super::{CallUpdate, PresenceUpdate};
 use crate::cluster::Redis;
 use crate::telemetry::LogEvery;
 use tokio_util::sync::CancellationToken;
 
-pub use super::records::{ApplyOutcome, Cursor, Page, StoreLimits};
+pub use super::records::{ApplyOutcome, Cursor, Page, Slot, StoreLimits};
 
 /// Why the store could not take a write; the caller answers 503 with
 /// `Retry-After` and the provider retries.
@@ -77,6 +78,8 @@ pub struct Store {
     refused: AtomicU64,
     /// Paces the log line that says so.
     full_logged: LogEvery,
+    /// Snapshots for stream consumers.
+    snapshots: Snapshots,
 }
 
 enum Backend {
@@ -103,6 +106,7 @@ impl Store {
             meta: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
             full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
+            snapshots: Snapshots::default(),
         }
     }
 
@@ -131,6 +135,7 @@ impl Store {
                 meta: Mutex::new(meta),
                 refused: AtomicU64::new(0),
                 full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
+                snapshots: Snapshots::default(),
             },
             loaded,
         ))
@@ -150,6 +155,7 @@ impl Store {
             meta: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
             full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
+            snapshots: Snapshots::default(),
         }
     }
 
@@ -343,6 +349,11 @@ impl Store {
     /// The change log every applied change is published to.
     pub fn changes(&self) -> &ChangeLog {
         self.records.changes()
+    }
+
+    /// Snapshots for stream consumers (see [`super::snapshot`]).
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.snapshots
     }
 
     /// Number of sources the store was built for.
