@@ -107,6 +107,10 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
             body_limit: config.server.body_limit_bytes,
             body_timeout: config.server.body_timeout,
             max_requests_per_client: config.server.max_requests_per_client,
+            stream_opens: http::opens::OpenLimit {
+                burst: config.consumers.stream_open_burst,
+                per_minute: config.consumers.stream_opens_per_minute,
+            },
             trusted_proxies: config.server.trusted_proxies.clone(),
         });
         state.set_ready(true);
