@@ -214,9 +214,16 @@ pub(crate) struct Streamer {
     /// queued (the replay, the state a snapshot shows, or live changes
     /// received, whether they matched or not).
     covered: u64,
+    /// Items sent before the live changes since the receiver was last
+    /// looked at (see [`Streamer::spill`]).
+    unchecked: u32,
     on_lag: OnLag,
     open: OpenStream,
 }
+
+/// How often (in items sent before the live changes) a stream looks at how
+/// full its fan-out receiver is.
+const SPILL_CHECK: u32 = 256;
 
 impl Streamer {
     /// A stream positioned as `filter` asks: after `last_event_id` (replay,
@@ -239,6 +246,7 @@ impl Streamer {
             rx,
             parts: VecDeque::new(),
             covered: 0,
+            unchecked: 0,
             on_lag,
             open,
         };
@@ -376,6 +384,41 @@ impl Streamer {
         }
     }
 
+    /// While a stream sends a snapshot or a replay it takes nothing from
+    /// the fan-out, whose receiver keeps only `consumers.stream_buffer`
+    /// changes: a long snapshot under steady writes would overflow it and
+    /// start over (20 consumers reading 300 k records each on one core
+    /// took a minute, at 400 changes a second). So once the receiver is
+    /// half full, the stream subscribes afresh and takes the changes up to
+    /// there from the history after what it is sending (a reset only if
+    /// the history no longer has them by then). A consumer that falls
+    /// behind the live changes themselves still lags as before.
+    fn spill(&mut self) {
+        self.unchecked += 1;
+        if self.unchecked < SPILL_CHECK {
+            return;
+        }
+        self.unchecked = 0;
+        let capacity = self.state.store().records().limits().stream_buffer;
+        if self.rx.len() < capacity / 2 {
+            return;
+        }
+        let changes = self.state.store().changes();
+        self.rx = changes.subscribe();
+        let until = changes.last_seq();
+        if until <= self.covered {
+            return;
+        }
+        match self.parts.back_mut() {
+            Some(Part::Replay { until: end, .. }) if *end == self.covered => *end = until,
+            _ => self.parts.push_back(Part::Replay {
+                after: self.covered,
+                until,
+            }),
+        }
+        self.covered = until;
+    }
+
     /// The next item before the live changes. Cancel-safe: every `.await`
     /// comes before the part it serves is advanced. Each record looked at
     /// uses up some of the task's budget, so a long snapshot or replay
@@ -383,6 +426,15 @@ impl Streamer {
     /// serve others between pages.
     async fn next_queued(&mut self) -> Step {
         loop {
+            let Some(part) = self.parts.front_mut() else {
+                return Step::Done;
+            };
+            if matches!(
+                part,
+                Part::Index { .. } | Part::Changes(_) | Part::Replay { .. }
+            ) {
+                self.spill();
+            }
             let Some(part) = self.parts.front_mut() else {
                 return Step::Done;
             };
@@ -858,6 +910,34 @@ mod tests {
         let last = state.store().changes().last_seq();
         assert_eq!(last, 5_060, "every one a change");
         consumer.read_to(&mut s, last).await;
+        assert_eq!(consumer.resets, 0);
+        assert_eq!(consumer.view, truth(&state));
+    }
+
+    /// A snapshot sent slowly while changes keep coming, many more than
+    /// the 64 the fan-out keeps for a consumer: the stream takes them from
+    /// the history after the snapshot instead of lagging and starting over.
+    #[tokio::test]
+    async fn a_long_snapshot_under_steady_writes_does_not_start_over() {
+        let state = crate::http::test_state(100_000);
+        let records = state.store().records();
+        for n in 0..5_000u64 {
+            records.apply(0, &update(format!("p{n}"), n), Millis(0));
+        }
+        let mut s = streamer(&state, all());
+        let mut consumer = Consumer::default();
+        for round in 0..50u64 {
+            for _ in 0..100 {
+                consumer.take(s.next().await.unwrap());
+            }
+            for n in 0..20 {
+                let p = (round * 20 + n) * 7 % 6_000;
+                records.apply(0, &update(format!("p{p}"), 10_001 + round), Millis(0));
+            }
+        }
+        consumer
+            .read_to(&mut s, state.store().changes().last_seq())
+            .await;
         assert_eq!(consumer.resets, 0);
         assert_eq!(consumer.view, truth(&state));
     }
