@@ -269,12 +269,20 @@ impl Fields {
     }
 }
 
-/// Digits only, as epoch milliseconds.
+/// Digits only, as epoch milliseconds (one pass; `None` beyond 64 bits).
 fn epoch_ms(digits: &str) -> Option<Millis> {
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if digits.is_empty() {
         return None;
     }
-    digits.parse::<i64>().ok().map(Millis)
+    let mut ms: i64 = 0;
+    for b in digits.bytes() {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        ms = ms.checked_mul(10)?.checked_add(i64::from(digit))?;
+    }
+    Some(Millis(ms))
 }
 
 fn first<'de>(found: &Found<'de>, pointers: &[usize]) -> Option<(usize, Raw<'de>)> {
