@@ -495,6 +495,9 @@ async fn consumer(
                     }
                 }
                 if kind == "reset" {
+                    // A snapshot follows (records in `seq` order, not one
+                    // apart), then the live changes: no gap can be told from
+                    // the ids until this connection ends.
                     streams.resets.fetch_add(1, Ordering::Relaxed);
                     after_reset = true;
                     continue;
@@ -508,7 +511,6 @@ async fn consumer(
                 {
                     streams.gaps.fetch_add(1, Ordering::Relaxed);
                 }
-                after_reset = false;
                 last = Some(id);
             }
             if style == Style::Slow {
