@@ -47,12 +47,25 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
-    /// Print the hex HMAC-SHA256 of a file (or stdin) under a key, the way
-    /// Mitel signs webhooks: for trying the gateway with curl.
+    /// Sign a file (or stdin) for trying the gateway with curl: by default
+    /// the hex HMAC-SHA256 Mitel sends in `x-notify-signature`; with
+    /// `--standard` the three Standard Webhooks headers, one `name: value`
+    /// per line (for `curl -H @file`).
     Sign {
-        /// The signing key (the subscription's applicationId).
+        /// The signing key: Mitel's applicationId, or with `--standard` a
+        /// `whsec_...` secret.
         #[arg(long, env = "PRESENCE_GATEWAY_SIGN_KEY", hide_env_values = true)]
         key: String,
+        /// Sign the Standard Webhooks way (`webhook-id`,
+        /// `webhook-timestamp`, `webhook-signature`).
+        #[arg(long)]
+        standard: bool,
+        /// With `--standard`: the message id (default: a new random `msg_` id).
+        #[arg(long, requires = "standard")]
+        id: Option<String>,
+        /// With `--standard`: the Unix time to sign (default: now).
+        #[arg(long, requires = "standard")]
+        timestamp: Option<i64>,
         /// The body to sign; stdin when absent.
         file: Option<PathBuf>,
     },
@@ -68,7 +81,20 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Healthcheck { addr, timeout } => {
             healthcheck(&cli.config, addr, Duration::from_secs(timeout))
         }
-        Command::Sign { key, file } => sign(&key, file.as_deref()),
+        Command::Sign {
+            key,
+            standard,
+            id,
+            timestamp,
+            file,
+        } => {
+            let how = if standard {
+                Signing::Standard { id, timestamp }
+            } else {
+                Signing::Mitel
+            };
+            sign(&key, how, file.as_deref())
+        }
     }
 }
 
@@ -277,7 +303,18 @@ fn probe(addr: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
-fn sign(key: &str, file: Option<&Path>) -> ExitCode {
+/// How `sign` signs.
+enum Signing {
+    /// Hex HMAC-SHA256 of the body (Mitel's `x-notify-signature`).
+    Mitel,
+    /// The Standard Webhooks headers.
+    Standard {
+        id: Option<String>,
+        timestamp: Option<i64>,
+    },
+}
+
+fn sign(key: &str, how: Signing, file: Option<&Path>) -> ExitCode {
     let body = match file {
         Some(p) => std::fs::read(p),
         None => {
@@ -285,17 +322,64 @@ fn sign(key: &str, file: Option<&Path>) -> ExitCode {
             std::io::stdin().read_to_end(&mut buf).map(|_| buf)
         }
     };
-    match body {
-        Ok(body) => {
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("cannot read the body: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match how {
+        Signing::Mitel => {
             println!(
                 "{}",
                 crate::verify::hmac_hex::sign_hex(key.as_bytes(), &body)
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("cannot read the body: {e}");
-            ExitCode::FAILURE
-        }
+        Signing::Standard { id, timestamp } => match standard_headers(key, id, timestamp, &body) {
+            Ok(lines) => {
+                print!("{lines}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// The three Standard Webhooks header lines for `body`.
+fn standard_headers(
+    key: &str,
+    id: Option<String>,
+    timestamp: Option<i64>,
+    body: &[u8],
+) -> Result<String, String> {
+    use crate::verify::standard;
+    // The message names what is wrong with the key, never the key.
+    let key = standard::decode_secret(key.as_bytes()).map_err(|e| format!("--key: {e}"))?;
+    let id = match id {
+        Some(id) if standard::message_id(id.as_bytes()).is_some() => id,
+        Some(_) => {
+            return Err(format!(
+                "--id: 1 to {} visible ASCII characters",
+                standard::MAX_ID_LEN
+            ));
+        }
+        None => {
+            let mut random = [0u8; 12];
+            getrandom::fill(&mut random).map_err(|e| format!("no random message id: {e}"))?;
+            format!("msg_{}", hex::encode(random))
+        }
+    };
+    let timestamp = timestamp.unwrap_or_else(crate::sources::unix_now);
+    let signature = standard::sign(&key, &id, timestamp, body);
+    Ok(format!(
+        "{}: {id}\n{}: {timestamp}\n{}: {signature}\n",
+        standard::ID_HEADER,
+        standard::TIMESTAMP_HEADER,
+        standard::SIGNATURE_HEADER
+    ))
 }

@@ -183,7 +183,7 @@ pub async fn run(
                     return;
                 };
                 let verified = verify::Verified::from_authenticated_transport(&payload);
-                match source.parser.parse(verified, None) {
+                match source.parser.parse(verified, providers::Proof::default()) {
                     Ok(parsed) => keep(&store, source, &parsed, "MQTT message").await,
                     Err(e) => {
                         source.stats.reject(sources::Rejection::BadPayload);

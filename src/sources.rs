@@ -13,13 +13,15 @@ use ipnet::IpNet;
 
 use crate::config::{SourceConfig, SourceKind};
 use crate::presence::{ApplyOutcome, Millis, PresenceUpdate, StoreError};
-use crate::providers::Parser;
 use crate::providers::fields::FieldsError;
 use crate::providers::mitel::MitelParser;
 use crate::providers::netsapiens::{Model, NetSapiensParser};
+use crate::providers::standard::StandardParser;
+use crate::providers::{Parser, Proof};
 use crate::telemetry::{LatencyHistogram, LogEvery};
 use crate::upstream::manager::Board;
-use crate::verify::{CorrelationIds, HmacHexVerifier, Verified, VerifyError};
+use crate::verify::standard as standard_webhooks;
+use crate::verify::{CorrelationIds, HmacHexVerifier, StandardVerifier, Verified, VerifyError};
 
 /// Mitel's signature header.
 pub const MITEL_SIGNATURE: &str = "x-notify-signature";
@@ -241,6 +243,9 @@ pub enum Verifier {
         header: &'static str,
         ids: Arc<CorrelationIds<Model>>,
     },
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp` and
+    /// `webhook-signature`.
+    Standard(StandardVerifier),
     /// The source receives over a socket, not by webhook.
     NoWebhooks,
 }
@@ -250,27 +255,56 @@ impl Verifier {
     pub fn header(&self) -> &'static str {
         match self {
             Verifier::HmacHex { header, .. } | Verifier::Correlation { header, .. } => header,
+            Verifier::Standard(_) => standard_webhooks::SIGNATURE_HEADER,
             Verifier::NoWebhooks => "",
         }
     }
 
-    /// Verifies a request's headers and body. Returns the verified body and,
-    /// for correlation ids, the model of the subscription the id names.
+    /// Verifies a request's headers and body. Returns the verified body and
+    /// what the proof established: for correlation ids the model of the
+    /// subscription the id names, for Standard Webhooks the message id.
     pub fn verify<'a>(
         &self,
-        headers: &HeaderMap,
+        headers: &'a HeaderMap,
         body: &'a [u8],
-    ) -> Result<(Verified<'a>, Option<Model>), VerifyError> {
-        let presented = headers.get(self.header()).map(|v| v.as_bytes());
+    ) -> Result<(Verified<'a>, Proof<'a>), VerifyError> {
+        let header = |name: &str| headers.get(name).map(|v| v.as_bytes());
         match self {
-            Verifier::HmacHex { verifier, .. } => Ok((verifier.verify(presented, body)?, None)),
-            Verifier::Correlation { ids, .. } => {
-                let (verified, model) = ids.verify(presented, body)?;
-                Ok((verified, Some(model)))
+            Verifier::HmacHex {
+                verifier,
+                header: name,
+            } => Ok((verifier.verify(header(name), body)?, Proof::default())),
+            Verifier::Correlation { ids, header: name } => {
+                let (verified, model) = ids.verify(header(name), body)?;
+                let proof = Proof {
+                    model: Some(model),
+                    ..Proof::default()
+                };
+                Ok((verified, proof))
+            }
+            Verifier::Standard(verifier) => {
+                let presented = standard_webhooks::Headers {
+                    id: header(standard_webhooks::ID_HEADER),
+                    timestamp: header(standard_webhooks::TIMESTAMP_HEADER),
+                    signature: header(standard_webhooks::SIGNATURE_HEADER),
+                };
+                let message = verifier.verify(presented, body, unix_now())?;
+                let proof = Proof {
+                    event_id: Some(message.id),
+                    ..Proof::default()
+                };
+                Ok((message.body, proof))
             }
             Verifier::NoWebhooks => Err(VerifyError::Missing),
         }
     }
+}
+
+/// The gateway's clock in Unix seconds (Standard Webhooks timestamps).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// One configured source, ready to receive.
@@ -333,6 +367,22 @@ impl Source {
                         )?,
                         model: config.model,
                     },
+                )
+            }
+            SourceKind::Standard => {
+                let settings = config.standard.as_ref().ok_or(FieldsError::Empty {
+                    field: "signing_keys",
+                })?;
+                (
+                    Verifier::Standard(StandardVerifier::new(
+                        settings.keys.iter().map(|k| k.expose()),
+                        settings.tolerance_secs,
+                    )),
+                    Parser::Standard(StandardParser::new(
+                        &config.fields,
+                        &settings.event_types,
+                        config.status_map(),
+                    )?),
                 )
             }
         };

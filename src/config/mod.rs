@@ -28,6 +28,7 @@ mod report;
 pub mod secrets;
 pub mod server;
 pub mod sources;
+pub mod standard;
 pub mod store;
 pub mod ucwa;
 
@@ -36,6 +37,7 @@ pub use mitel::MitelManaged;
 pub use secrets::Secret;
 pub use server::ServerConfig;
 pub use sources::{Auth, Managed, SourceConfig, SourceKind};
+pub use standard::StandardSettings;
 pub use store::{RedisConfig, StoreBackend, StoreConfig};
 pub use ucwa::UcwaManaged;
 

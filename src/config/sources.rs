@@ -3,8 +3,8 @@
 //! subscription frame (`api_base`, `[sources.auth]`,
 //! `[sources.subscription]`), with the table of which keys each kind
 //! accepts. What only one kind uses lives beside it: `mitel.rs` (`mitel`,
-//! `mitel_ws`), `netsapiens.rs`, `ucwa.rs`; this module calls into them in
-//! the order the problems are reported.
+//! `mitel_ws`), `netsapiens.rs`, `ucwa.rs`, `standard.rs`; this module calls
+//! into them in the order the problems are reported.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,11 +15,13 @@ use serde::Deserialize;
 use super::mitel::MitelManaged;
 use super::netsapiens::{self, RawCorrelationId};
 use super::secrets::{Secret, resolve_secret};
+use super::standard::{RawStandard, StandardSettings};
 use super::ucwa::UcwaManaged;
-use super::{mitel, parse_nets, ucwa};
+use super::{mitel, parse_nets, standard, ucwa};
 use crate::presence::Availability;
 use crate::providers::mitel::MitelParser;
 use crate::providers::netsapiens::{CallFieldOverrides, Model, NetSapiensParser};
+use crate::providers::standard::StandardParser;
 use crate::providers::{FieldOverrides, StatusMap};
 
 /// The kinds of source this build receives.
@@ -34,6 +36,9 @@ pub enum SourceKind {
     MitelWs,
     /// UCWA (Skype for Business): presence subscriptions and the event channel.
     Ucwa,
+    /// Any Standard Webhooks sender (`webhook-id`, `webhook-timestamp`,
+    /// `webhook-signature`), its payload mapped by configuration.
+    Standard,
 }
 
 impl SourceKind {
@@ -44,6 +49,7 @@ impl SourceKind {
             SourceKind::Netsapiens => "netsapiens",
             SourceKind::MitelWs => "mitel_ws",
             SourceKind::Ucwa => "ucwa",
+            SourceKind::Standard => "standard",
         }
     }
 }
@@ -68,6 +74,8 @@ pub struct SourceConfig {
     pub call_fields: CallFieldOverrides,
     /// Subscriptions the gateway creates and keeps alive, if configured.
     pub managed: Option<Managed>,
+    /// `standard`: the decoded keys, timestamp tolerance and event types.
+    pub standard: Option<StandardSettings>,
 }
 
 /// `api_base`, `[sources.auth]` and `[sources.subscription]`: what the
@@ -118,6 +126,7 @@ impl SourceConfig {
             SourceKind::Mitel | SourceKind::MitelWs => crate::providers::mitel::STATUS_WORDS,
             SourceKind::Netsapiens => crate::providers::netsapiens::STATUS_WORDS,
             SourceKind::Ucwa => crate::providers::ucwa::STATUS_WORDS,
+            SourceKind::Standard => crate::providers::standard::STATUS_WORDS,
         };
         StatusMap::new(
             builtin,
@@ -151,6 +160,8 @@ pub(super) struct RawSource {
     auth_base: Option<String>,
     auth: Option<RawAuth>,
     subscription: Option<RawSubscription>,
+    tolerance_secs: Option<u64>,
+    event_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,6 +322,28 @@ pub(super) fn resolve(
                     }
                 }
             }
+            SourceKind::Standard => {
+                for (field, set) in [
+                    ("correlation_ids", !s.correlation_ids.is_empty()),
+                    ("model", s.model.is_some()),
+                    ("timezone", s.timezone.is_some()),
+                    ("fields.domain", s.fields.domain.is_some()),
+                    ("auth_base", s.auth_base.is_some()),
+                    ("subscription", s.subscription.is_some()),
+                    (
+                        "call_fields",
+                        s.call_fields != CallFieldOverrides::default(),
+                    ),
+                ] {
+                    if set {
+                        problem(
+                            key(field),
+                            "not used by kind = \"standard\" (the sender is set up on its side)"
+                                .into(),
+                        );
+                    }
+                }
+            }
             SourceKind::Netsapiens => {
                 if s.correlation_ids.is_empty() && s.subscription.is_none() {
                     problem(
@@ -366,30 +399,49 @@ pub(super) fn resolve(
                 }
             })
             .collect();
-        let managed = s.subscription.as_ref().and_then(|sub| {
-            let default_model = s.model.as_deref().unwrap_or("presence");
-            let bases = Bases {
-                api: s.api_base.as_deref(),
-                auth: s.auth_base.as_deref(),
-            };
-            let first_key = signing_keys.first();
-            managed(
-                &s.id,
-                sub,
-                s.kind,
-                bases,
-                s.auth.as_ref(),
-                default_model,
-                first_key,
-                lookup,
-            )
-            .map_err(|list| {
-                for (field, message) in list {
-                    problem(key(&field), message);
-                }
-            })
-            .ok()
-        });
+        let mut standard_problems = Vec::new();
+        let standard = standard::settings(
+            &RawStandard {
+                is_standard: s.kind == SourceKind::Standard,
+                signing_keys: &signing_keys,
+                tolerance_secs: s.tolerance_secs,
+                event_types: s.event_types.as_deref(),
+                fields: &s.fields,
+            },
+            &mut standard_problems,
+        );
+        for (field, message) in standard_problems {
+            problem(key(&field), message);
+        }
+        let standard_kind = s.kind == SourceKind::Standard;
+        let managed = s
+            .subscription
+            .as_ref()
+            .filter(|_| !standard_kind)
+            .and_then(|sub| {
+                let default_model = s.model.as_deref().unwrap_or("presence");
+                let bases = Bases {
+                    api: s.api_base.as_deref(),
+                    auth: s.auth_base.as_deref(),
+                };
+                let first_key = signing_keys.first();
+                managed(
+                    &s.id,
+                    sub,
+                    s.kind,
+                    bases,
+                    s.auth.as_ref(),
+                    default_model,
+                    first_key,
+                    lookup,
+                )
+                .map_err(|list| {
+                    for (field, message) in list {
+                        problem(key(&field), message);
+                    }
+                })
+                .ok()
+            });
         if s.subscription.is_none() {
             for (field, set) in [
                 ("api_base", s.api_base.is_some()),
@@ -413,6 +465,7 @@ pub(super) fn resolve(
             timezone,
             call_fields: s.call_fields,
             managed,
+            standard,
         };
         let compiled = match source.kind {
             SourceKind::Mitel | SourceKind::MitelWs => {
@@ -426,6 +479,10 @@ pub(super) fn resolve(
             )
             .map(drop),
             SourceKind::Ucwa => Ok(()),
+            SourceKind::Standard => source.standard.as_ref().map_or(Ok(()), |settings| {
+                StandardParser::new(&source.fields, &settings.event_types, source.status_map())
+                    .map(drop)
+            }),
         };
         if let Err(e) = compiled {
             problem(key("fields"), e.to_string());

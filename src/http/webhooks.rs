@@ -187,7 +187,7 @@ async fn handle(
         ));
     };
 
-    let (verified, model) = source.verifier.verify(&parts.headers, &body).map_err(|e| {
+    let (verified, proof) = source.verifier.verify(&parts.headers, &body).map_err(|e| {
         let reason = Rejection::from(e);
         Rejected::new(
             reason,
@@ -196,7 +196,7 @@ async fn handle(
             verify_detail(source, reason),
         )
     })?;
-    let parsed = source.parser.parse(verified, model).map_err(|e| {
+    let parsed = source.parser.parse(verified, proof).map_err(|e| {
         Rejected::new(
             Rejection::BadPayload,
             StatusCode::BAD_REQUEST,
@@ -370,6 +370,9 @@ async fn drain(body: Body) {
 
 fn verify_detail(source: &Source, reason: Rejection) -> String {
     let header = source.verifier.header();
+    if let Verifier::Standard(verifier) = &source.verifier {
+        return standard_detail(source, verifier.tolerance_secs(), reason);
+    }
     match reason {
         Rejection::SignatureMissing => format!("the {header} header is missing or empty"),
         Rejection::SignatureMalformed => {
@@ -385,7 +388,31 @@ fn verify_detail(source: &Source, reason: Rejection) -> String {
                 "the {header} header does not name a subscription of source {:?}",
                 &*source.id
             ),
-            Verifier::NoWebhooks => "this source receives no webhooks".to_owned(),
+            Verifier::Standard(_) | Verifier::NoWebhooks => {
+                "this source receives no webhooks".to_owned()
+            }
         },
+    }
+}
+
+/// The detail of a Standard Webhooks rejection: which of the three headers
+/// to look at, never what was expected.
+fn standard_detail(source: &Source, tolerance_secs: u64, reason: Rejection) -> String {
+    match reason {
+        Rejection::SignatureMissing => {
+            "the webhook-id, webhook-timestamp and webhook-signature headers are all required"
+                .to_owned()
+        }
+        Rejection::SignatureMalformed => "webhook-id must be 1 to 256 visible ASCII characters, \
+             webhook-timestamp Unix seconds, and webhook-signature must hold a \
+             \"v1,<base64 of 32 bytes>\" entry"
+            .to_owned(),
+        Rejection::SignatureExpired => format!(
+            "webhook-timestamp is more than {tolerance_secs} s away from the gateway's clock"
+        ),
+        _ => format!(
+            "no v1 entry of webhook-signature matches a key of source {:?}",
+            &*source.id
+        ),
     }
 }

@@ -26,6 +26,9 @@ pub struct FieldOverrides {
     pub event_id: Option<OneOrMany>,
     /// NetSapiens: the domain appended to the principal (`user@domain`).
     pub domain: Option<OneOrMany>,
+    /// Standard Webhooks: the event type, matched against `event_types`.
+    #[serde(rename = "type")]
+    pub kind: Option<OneOrMany>,
 }
 
 /// A pointer or a list of pointers tried in order.

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod fields;
 pub mod mitel;
 pub mod netsapiens;
+pub mod standard;
 pub mod status;
 pub mod ucwa;
 
@@ -70,15 +71,25 @@ pub enum Parser {
         /// The model of posts whose subscription does not say.
         model: netsapiens::Model,
     },
+    Standard(standard::StandardParser),
+}
+
+/// What verification established besides authenticity, for the parser.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Proof<'a> {
+    /// NetSapiens: the model of the subscription the correlation id names.
+    pub model: Option<netsapiens::Model>,
+    /// Standard Webhooks: the verified `webhook-id`, the event id.
+    pub event_id: Option<&'a str>,
 }
 
 impl Parser {
-    /// Parses one verified notification body; `model` is the NetSapiens
-    /// model of the subscription the verifier matched, when it knows one.
+    /// Parses one verified notification body with what its verification
+    /// established ([`Proof`]).
     pub fn parse<'a>(
         &self,
         body: Verified<'a>,
-        model: Option<netsapiens::Model>,
+        proof: Proof<'a>,
     ) -> Result<Parsed<'a>, ParseError> {
         match self {
             Parser::Mitel(p) => p.parse(body),
@@ -88,7 +99,8 @@ impl Parser {
             Parser::NetSapiens {
                 parser,
                 model: default,
-            } => parser.parse(body, model.unwrap_or(*default)),
+            } => parser.parse(body, proof.model.unwrap_or(*default)),
+            Parser::Standard(parser) => parser.parse(body, proof.event_id),
         }
     }
 }

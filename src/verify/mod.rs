@@ -7,9 +7,11 @@
 
 pub mod correlation;
 pub mod hmac_hex;
+pub mod standard;
 
 pub use correlation::CorrelationIds;
 pub use hmac_hex::HmacHexVerifier;
+pub use standard::StandardVerifier;
 
 /// Why a request failed verification. Carries no data, so it cannot leak a
 /// secret or an expected signature into a response or a log line.
