@@ -1,4 +1,4 @@
-//! After verification: Mitel, NetSapiens and UCWA parse-and-normalize, then
+//! After verification: Mitel, NetSapiens, UCWA and Graph parse-and-normalize, then
 //! `Records::apply` (the in-memory engine behind `Store`).
 //!
 //! Parsing runs on the recorded fixtures, with the default field pointers and
@@ -25,8 +25,8 @@ use presence_gateway::presence::{ApplyOutcome, Availability, Millis, PresenceUpd
 use presence_gateway::providers::fields::OneOrMany;
 use presence_gateway::providers::mitel::{self, MitelParser};
 use presence_gateway::providers::netsapiens::{self, CallFieldOverrides, Model, NetSapiensParser};
-use presence_gateway::providers::ucwa;
 use presence_gateway::providers::{FieldOverrides, StatusMap};
+use presence_gateway::providers::{graph, ucwa};
 use presence_gateway::verify::Verified;
 
 const PRESENCE: &str = include_str!("../tests/fixtures/mitel-presence.json");
@@ -172,6 +172,68 @@ fn ucwa_parse(c: &mut Criterion) {
                 None,
             )
         });
+    });
+    group.finish();
+}
+
+/// Graph: a notification batch of 100 items, each carrying its presence in
+/// `resourceData` (the fixture's shape): parsed, each item's kind decided and
+/// its update built, as the webhook does before applying them; and 100 items
+/// that only name their user (each becomes a queued read).
+fn graph_batch(carried: bool) -> String {
+    let items: Vec<String> = (0..100)
+        .map(|i| {
+            let id = format!("{i:08x}-7ef5-42da-9069-724602c31f6b");
+            let data = if carried {
+                format!(r##"{{"@odata.type":"#Microsoft.Graph.presence","@odata.id":"communications/presences('{id}')","id":"{id}","availability":"Busy","activity":"InAMeeting"}}"##)
+            } else {
+                format!(r##"{{"@odata.type":"#Microsoft.Graph.presence","@odata.id":"communications/presences('{id}')","id":"{id}"}}"##)
+            };
+            format!(
+                r#"{{"subscriptionId":"7f105c7d-2dc5-4530-97cd-4e7ae6534c07","clientState":"gw-client-state-6f3b2c","changeType":"updated","tenantId":"84bd8158-6d4d-4958-8b9f-9d6445542f95","resource":"communications/presences('{id}')","subscriptionExpirationDateTime":"2026-11-24T11:00:00.0000000Z","resourceData":{data}}}"#
+            )
+        })
+        .collect();
+    format!(r#"{{"value":[{}]}}"#, items.join(","))
+}
+
+/// Parses a batch and builds what the webhook builds: the number of updates
+/// and of reads.
+fn graph_parse_batch(body: &str, statuses: &StatusMap) -> (usize, usize) {
+    let batch = graph::parse_batch(body.as_bytes()).expect("the batch parses");
+    let (mut updates, mut reads) = (0, 0);
+    for item in &batch.value {
+        match item.kind() {
+            graph::Kind::Carried(presence) => {
+                let id = presence.id.clone().expect("an id");
+                let update =
+                    graph::presence_update(id, presence, statuses, Millis(T0)).expect("a presence");
+                black_box(update);
+                updates += 1;
+            }
+            graph::Kind::Read(id) => {
+                black_box(id);
+                reads += 1;
+            }
+            _ => {}
+        }
+    }
+    (updates, reads)
+}
+
+fn graph_parse(c: &mut Criterion) {
+    let statuses = StatusMap::new(graph::STATUS_WORDS, []);
+    let carried = graph_batch(true);
+    let named = graph_batch(false);
+    assert_eq!(graph_parse_batch(&carried, &statuses), (100, 0));
+    assert_eq!(graph_parse_batch(&named, &statuses), (0, 100));
+    let mut group = c.benchmark_group("graph_parse");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("batch_100_with_resource_data", |b| {
+        b.iter(|| graph_parse_batch(black_box(&carried), &statuses));
+    });
+    group.bench_function("batch_100_naming_users", |b| {
+        b.iter(|| graph_parse_batch(black_box(&named), &statuses));
     });
     group.finish();
 }
@@ -433,5 +495,12 @@ fn store_apply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse, netsapiens_parse, ucwa_parse, store_apply);
+criterion_group!(
+    benches,
+    parse,
+    netsapiens_parse,
+    ucwa_parse,
+    graph_parse,
+    store_apply
+);
 criterion_main!(benches);
