@@ -8,6 +8,7 @@
 
 pub mod extract;
 pub mod fields;
+pub mod graph_rich;
 pub mod mitel;
 pub mod netsapiens;
 pub mod standard;
