@@ -42,8 +42,9 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, 
 /// `rsaEncryption` (RFC 8017, A.1): the only key type Graph encrypts to.
 const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 
-/// Accepted modulus sizes, in bits: nothing weaker than 2048 bits, and
-/// nothing larger than Graph accepts for an encryption certificate.
+/// Accepted modulus sizes, in bits: nothing weaker than 2048 bits, and no
+/// more than 4096, which bounds the cost of the private-key operation that
+/// every item asks for (a 4096-bit one costs several times a 2048-bit one).
 const KEY_BITS: std::ops::RangeInclusive<u32> = 2048..=4096;
 
 /// Length of the symmetric key Graph wraps in `dataKey` (AES-256).
@@ -145,7 +146,7 @@ impl RichKey {
         }
         Ok(RichKey {
             certificate_id: certificate_id.to_owned(),
-            certificate_base64: certificate.base64,
+            certificate_base64: BASE64.encode(&certificate.der),
             key,
         })
     }
@@ -230,7 +231,7 @@ fn modulus_bits(key: &PublicKey) -> u32 {
 
 /// A parsed encryption certificate.
 struct ParsedCertificate {
-    base64: String,
+    der: Vec<u8>,
     public_key: PublicKey,
 }
 
@@ -255,7 +256,7 @@ fn parse_certificate(pem: &str) -> Result<ParsedCertificate, RichKeyError> {
         .map_err(|e| RichKeyError::Certificate(format!("malformed RSA public key: {e}")))?;
     check_size(&public_key)?;
     Ok(ParsedCertificate {
-        base64: BASE64.encode(der.as_bytes()),
+        der: der.to_vec(),
         public_key,
     })
 }
@@ -373,14 +374,11 @@ where
         .oaep_encrypt_with_rng::<Sha1, _>(rng, key.as_ref())
         .map_err(|e| RichKeyError::Certificate(format!("cannot encrypt to its key: {e}")))?;
 
-    let der = BASE64
-        .decode(&certificate.base64)
-        .unwrap_or_else(|_| unreachable!("encoded above"));
     Ok(EncryptedContent {
         data_key: BASE64.encode(wrapped),
         data_signature: BASE64.encode(signature),
         data: BASE64.encode(ciphertext),
-        certificate_thumbprint: hex::encode_upper(Sha1::digest(&der)),
+        certificate_thumbprint: hex::encode_upper(Sha1::digest(&certificate.der)),
     })
 }
 
