@@ -8,8 +8,14 @@ use std::process::Command;
 
 use common::{Gateway, MITEL_KEY, fixture, sign};
 use presence_gateway::Config;
+use presence_gateway::verify::VerifyError;
+use presence_gateway::verify::standard::{Headers, StandardVerifier, decode_secret};
 
 const BIN: &str = env!("CARGO_BIN_EXE_presence-gateway");
+
+/// The secret of the Standard Webhooks libraries' published test vector
+/// (also `standard_secret` in tests/fixtures/keys.toml and the dev config's).
+const STANDARD_KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 fn root(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -243,18 +249,29 @@ fn shipped_config_files_parse() {
         "PG_CONSUMER_TOKEN" => Some("t".to_owned()),
         "MITEL_APPLICATION_ID" => Some("k".to_owned()),
         "NS_SUBSCRIPTION_ID" => Some("sub".to_owned()),
+        "VENDOR_WEBHOOK_SECRET" => Some(STANDARD_KEY.to_owned()),
         _ => None,
     };
     let example = Config::load_with_env(&root("config/example.toml"), Vec::new(), vars)
         .expect("example.toml");
-    assert_eq!(example.sources.len(), 2);
+    let kinds: Vec<&str> = example.sources.iter().map(|s| s.kind.as_str()).collect();
+    assert_eq!(kinds, ["mitel", "netsapiens", "standard"]);
     assert_eq!(example.server.body_limit_bytes, 262_144);
+    // The values example.toml writes out are the defaults.
+    let standard = example.sources[2].standard.as_ref().expect("standard");
+    assert_eq!(standard.tolerance_secs, 300);
+    assert_eq!(standard.event_types, ["presence.updated"]);
     // The development default needs nothing at all.
     let dev = Config::load_with_env(&root("config/presence-gateway.toml"), Vec::new(), |_| None)
         .expect("dev config");
     assert_eq!(
         dev.sources[0].signing_keys[0].expose(),
         MITEL_KEY.as_bytes()
+    );
+    assert_eq!(dev.sources[1].id, "vendor-dev");
+    assert_eq!(
+        dev.sources[1].signing_keys[0].expose(),
+        STANDARD_KEY.as_bytes()
     );
 }
 
@@ -278,7 +295,11 @@ fn the_commented_managed_subscription_examples_parse() {
         blocks += 1;
     }
     assert_eq!(blocks, 4, "Mitel, NetSapiens, a mitel_ws and a ucwa source");
-    let vars = |name: &str| Some(format!("value-of-{name}"));
+    let vars = |name: &str| match name {
+        // A Standard Webhooks secret must be one to be accepted.
+        "VENDOR_WEBHOOK_SECRET" => Some(STANDARD_KEY.to_owned()),
+        _ => Some(format!("value-of-{name}")),
+    };
     let config = Config::parse_with_env(&text, Path::new("example.toml"), Vec::new(), vars)
         .expect("uncommented example");
     let mitel = config.sources[0].managed.as_ref().expect("managed Mitel");
@@ -333,6 +354,19 @@ fn check_config_accepts_good_files_and_names_bad_keys() {
         stderr.contains("line 3") && stderr.contains("body_limit"),
         "{stderr}"
     );
+
+    // A Standard Webhooks secret that is not base64 is named by its key,
+    // and no part of it is printed.
+    let stderr = check(
+        "[[sources]]\nid = \"vendor\"\nkind = \"standard\"\n\
+         signing_keys = [\"whsec_c2VjcmV0*not-base64\"]\n",
+    );
+    assert!(
+        stderr.contains("sources[0].signing_keys[0]") && stderr.contains("base64"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("c2VjcmV0"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
@@ -383,4 +417,192 @@ fn sign_subcommand_matches_the_verifier() {
     assert!(out.status.success());
     let expected = sign(MITEL_KEY, &std::fs::read(&file).unwrap());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
+}
+
+/// Runs `sign` with `args`, the body on stdin; (success, stdout, stderr).
+fn run_sign(args: &[&str], body: &[u8]) -> (bool, String, String) {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = Command::new(BIN)
+        .arg("sign")
+        .args(args)
+        .env_remove("PRESENCE_GATEWAY_SIGN_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sign");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A refused key is only looked at after the body is read: write it all.
+    stdin.write_all(body).expect("write the body");
+    drop(stdin);
+    let out = child.wait_with_output().expect("sign");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The values of the three `name: value` lines `sign --standard` prints.
+fn standard_header_lines(stdout: &str) -> [String; 3] {
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let value = |i: usize, name: &str| {
+        lines[i]
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(": "))
+            .unwrap_or_else(|| panic!("line {i} is not {name}: {stdout}"))
+            .to_owned()
+    };
+    [
+        value(0, "webhook-id"),
+        value(1, "webhook-timestamp"),
+        value(2, "webhook-signature"),
+    ]
+}
+
+#[test]
+fn sign_standard_prints_headers_the_verifier_accepts() {
+    // The published Standard Webhooks test vector.
+    const ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+    const TIMESTAMP: i64 = 1_614_265_330;
+    const BODY: &[u8] = br#"{"test": 2432232314}"#;
+    let verifier = StandardVerifier::new([decode_secret(STANDARD_KEY.as_bytes()).unwrap()], 300);
+
+    let (ok, stdout, stderr) = run_sign(
+        &[
+            "--standard",
+            "--key",
+            STANDARD_KEY,
+            "--id",
+            ID,
+            "--timestamp",
+            &TIMESTAMP.to_string(),
+        ],
+        BODY,
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout,
+        "webhook-id: msg_p5jXN8AQM9LWM0D4loKWxJek\n\
+         webhook-timestamp: 1614265330\n\
+         webhook-signature: v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=\n"
+    );
+    let [id, timestamp, signature] = standard_header_lines(&stdout);
+    let headers = Headers {
+        id: Some(id.as_bytes()),
+        timestamp: Some(timestamp.as_bytes()),
+        signature: Some(signature.as_bytes()),
+    };
+    let message = verifier.verify(headers, BODY, TIMESTAMP).expect("verified");
+    assert_eq!(message.id, ID);
+    assert_eq!(message.body.bytes(), BODY);
+    // The headers are bound to the body.
+    assert_eq!(
+        verifier
+            .verify(headers, br#"{"test": 2432232315}"#, TIMESTAMP)
+            .map(|_| ()),
+        Err(VerifyError::Mismatch)
+    );
+
+    // Without --id and --timestamp: a fresh msg_ id and the current time,
+    // which a verifier on the same clock accepts.
+    let body = std::fs::read(root("tests/fixtures/standard-presence.json")).unwrap();
+    let (ok, stdout, stderr) = run_sign(&["--standard", "--key", STANDARD_KEY], &body);
+    assert!(ok, "{stderr}");
+    let [id, timestamp, signature] = standard_header_lines(&stdout);
+    assert!(id.starts_with("msg_") && id.len() > 4, "{id}");
+    let headers = Headers {
+        id: Some(id.as_bytes()),
+        timestamp: Some(timestamp.as_bytes()),
+        signature: Some(signature.as_bytes()),
+    };
+    let now = presence_gateway::sources::unix_now();
+    let message = verifier.verify(headers, &body, now).expect("verified");
+    assert_eq!(message.id, id);
+}
+
+#[test]
+fn sign_standard_refuses_bad_keys_without_printing_them() {
+    for (key, secret_part) in [
+        ("whsec_", ""),
+        ("whsec_c2VjcmV0*not-base64", "c2VjcmV0"),
+        (
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ),
+    ] {
+        let (ok, stdout, stderr) = run_sign(&["--standard", "--key", key], b"{}");
+        assert!(!ok, "{key:?} accepted: {stdout}");
+        assert!(stdout.is_empty(), "{key:?}: {stdout}");
+        assert!(stderr.contains("--key"), "{key:?}: {stderr}");
+        if !secret_part.is_empty() {
+            assert!(!stderr.contains(secret_part), "{key:?}: {stderr}");
+        }
+    }
+}
+
+/// The README's "Try it" for Standard Webhooks: the dev config's
+/// `vendor-dev` source takes what `sign --standard` prints, once.
+#[tokio::test]
+async fn the_dev_config_takes_a_request_signed_by_sign_standard() {
+    let text = std::fs::read_to_string(root("config/presence-gateway.toml")).unwrap();
+    // State stays where PG_TEST_STORE puts it, not in var/state.
+    let text = text.replace("data_dir = \"var/state\"", "");
+    assert!(
+        !text.contains("data_dir"),
+        "the dev config's data_dir moved"
+    );
+    let gw = Gateway::start(&text).await;
+    let body = r#"{"type":"presence.updated","data":{"user_id":"u-4411","status":"away","activity":"InAMeeting","message":"back at 3"}}"#;
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        run_sign(&["--standard", "--key", STANDARD_KEY], body.as_bytes())
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    let [id, timestamp, signature] = standard_header_lines(&stdout);
+    let post = || {
+        gw.client
+            .post(gw.url("/webhooks/vendor-dev"))
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", &timestamp)
+            .header("webhook-signature", &signature)
+            .body(body)
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), 204);
+    let response = gw
+        .client
+        .get(gw.url("/v1/presence/vendor-dev/u-4411"))
+        .bearer_auth("dev-consumer-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let record: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(record["availability"], "away");
+    assert_eq!(record["activity"], "in_a_meeting");
+    assert_eq!(record["status_text"], "back at 3");
+    // The same request again is a duplicate: acknowledged, not applied.
+    assert_eq!(post().await.unwrap().status(), 204);
+    let sources: serde_json::Value = gw
+        .client
+        .get(gw.url("/v1/sources"))
+        .bearer_auth("dev-consumer-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        common::source_counter(&sources, "vendor-dev", "accepted"),
+        1
+    );
+    assert_eq!(
+        common::source_counter(&sources, "vendor-dev", "duplicate"),
+        1
+    );
 }
