@@ -388,6 +388,9 @@ async fn not_ready_until_every_subscription_exists_and_everyone_was_read() {
     })
     .await;
     assert_eq!(gw.readyz().await, 503, "not ready while the create is held");
+    let shown = subscriptions(&gw).await;
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0]["state"], "pending", "{shown:?}");
     open_create.send_replace(true);
     wait_until("the subscription is active", WITHIN, || async {
         subscriptions(&gw)
@@ -405,6 +408,31 @@ async fn not_ready_until_every_subscription_exists_and_everyone_was_read() {
     open_read.send_replace(true);
     ready(&gw).await;
     assert_eq!(record(&gw, &user(2)).await["availability"], "offline");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_create_is_shown_and_retried() {
+    let (api, base) = Graph::start(1).await;
+    api.fail(route::CREATE, 503, None);
+    let gw = gateway(&Setup::new(users(2), 1), &api, &base).await;
+    settle().await;
+    let shown = &subscriptions(&gw).await[0];
+    assert!(
+        shown["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("failed: ")),
+        "{shown}"
+    );
+    assert!(shown["next_action_at"].is_string(), "{shown}");
+    assert!(api.subscription_ids().is_empty());
+    // retry_initial_ms = 1000: retried within a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    settle().await;
+    assert_eq!(api.creates().len(), 2, "{:?}", api.log());
+    let shown = &subscriptions(&gw).await[0];
+    assert_eq!(shown["state"], "active", "{shown}");
+    assert_eq!(shown["id"], subscription_of(&api, 0).as_str());
+    problems_are_none(&api);
 }
 
 #[tokio::test(start_paused = true)]
@@ -554,6 +582,11 @@ async fn subscriptions_are_kept_at_shutdown_unless_delete_on_shutdown() {
     settle().await;
     let ids = api.subscription_ids();
     assert_eq!(ids.len(), 2);
+    let owners: Vec<(String, usize)> = api
+        .subscriptions()
+        .iter()
+        .map(|s| (s.value["id"].as_str().unwrap().to_owned(), s.owner))
+        .collect();
     gw.stop().await;
     assert!(api.calls_to("DELETE", "/").is_empty(), "{:?}", api.log());
     assert_eq!(api.subscription_ids(), ids);
@@ -571,12 +604,12 @@ async fn subscriptions_are_kept_at_shutdown_unless_delete_on_shutdown() {
     gw.stop().await;
     let deletes = api.calls_to("DELETE", "/v1.0/subscriptions/");
     assert_eq!(deletes.len(), 2, "{:?}", api.log());
-    for (account, id) in ids.iter().enumerate() {
+    for (id, account) in &owners {
         let delete = deletes
             .iter()
             .find(|d| d.path == format!("/v1.0/subscriptions/{id}"))
             .unwrap_or_else(|| panic!("{id} deleted: {:?}", api.log()));
-        assert_eq!(delete.account, Some(account), "with its owner's token");
+        assert_eq!(delete.account, Some(*account), "with its owner's token");
     }
     assert!(api.subscription_ids().is_empty());
     problems_are_none(&api);
@@ -593,8 +626,14 @@ async fn a_rejected_token_is_refreshed_with_the_rotated_refresh_token_and_the_ca
     let rotated = api.current_refresh_token(0);
     assert_ne!(rotated, graph::refresh_token(0), "the mock rotated it");
 
+    // Revoked just before the renewal is due (the resyncs at 15, 30 and 45
+    // minutes still had a good token).
+    tokio::time::sleep(Duration::from_secs(49 * 60 + 50)).await;
+    settle().await;
+    assert!(api.renewals().is_empty());
+    assert_eq!(api.token_requests().len(), 1);
     api.revoke_access(0);
-    tokio::time::sleep(Duration::from_secs(50 * 60 + 10)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
     settle().await;
     let renewals = api.renewals();
     assert_eq!(renewals.len(), 2, "401, then retried: {:?}", api.log());
