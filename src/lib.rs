@@ -202,14 +202,27 @@ pub async fn run(
                 let Some(source) = sources.by_index(index) else {
                     return;
                 };
-                let providers::Parser::Ucwa(statuses) = &source.parser else {
-                    return;
+                // A read returns the current presence: it is as new as the
+                // read. (UCWA's `lastActive` is when the user was last
+                // active; as `observed_at` it would make later reads look
+                // stale.)
+                let read_at = presence::Millis::now();
+                let update = match &source.parser {
+                    providers::Parser::Ucwa(statuses) => {
+                        providers::ucwa::presence_update(&principal, &body, statuses, Some(read_at))
+                    }
+                    providers::Parser::Graph(statuses) => providers::graph::parse_presence(&body)
+                        .and_then(|p| {
+                            providers::graph::presence_update(
+                                std::borrow::Cow::Borrowed(principal.as_str()),
+                                &p,
+                                statuses,
+                                read_at,
+                            )
+                        }),
+                    _ => return,
                 };
-                // A GET returns the contact's current presence: it is as new as
-                // the read. (`lastActive` is when the user was last active; as
-                // `observed_at` it would make later reads look stale.)
-                let read_at = Some(presence::Millis::now());
-                match providers::ucwa::presence_update(&principal, &body, statuses, read_at) {
+                match update {
                     Ok(update) => {
                         let parsed = providers::Parsed {
                             updates: vec![update],

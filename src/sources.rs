@@ -14,12 +14,15 @@ use ipnet::IpNet;
 use crate::config::{SourceConfig, SourceKind};
 use crate::presence::{ApplyOutcome, Millis, PresenceUpdate, StoreError};
 use crate::providers::fields::FieldsError;
+use crate::providers::graph_rich::RichKey;
 use crate::providers::mitel::MitelParser;
 use crate::providers::netsapiens::{Model, NetSapiensParser};
 use crate::providers::standard::StandardParser;
 use crate::providers::{Parser, Proof};
 use crate::telemetry::{LatencyHistogram, LogEvery};
+use crate::upstream::graph as graph_upstream;
 use crate::upstream::manager::Board;
+use crate::verify::client_state::ClientState;
 use crate::verify::standard as standard_webhooks;
 use crate::verify::{CorrelationIds, HmacHexVerifier, StandardVerifier, Verified, VerifyError};
 
@@ -246,6 +249,9 @@ pub enum Verifier {
     /// Standard Webhooks: `webhook-id`, `webhook-timestamp` and
     /// `webhook-signature`.
     Standard(StandardVerifier),
+    /// Microsoft Graph: the `clientState` in every item of the body (the
+    /// webhook checks it while it reads the batch, see `http::graph`).
+    Graph(Box<GraphReceiver>),
     /// The source receives over a socket, not by webhook.
     NoWebhooks,
 }
@@ -256,6 +262,7 @@ impl Verifier {
         match self {
             Verifier::HmacHex { header, .. } | Verifier::Correlation { header, .. } => header,
             Verifier::Standard(_) => standard_webhooks::SIGNATURE_HEADER,
+            Verifier::Graph(_) => "clientState",
             Verifier::NoWebhooks => "",
         }
     }
@@ -295,9 +302,21 @@ impl Verifier {
                 };
                 Ok((message.body, proof))
             }
-            Verifier::NoWebhooks => Err(VerifyError::Missing),
+            // The proof is inside the body: `http::graph` checks it.
+            Verifier::Graph(_) | Verifier::NoWebhooks => Err(VerifyError::Missing),
         }
     }
+}
+
+/// What a Graph source's webhook needs: the client state to check, the
+/// key of rich notifications, and where to hand reads and lifecycle events.
+#[derive(Debug)]
+pub struct GraphReceiver {
+    pub client_state: ClientState,
+    pub rich: Option<Arc<RichKey>>,
+    pub inbox: graph_upstream::Inbox,
+    /// The source's status words (as its parser has them).
+    pub statuses: crate::providers::StatusMap,
 }
 
 /// The gateway's clock in Unix seconds (Standard Webhooks timestamps).
@@ -322,11 +341,15 @@ pub struct Source {
     pub subscriptions: Arc<Board>,
     /// Which replica manages the source (Redis backend, managed sources).
     pub lease: std::sync::OnceLock<tokio::sync::watch::Receiver<crate::cluster::lease::LeaseState>>,
+    /// Graph: the receiving ends of the webhook's inbox, until the
+    /// source's background tasks take them.
+    pub graph_outbox: parking_lot::Mutex<Option<graph_upstream::Outbox>>,
 }
 
 impl Source {
     /// Builds the runtime source from its validated config.
     pub fn new(index: usize, config: &SourceConfig) -> Result<Self, FieldsError> {
+        let mut graph_outbox = None;
         let (verifier, parser) = match config.kind {
             SourceKind::Mitel => (
                 Verifier::HmacHex {
@@ -369,6 +392,26 @@ impl Source {
                     },
                 )
             }
+            SourceKind::Graph => {
+                let graph = config
+                    .managed
+                    .as_ref()
+                    .and_then(|m| m.graph.as_ref())
+                    .ok_or(FieldsError::Empty {
+                        field: "subscription",
+                    })?;
+                let (inbox, outbox) = graph_upstream::Inbox::new();
+                graph_outbox = Some(outbox);
+                (
+                    Verifier::Graph(Box::new(GraphReceiver {
+                        client_state: ClientState::new(graph.client_state.expose()),
+                        rich: graph.rich.clone(),
+                        inbox,
+                        statuses: config.status_map(),
+                    })),
+                    Parser::Graph(config.status_map()),
+                )
+            }
             SourceKind::Standard => {
                 let settings = config.standard.as_ref().ok_or(FieldsError::Empty {
                     field: "signing_keys",
@@ -396,6 +439,7 @@ impl Source {
             stats: SourceStats::default(),
             subscriptions: Arc::new(Board::default()),
             lease: std::sync::OnceLock::new(),
+            graph_outbox: parking_lot::Mutex::new(graph_outbox),
         })
     }
 }

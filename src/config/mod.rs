@@ -22,6 +22,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub mod consumers;
+pub mod graph;
 pub mod mitel;
 pub mod netsapiens;
 mod report;
@@ -33,6 +34,7 @@ pub mod store;
 pub mod ucwa;
 
 pub use consumers::ConsumersConfig;
+pub use graph::GraphManaged;
 pub use mitel::MitelManaged;
 pub use secrets::Secret;
 pub use server::ServerConfig;

@@ -3,7 +3,7 @@
 //! subscription frame (`api_base`, `[sources.auth]`,
 //! `[sources.subscription]`), with the table of which keys each kind
 //! accepts. What only one kind uses lives beside it: `mitel.rs` (`mitel`,
-//! `mitel_ws`), `netsapiens.rs`, `ucwa.rs`, `standard.rs`; this module calls
+//! `mitel_ws`), `netsapiens.rs`, `ucwa.rs`, `graph.rs`, `standard.rs`; this module calls
 //! into them in the order the problems are reported.
 
 use std::collections::BTreeMap;
@@ -12,12 +12,13 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use super::graph::GraphManaged;
 use super::mitel::MitelManaged;
 use super::netsapiens::{self, RawCorrelationId};
 use super::secrets::{Secret, resolve_secret};
 use super::standard::{RawStandard, StandardSettings};
 use super::ucwa::UcwaManaged;
-use super::{mitel, parse_nets, standard, ucwa};
+use super::{graph, mitel, parse_nets, standard, ucwa};
 use crate::presence::Availability;
 use crate::providers::mitel::MitelParser;
 use crate::providers::netsapiens::{CallFieldOverrides, Model, NetSapiensParser};
@@ -39,6 +40,8 @@ pub enum SourceKind {
     /// Any Standard Webhooks sender (`webhook-id`, `webhook-timestamp`,
     /// `webhook-signature`), its payload mapped by configuration.
     Standard,
+    /// Microsoft Teams presence through Graph change notifications.
+    Graph,
 }
 
 impl SourceKind {
@@ -50,6 +53,7 @@ impl SourceKind {
             SourceKind::MitelWs => "mitel_ws",
             SourceKind::Ucwa => "ucwa",
             SourceKind::Standard => "standard",
+            SourceKind::Graph => "graph",
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct Managed {
     pub mitel: Option<MitelManaged>,
     /// UCWA sources: the contacts and the event channel.
     pub ucwa: Option<UcwaManaged>,
+    /// Graph sources: accounts, user groups, client state, encryption.
+    pub graph: Option<GraphManaged>,
 }
 
 /// `[sources.auth]`.
@@ -127,6 +133,7 @@ impl SourceConfig {
             SourceKind::Netsapiens => crate::providers::netsapiens::STATUS_WORDS,
             SourceKind::Ucwa => crate::providers::ucwa::STATUS_WORDS,
             SourceKind::Standard => crate::providers::standard::STATUS_WORDS,
+            SourceKind::Graph => crate::providers::graph::STATUS_WORDS,
         };
         StatusMap::new(
             builtin,
@@ -166,17 +173,20 @@ pub(super) struct RawSource {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAuth {
+pub(super) struct RawAuth {
     #[serde(rename = "type")]
-    kind: String,
-    token: Option<String>,
-    token_url: Option<String>,
-    client_id: Option<String>,
-    client_secret: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-    refresh_token: Option<String>,
-    account_id: Option<String>,
+    pub(super) kind: String,
+    pub(super) token: Option<String>,
+    pub(super) token_url: Option<String>,
+    pub(super) client_id: Option<String>,
+    pub(super) client_secret: Option<String>,
+    pub(super) username: Option<String>,
+    pub(super) password: Option<String>,
+    pub(super) refresh_token: Option<String>,
+    pub(super) account_id: Option<String>,
+    // Graph
+    pub(super) scope: Option<String>,
+    pub(super) refresh_tokens: Option<Vec<String>>,
 }
 
 /// `[sources.subscription]`: one table for every kind (so that unknown keys
@@ -186,10 +196,8 @@ struct RawAuth {
 pub(super) struct RawSubscription {
     #[serde(default)]
     pub(super) callback_url: String,
-    #[serde(default = "default_lifetime")]
-    pub(super) lifetime_secs: u64,
-    #[serde(default = "default_renew_before")]
-    pub(super) renew_before_secs: u64,
+    pub(super) lifetime_secs: Option<u64>,
+    pub(super) renew_before_secs: Option<u64>,
     #[serde(default)]
     pub(super) delete_on_shutdown: bool,
     #[serde(default)]
@@ -218,14 +226,21 @@ pub(super) struct RawSubscription {
     pub(super) contacts: Vec<String>,
     pub(super) duration_mins: Option<u64>,
     pub(super) event_timeout_secs: Option<u64>,
+    // Graph
+    pub(super) lifecycle_url: Option<String>,
+    #[serde(default)]
+    pub(super) users: Vec<String>,
+    pub(super) client_state: Option<String>,
+    pub(super) lifetime_mins: Option<u64>,
+    pub(super) resync_interval_secs: Option<u64>,
+    pub(super) encryption_certificate: Option<String>,
+    pub(super) encryption_certificate_id: Option<String>,
+    pub(super) encryption_key: Option<String>,
 }
 
-fn default_lifetime() -> u64 {
-    86_400
-}
-fn default_renew_before() -> u64 {
-    3_600
-}
+/// NetSapiens defaults: a day's subscription, renewed an hour ahead.
+const DEFAULT_LIFETIME_SECS: u64 = 86_400;
+const DEFAULT_RENEW_BEFORE_SECS: u64 = 3_600;
 fn default_true() -> bool {
     true
 }
@@ -269,7 +284,7 @@ pub(super) fn resolve(
             format!("{field} is only for kind = \"{}\"", kind.as_str())
         };
         match s.kind {
-            SourceKind::MitelWs | SourceKind::Ucwa => {
+            SourceKind::MitelWs | SourceKind::Ucwa | SourceKind::Graph => {
                 if s.subscription.is_none() {
                     problem(
                         key("subscription"),
@@ -283,16 +298,20 @@ pub(super) fn resolve(
                     ("allow_ips", !s.allow_ips.is_empty()),
                     (
                         "signing_keys",
-                        s.kind == SourceKind::Ucwa && !s.signing_keys.is_empty(),
+                        s.kind != SourceKind::MitelWs && !s.signing_keys.is_empty(),
                     ),
                     (
                         "auth_base",
-                        s.kind == SourceKind::Ucwa && s.auth_base.is_some(),
+                        s.kind != SourceKind::MitelWs && s.auth_base.is_some(),
                     ),
                     (
                         "call_fields",
-                        s.kind == SourceKind::Ucwa
+                        s.kind != SourceKind::MitelWs
                             && s.call_fields != CallFieldOverrides::default(),
+                    ),
+                    (
+                        "fields.event_id",
+                        s.kind == SourceKind::Graph && s.fields.event_id.is_some(),
                     ),
                 ] {
                     if set {
@@ -478,7 +497,7 @@ pub(super) fn resolve(
                 source.timezone.clone(),
             )
             .map(drop),
-            SourceKind::Ucwa => Ok(()),
+            SourceKind::Ucwa | SourceKind::Graph => Ok(()),
             SourceKind::Standard => source.standard.as_ref().map_or(Ok(()), |settings| {
                 StandardParser::new(&source.fields, &settings.event_types, source.status_map())
                     .map(drop)
@@ -521,6 +540,8 @@ fn managed(
     let websocket = kind == SourceKind::MitelWs;
     let mitel = kind == SourceKind::Mitel || websocket;
     let ucwa = kind == SourceKind::Ucwa;
+    let graph_kind = kind == SourceKind::Graph;
+    let netsapiens_kind = !mitel && !ucwa && !graph_kind;
     let url_ok = |text: &str| {
         reqwest::Url::parse(text)
             .ok()
@@ -543,11 +564,14 @@ fn managed(
             String::new()
         }
     };
-    let api_base = base(
-        "api_base",
-        bases.api,
-        mitel.then_some("https://notifications.api.mitel.io"),
-    );
+    let default_api = if mitel {
+        Some("https://notifications.api.mitel.io")
+    } else if graph_kind {
+        Some(graph::DEFAULT_API_BASE)
+    } else {
+        None
+    };
+    let api_base = base("api_base", bases.api, default_api);
     let auth_base = if mitel {
         base(
             "auth_base",
@@ -573,13 +597,15 @@ fn managed(
             "is not an http(s) URL with a host".into(),
         ));
     }
-    if !mitel && !ucwa && sub.lifetime_secs == 0 {
+    let lifetime_secs = sub.lifetime_secs.unwrap_or(DEFAULT_LIFETIME_SECS);
+    let renew_before_secs = sub.renew_before_secs.unwrap_or(DEFAULT_RENEW_BEFORE_SECS);
+    if netsapiens_kind && lifetime_secs == 0 {
         problems.push((
             "subscription.lifetime_secs".into(),
             "must be at least 1".into(),
         ));
     }
-    if !mitel && !ucwa && sub.renew_before_secs >= sub.lifetime_secs {
+    if netsapiens_kind && renew_before_secs >= lifetime_secs {
         problems.push((
             "subscription.renew_before_secs".into(),
             "must be less than lifetime_secs".into(),
@@ -591,7 +617,41 @@ fn managed(
             "retry_initial_ms and retry_max_secs must be at least 1".into(),
         ));
     }
-    let foreign: Vec<(&str, bool)> = if ucwa {
+    let graph_keys = [
+        ("lifecycle_url", sub.lifecycle_url.is_some()),
+        ("users", !sub.users.is_empty()),
+        ("client_state", sub.client_state.is_some()),
+        ("lifetime_mins", sub.lifetime_mins.is_some()),
+        ("resync_interval_secs", sub.resync_interval_secs.is_some()),
+        (
+            "encryption_certificate",
+            sub.encryption_certificate.is_some(),
+        ),
+        (
+            "encryption_certificate_id",
+            sub.encryption_certificate_id.is_some(),
+        ),
+        ("encryption_key", sub.encryption_key.is_some()),
+    ];
+    let mut foreign: Vec<(&str, bool)> = if graph_kind {
+        vec![
+            ("model", sub.model.is_some()),
+            ("reseller", sub.reseller.is_some()),
+            ("domain", sub.domain.is_some()),
+            ("user", sub.user.is_some()),
+            ("preferred_server", sub.preferred_server.is_some()),
+            ("principals", !sub.principals.is_empty()),
+            ("media", sub.media),
+            ("media_subject_filter", sub.media_subject_filter.is_some()),
+            ("method_filter", sub.method_filter.is_some()),
+            ("check_interval_secs", sub.check_interval_secs.is_some()),
+            ("client_id", sub.client_id.is_some()),
+            ("contacts", !sub.contacts.is_empty()),
+            ("duration_mins", sub.duration_mins.is_some()),
+            ("event_timeout_secs", sub.event_timeout_secs.is_some()),
+            ("lifetime_secs", sub.lifetime_secs.is_some()),
+        ]
+    } else if ucwa {
         vec![
             ("model", sub.model.is_some()),
             ("principals", !sub.principals.is_empty()),
@@ -626,6 +686,9 @@ fn managed(
             "only for kind = \"mitel_ws\"".into(),
         ));
     }
+    if !graph_kind {
+        foreign.extend(graph_keys);
+    }
     for (field, set) in foreign {
         if set {
             problems.push((
@@ -634,21 +697,40 @@ fn managed(
             ));
         }
     }
-    let (names, models) = if mitel || ucwa {
-        (Vec::new(), Vec::new())
-    } else {
+    let (names, models) = if netsapiens_kind {
         netsapiens::subscription_models(sub, default_model, &mut problems)
+    } else {
+        (Vec::new(), Vec::new())
     };
     let ucwa_parts = ucwa.then(|| ucwa::managed(sub, &mut problems));
-    let auth = managed_auth(
-        auth,
-        mitel,
-        ucwa,
-        &api_base,
-        &auth_base,
-        lookup,
-        &mut problems,
-    );
+    let mut lifetime = Duration::from_secs(lifetime_secs);
+    let mut renew_before = Duration::from_secs(renew_before_secs);
+    let mut graph_parts = None;
+    let auth = if graph_kind {
+        let parts = graph::managed(auth, sub, &sub.callback_url, &url_ok, lookup, &mut problems);
+        parts.map(|(parts, life, renew)| {
+            (lifetime, renew_before) = (life, renew);
+            // Reads (resync, notifications without data) use the first
+            // account; each subscription uses its group's.
+            let first = parts.accounts.first().map(|a| a.form.clone());
+            let token_url = parts.token_url.clone();
+            graph_parts = Some(parts);
+            Auth::Grant {
+                token_url,
+                form: first.unwrap_or_default(),
+            }
+        })
+    } else {
+        managed_auth(
+            auth,
+            mitel,
+            ucwa,
+            &api_base,
+            &auth_base,
+            lookup,
+            &mut problems,
+        )
+    };
     let mitel_parts = if mitel {
         mitel::managed(
             source_id,
@@ -666,8 +748,8 @@ fn managed(
             api_base,
             auth,
             callback_url: sub.callback_url.clone(),
-            lifetime: Duration::from_secs(sub.lifetime_secs),
-            renew_before: Duration::from_secs(sub.renew_before_secs),
+            lifetime,
+            renew_before,
             delete_on_shutdown: sub.delete_on_shutdown,
             models,
             model_names: names,
@@ -680,6 +762,7 @@ fn managed(
             retry_max: Duration::from_secs(sub.retry_max_secs),
             mitel: mitel_parts,
             ucwa: ucwa_parts,
+            graph: graph_parts,
         }),
         _ => Err(problems),
     }

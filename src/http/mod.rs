@@ -5,6 +5,7 @@ pub mod client_addr;
 pub mod consumers;
 pub mod edge;
 pub mod extract;
+pub mod graph;
 pub mod listener;
 pub mod opens;
 pub mod ops;

@@ -46,7 +46,7 @@ const DRAIN_LIMIT: u64 = 4 * 1024 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A rejected request: the counter it bumps and the answer it gets.
-struct Rejected {
+pub(super) struct Rejected {
     reason: Rejection,
     problem: Problem,
     /// The answer ends the connection (a body was left unread).
@@ -54,7 +54,7 @@ struct Rejected {
 }
 
 impl Rejected {
-    fn new(
+    pub(super) fn new(
         reason: Rejection,
         status: StatusCode,
         slug: &'static str,
@@ -106,6 +106,13 @@ pub async fn receive(
         );
         return Problem::not_found(format!("no source with id {:?}", source_id)).into_response();
     };
+    if let Verifier::Graph(_) = &source.verifier
+        && request.method() == Method::POST
+        && let Some(token) = super::graph::validation_token(request.uri())
+    {
+        // Graph's validation handshake: answered before any other check.
+        return super::graph::validation_answer(token);
+    }
     if matches!(source.verifier, Verifier::NoWebhooks) {
         return Problem::not_found(format!(
             "source {source_id:?} fetches its notifications itself (kind {}); it takes no webhooks",
@@ -187,6 +194,9 @@ async fn handle(
         ));
     };
 
+    if let Verifier::Graph(receiver) = &source.verifier {
+        return super::graph::notifications(state, source, receiver, &body).await;
+    }
     let (verified, proof) = source.verifier.verify(&parts.headers, &body).map_err(|e| {
         let reason = Rejection::from(e);
         Rejected::new(
@@ -207,31 +217,36 @@ async fn handle(
 
     crate::sources::apply(state.store(), source, &parsed)
         .await
-        .map_err(|e| match e {
-            ApplyError::TooLong(e) => Rejected::new(
-                Rejection::BadPayload,
-                StatusCode::BAD_REQUEST,
-                "field-too-long",
-                e.to_string(),
-            ),
-            // The store logs that it is full (at most once a minute).
-            ApplyError::Store(e @ StoreError::Full { .. }) => Rejected::problem(
-                Rejection::StoreFull,
-                Problem::unavailable("store-full", e.to_string(), e.retry_after_secs()),
-            ),
-            ApplyError::Store(e) => {
-                tracing::warn!(source = %source.id, error = %e, "webhook not kept: the store is unavailable");
-                Rejected::problem(
-                    Rejection::StoreUnavailable,
-                    Problem::unavailable(
-                        "store-unavailable",
-                        "the gateway cannot keep this notification right now; retry shortly",
-                        e.retry_after_secs(),
-                    ),
-                )
-            }
-        })?;
+        .map_err(|e| apply_error(source, e))?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The answer to an authentic notification the store did not keep.
+pub(super) fn apply_error(source: &Source, error: ApplyError) -> Rejected {
+    match error {
+        ApplyError::TooLong(e) => Rejected::new(
+            Rejection::BadPayload,
+            StatusCode::BAD_REQUEST,
+            "field-too-long",
+            e.to_string(),
+        ),
+        // The store logs that it is full (at most once a minute).
+        ApplyError::Store(e @ StoreError::Full { .. }) => Rejected::problem(
+            Rejection::StoreFull,
+            Problem::unavailable("store-full", e.to_string(), e.retry_after_secs()),
+        ),
+        ApplyError::Store(e) => {
+            tracing::warn!(source = %source.id, error = %e, "webhook not kept: the store is unavailable");
+            Rejected::problem(
+                Rejection::StoreUnavailable,
+                Problem::unavailable(
+                    "store-unavailable",
+                    "the gateway cannot keep this notification right now; retry shortly",
+                    e.retry_after_secs(),
+                ),
+            )
+        }
+    }
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
@@ -386,6 +401,10 @@ fn verify_detail(source: &Source, reason: Rejection) -> String {
             ),
             Verifier::Correlation { .. } => format!(
                 "the {header} header does not name a subscription of source {:?}",
+                &*source.id
+            ),
+            Verifier::Graph(_) => format!(
+                "a clientState does not match the one of source {:?}",
                 &*source.id
             ),
             Verifier::Standard(_) | Verifier::NoWebhooks => {

@@ -8,6 +8,8 @@
 
 pub mod extract;
 pub mod fields;
+pub mod graph;
+pub mod graph_rich;
 pub mod mitel;
 pub mod netsapiens;
 pub mod standard;
@@ -72,6 +74,9 @@ pub enum Parser {
         model: netsapiens::Model,
     },
     Standard(standard::StandardParser),
+    /// Graph: batches are read by the webhook (`http::graph`); its status
+    /// words.
+    Graph(StatusMap),
 }
 
 /// What verification established besides authenticity, for the parser.
@@ -95,6 +100,9 @@ impl Parser {
             Parser::Mitel(p) => p.parse(body),
             Parser::Ucwa(_) => Err(ParseError::Shape {
                 expected: "no body: UCWA sources read contact presence themselves",
+            }),
+            Parser::Graph(_) => Err(ParseError::Shape {
+                expected: "a Graph notification batch, read by the Graph webhook",
             }),
             Parser::NetSapiens {
                 parser,

@@ -230,6 +230,10 @@ pub struct Handles {
     /// `None`: always manage. Otherwise manage only while it holds true (the
     /// replica holds the source's lease): see [`run`].
     pub may_manage: Option<watch::Receiver<bool>>,
+    /// Notified when the provider announced that the subscription is gone
+    /// (Graph's `subscriptionRemoved`): the manager drops it and adopts or
+    /// creates one at once.
+    pub gone: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Runs one subscription until `shutdown`, then deletes it if configured.
@@ -290,6 +294,14 @@ pub async fn run<U: Upstream>(
             }
             Exit::Paused => m.pause(),
         }
+    }
+}
+
+/// Resolves when `gone` is notified; never without one.
+async fn announced(gone: Option<&tokio::sync::Notify>) {
+    match gone {
+        Some(gone) => gone.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -463,6 +475,15 @@ impl<U: Upstream> Manager<U> {
                 () = tokio::time::sleep_until(self.clock.instant_at(wake)) => {}
                 () = shutdown.cancelled() => return Exit::Shutdown,
                 () = lost(may_manage) => return Exit::Paused,
+                () = announced(self.h.gone.as_deref()) => {
+                    if let Some(held) = self.held.take() {
+                        tracing::warn!(subscription = %self.show(&held.id), "the provider removed the subscription; recreating");
+                        self.accept();
+                        self.retry_at = None;
+                        self.not_before = None;
+                    }
+                    continue;
+                }
             }
             if self.clock.now_ms() < step.at {
                 // Only the retry of a failed write was due.
@@ -871,6 +892,7 @@ mod tests {
             key: KEY.into(),
             ready: ready_tx,
             may_manage,
+            gone: None,
         };
         let task = tokio::spawn(run(
             fake.clone(),

@@ -6,6 +6,7 @@
 //! outlive the process (subscription ids and expiry, rotated refresh
 //! tokens) goes through [`persist::Persisted`], which the store provides.
 
+pub mod graph;
 pub mod manager;
 pub mod mitel;
 pub mod mitel_ws;
@@ -116,6 +117,21 @@ pub fn spawn_managers(
             clock,
         };
         let may_manage = leases.get(config.id.as_str()).cloned();
+        if let Some(g) = &managed.graph {
+            let context = GraphContext {
+                source,
+                managed,
+                graph: g,
+                client: &client,
+                clock,
+                persisted: &persisted,
+                may_manage,
+                deliver: (delivery.presence)(source),
+                shutdown,
+            };
+            spawn_graph(&context, &mut tasks, &mut ready);
+            continue;
+        }
         if let Some(u) = &managed.ucwa {
             let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
             ready.push(ready_rx);
@@ -306,6 +322,155 @@ pub fn spawn_managers(
     Ok(Spawned { tasks, ready })
 }
 
+/// What [`spawn_graph`] starts from.
+struct GraphContext<'a> {
+    source: &'a Source,
+    managed: &'a crate::config::Managed,
+    graph: &'a crate::config::GraphManaged,
+    client: &'a reqwest::Client,
+    clock: Clock,
+    persisted: &'a Arc<dyn Persisted>,
+    may_manage: Option<watch::Receiver<bool>>,
+    deliver: ucwa::DeliverPresence,
+    shutdown: &'a CancellationToken,
+}
+
+/// A Graph source: one manager per group of users (each with its account's
+/// token), the lifecycle handler and the reads (on every replica), and the
+/// resyncs (where the source is managed; the source is ready after the
+/// first).
+fn spawn_graph(
+    c: &GraphContext<'_>,
+    tasks: &mut Vec<JoinHandle<()>>,
+    ready: &mut Vec<tokio::sync::watch::Receiver<bool>>,
+) {
+    let (source, managed, g) = (c.source, c.managed, c.graph);
+    let Some(outbox) = source.graph_outbox.lock().take() else {
+        return;
+    };
+    let apis: Vec<Api> = g
+        .accounts
+        .iter()
+        .enumerate()
+        .map(|(i, account)| Api {
+            client: c.client.clone(),
+            base: managed.api_base.clone(),
+            token: Arc::new(TokenSource::oauth_persisted(
+                Grant {
+                    token_url: g.token_url.clone(),
+                    form: account.form.clone(),
+                },
+                TokenStore {
+                    persisted: Arc::clone(c.persisted),
+                    key: format!("{}/{i}", persist::token_key(&source.id)),
+                },
+            )),
+            clock: c.clock,
+        })
+        .collect();
+    let backoff = || Backoff::new(millis(managed.retry_initial), millis(managed.retry_max));
+    let encryption = g.rich.as_ref().map(|r| {
+        (
+            r.certificate_base64().to_owned(),
+            r.certificate_id().to_owned(),
+        )
+    });
+    let upstream = |i: usize, users: &[String]| graph::Graph {
+        api: apis[i].clone(),
+        request: graph::Request {
+            notification_url: managed.callback_url.clone(),
+            lifecycle_url: g.lifecycle_url.clone(),
+            resource: graph::Request::resource_for(users),
+            encryption: encryption.clone(),
+        },
+        client_state: g.client_state.clone(),
+    };
+    let groups = Arc::new(graph::Groups::new(g.groups.len()));
+    for (i, users) in g.groups.iter().enumerate().take(apis.len()) {
+        let kind = format!("group {}", i + 1);
+        let settings = Settings {
+            timing: Timing {
+                lifetime_ms: millis(managed.lifetime),
+                renew_before_ms: millis(managed.renew_before),
+            },
+            backoff: backoff(),
+            delete_on_shutdown: managed.delete_on_shutdown,
+            secret_ids: false,
+        };
+        let sink: Arc<dyn IdSink> = Arc::new(graph::GroupIds {
+            groups: Arc::clone(&groups),
+            index: i,
+        });
+        let mut handles = handles(source, &kind, sink, c.persisted, ready);
+        handles.may_manage = c.may_manage.clone();
+        handles.gone = groups.gone(i);
+        let run = manager::run(
+            upstream(i, users),
+            handles,
+            settings,
+            c.clock,
+            c.shutdown.clone(),
+        );
+        tasks.push(start(&source.id, &kind, run));
+    }
+    let lifecycle_apis = g
+        .groups
+        .iter()
+        .enumerate()
+        .take(apis.len())
+        .map(|(i, users)| upstream(i, users))
+        .collect();
+    tasks.push(start(
+        &source.id,
+        "lifecycle",
+        graph::run_lifecycle(
+            outbox.lifecycle,
+            groups,
+            lifecycle_apis,
+            Arc::clone(&outbox.resync),
+            c.shutdown.clone(),
+        ),
+    ));
+    let Some(read_api) = apis.first().cloned() else {
+        return;
+    };
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    ready.push(ready_rx);
+    let ready_tx = Arc::new(ready_tx);
+    let slot = source.subscriptions.add("resync");
+    let reader = Arc::new(graph::Reader {
+        api: read_api,
+        users: g.groups.concat(),
+        resync_interval: g.resync_interval,
+        backoff: backoff(),
+        deliver: Arc::clone(&c.deliver),
+        board: Arc::clone(&source.subscriptions),
+        slot,
+        ready: Arc::clone(&ready_tx),
+    });
+    tasks.push(start(
+        &source.id,
+        "reads",
+        graph::run_reads(Arc::clone(&reader), outbox.reads, c.shutdown.clone()),
+    ));
+    let standby = {
+        let board = Arc::clone(&source.subscriptions);
+        move || {
+            board.update(slot, |v| v.state = STANDBY.into());
+            ready_tx.send_replace(true);
+        }
+    };
+    let resync = outbox.resync;
+    let make = move |stop: CancellationToken| {
+        graph::run_resyncs(Arc::clone(&reader), Arc::clone(&resync), stop)
+    };
+    tasks.push(start(
+        &source.id,
+        "resync",
+        while_managing(c.may_manage.clone(), c.shutdown.clone(), standby, make),
+    ));
+}
+
 /// A board slot, a persisted key and a readiness flag for one managed
 /// subscription of `source`, named `kind` on the board.
 fn handles(
@@ -326,6 +491,7 @@ fn handles(
         ready: ready_tx,
         // Set by the caller where leases decide (the Redis backend).
         may_manage: None,
+        gone: None,
     }
 }
 

@@ -5,6 +5,7 @@
 //! a body reaches a provider's parser, so an unverified body cannot be parsed
 //! by accident.
 
+pub mod client_state;
 pub mod correlation;
 pub mod hmac_hex;
 pub mod standard;
