@@ -2,6 +2,7 @@
 //! 127.0.0.1:0 and talks to it over real HTTP.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod graph;
 pub mod netsapiens;
 pub mod process;
 pub mod redis;
