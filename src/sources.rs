@@ -344,6 +344,8 @@ pub struct Source {
     /// Graph: the receiving ends of the webhook's inbox, until the
     /// source's background tasks take them.
     pub graph_outbox: parking_lot::Mutex<Option<graph_upstream::Outbox>>,
+    /// Graph: the state of its resyncs (`None` for other kinds).
+    pub graph_resync: graph_upstream::ResyncStatus,
 }
 
 impl Source {
@@ -440,6 +442,7 @@ impl Source {
             subscriptions: Arc::new(Board::default()),
             lease: std::sync::OnceLock::new(),
             graph_outbox: parking_lot::Mutex::new(graph_outbox),
+            graph_resync: graph_upstream::ResyncStatus::default(),
         })
     }
 }

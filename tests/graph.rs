@@ -581,6 +581,59 @@ async fn adopts_a_listed_subscription_with_the_same_resource_and_url() {
     problems_are_none(&api);
 }
 
+/// A subscription of the gateway's own account and URL whose settings no
+/// longer match the config (another client state, users no group has any
+/// more) is deleted, and the group's subscription created with the config's
+/// settings: Graph allows one presence subscription per user and app, and an
+/// adopted one with an old client state would make every notification 401.
+#[tokio::test(start_paused = true)]
+async fn subscriptions_left_from_an_earlier_configuration_are_replaced() {
+    let (api, base) = Graph::start(1).await;
+    api.0.lock().one_per_account = false;
+    let everyone = users(2);
+    let old_state = api.add_subscription(0, &resource_for(&everyone), CALLBACK_URL);
+    let old_users = api.add_subscription(0, &resource_for(&[user(7777)]), CALLBACK_URL);
+    let elsewhere = api.add_subscription(
+        0,
+        &resource_for(&everyone),
+        "https://other-deployment.example.com/webhooks/teams",
+    );
+    {
+        let mut m = api.0.lock();
+        let listed = m
+            .subscriptions
+            .iter_mut()
+            .find(|s| s.value["id"] == old_state.as_str())
+            .expect("listed");
+        listed.value["clientState"] = json!("the-client-state-before-rotation");
+    }
+    let gw = gateway(&Setup::new(everyone.clone(), 1), &api, &base).await;
+    settle().await;
+    let deleted: Vec<String> = api
+        .calls_to("DELETE", "/v1.0/subscriptions/")
+        .iter()
+        .map(|c| c.path.trim_start_matches("/v1.0/subscriptions/").to_owned())
+        .collect();
+    assert!(deleted.contains(&old_state), "{:?}", api.log());
+    assert!(deleted.contains(&old_users), "{:?}", api.log());
+    assert!(
+        !deleted.contains(&elsewhere),
+        "another URL is not ours: {:?}",
+        api.log()
+    );
+    let creates = api.creates();
+    assert_eq!(creates.len(), 1, "{:?}", api.log());
+    assert_eq!(creates[0].body["clientState"], CLIENT_STATE);
+    let left = api.subscription_ids();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&elsewhere), "{left:?}");
+    assert!(
+        !left.contains(&old_state) && !left.contains(&old_users),
+        "{left:?}"
+    );
+    assert_eq!(gw.readyz().await, 200);
+}
+
 #[tokio::test(start_paused = true)]
 async fn subscriptions_are_kept_at_shutdown_unless_delete_on_shutdown() {
     let (api, base) = Graph::start(2).await;

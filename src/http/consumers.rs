@@ -251,6 +251,9 @@ struct SourceView {
     /// replica manages the source.
     #[serde(skip_serializing_if = "Option::is_none")]
     lease: Option<LeaseView>,
+    /// Graph sources: the resyncs that read every configured user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resync: Option<crate::upstream::graph::ResyncView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -298,6 +301,7 @@ pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
                         .collect(),
                 },
                 subscriptions: s.subscriptions.snapshot(),
+                resync: s.graph_resync.get(),
                 lease: s.lease.get().map(|lease| {
                     let lease = lease.borrow();
                     LeaseView {

@@ -91,30 +91,9 @@ pub(super) async fn notifications(
             })?;
     }
     // Rich items first: their plain text must outlive the updates made
-    // from it.
-    let decrypted: Vec<Option<String>> = batch
-        .value
-        .iter()
-        .map(|item| match (item.kind(), &receiver.rich) {
-            (Kind::Rich(content), Some(key)) => {
-                match key.decrypt(&content.data_key, &content.data_signature, &content.data) {
-                    Ok(plain) => match String::from_utf8(plain) {
-                        Ok(text) => Some(text),
-                        Err(_) => {
-                            source.stats.reject(Rejection::BadPayload);
-                            None
-                        }
-                    },
-                    Err(error) => {
-                        source.stats.reject(Rejection::SignatureMismatch);
-                        tracing::info!(source = %source.id, %error, "rich notification item rejected");
-                        None
-                    }
-                }
-            }
-            _ => None,
-        })
-        .collect();
+    // from it. Each costs an RSA private-key operation (milliseconds), so
+    // they are decrypted off the async workers.
+    let decrypted = decrypt_all(source, receiver, &batch).await;
     let now = Millis::now();
     let mut parsed = Parsed::default();
     let mut reads: Vec<&str> = Vec::new();
@@ -181,6 +160,61 @@ pub(super) async fn notifications(
         receiver.inbox.read(id);
     }
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// The plain text of each rich item of `batch` (`None` for other items, and
+/// for rich items that fail, which are counted as rejected signatures).
+async fn decrypt_all(
+    source: &Source,
+    receiver: &GraphReceiver,
+    batch: &crate::providers::graph::Batch<'_>,
+) -> Vec<Option<String>> {
+    let Some(key) = &receiver.rich else {
+        return vec![None; batch.value.len()];
+    };
+    let sealed: Vec<Option<[String; 3]>> = batch
+        .value
+        .iter()
+        .map(|item| match item.kind() {
+            Kind::Rich(c) => Some([
+                c.data_key.to_string(),
+                c.data_signature.to_string(),
+                c.data.to_string(),
+            ]),
+            _ => None,
+        })
+        .collect();
+    if sealed.iter().all(Option::is_none) {
+        return vec![None; sealed.len()];
+    }
+    let key = std::sync::Arc::clone(key);
+    let count = sealed.len();
+    let opened = tokio::task::spawn_blocking(move || {
+        sealed
+            .into_iter()
+            .map(|item| item.map(|[k, s, d]| key.decrypt(&k, &s, &d)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    // A panic in the decryption is no decryption.
+    .unwrap_or_else(|_| (0..count).map(|_| None).collect());
+    opened
+        .into_iter()
+        .map(|result| match result? {
+            Ok(plain) => match String::from_utf8(plain) {
+                Ok(text) => Some(text),
+                Err(_) => {
+                    source.stats.reject(Rejection::BadPayload);
+                    None
+                }
+            },
+            Err(error) => {
+                source.stats.reject(Rejection::SignatureMismatch);
+                tracing::info!(source = %source.id, %error, "rich notification item rejected");
+                None
+            }
+        })
+        .collect()
 }
 
 /// An update that owns its text, so it can outlive the decrypted buffer

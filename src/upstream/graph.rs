@@ -29,7 +29,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::manager::{Board, IdSink, Remote, Upstream, UpstreamError};
+use super::manager::{IdSink, Remote, Upstream, UpstreamError};
 use super::schedule::{Backoff, jitter};
 use super::ucwa::DeliverPresence;
 use super::{Api, send_raw};
@@ -58,6 +58,10 @@ pub struct Request {
     pub resource: String,
     /// Rich notifications: the certificate (base64 DER) and its id.
     pub encryption: Option<(String, String)>,
+    /// The resources of every group of the source: a listed presence
+    /// subscription of this account to the same URL for none of them is
+    /// left over from an earlier configuration and is deleted.
+    pub all_resources: Vec<String>,
 }
 
 impl Request {
@@ -84,11 +88,41 @@ impl Graph {
         self.api.url("v1.0/subscriptions", id)
     }
 
+    /// Whether a listed subscription is the one this group would create:
+    /// resource and notification URL, and, where Graph lists them, the
+    /// lifecycle URL, the client state and the certificate id (a changed
+    /// setting makes a new subscription instead of adopting the old one).
     fn matches(&self, item: &Map<String, Value>) -> bool {
         let field = |name: &str| item.get(name).and_then(Value::as_str);
-        let resource = field("resource").map(|r| r.trim_start_matches('/'));
-        resource == Some(self.request.resource.trim_start_matches('/'))
-            && field("notificationUrl") == Some(self.request.notification_url.as_str())
+        let r = &self.request;
+        let same_if_listed = |name: &str, want: Option<&str>| match item.get(name) {
+            None | Some(Value::Null) => true,
+            Some(v) => v.as_str() == want,
+        };
+        let client_state = String::from_utf8_lossy(self.client_state.expose());
+        same_resource(field("resource"), &r.resource)
+            && field("notificationUrl") == Some(r.notification_url.as_str())
+            && same_if_listed("lifecycleNotificationUrl", Some(&r.lifecycle_url))
+            && same_if_listed("clientState", Some(&client_state))
+            && same_if_listed(
+                "encryptionCertificateId",
+                r.encryption.as_ref().map(|(_, id)| id.as_str()),
+            )
+    }
+
+    /// A presence subscription of this account to our URL that is no
+    /// longer wanted: its resource is no group's, or its settings changed.
+    fn leftover(&self, item: &Map<String, Value>) -> bool {
+        let field = |name: &str| item.get(name).and_then(Value::as_str);
+        let ours = field("notificationUrl") == Some(self.request.notification_url.as_str());
+        let presence = field("resource").is_some_and(|r| {
+            r.trim_start_matches('/')
+                .starts_with("communications/presences")
+        });
+        let other_group = self.request.all_resources.iter().any(|other| {
+            other != &self.request.resource && same_resource(field("resource"), other)
+        });
+        ours && presence && !other_group && !self.matches(item)
     }
 
     /// `POST .../subscriptions/{id}/reauthorize`.
@@ -103,6 +137,7 @@ impl Upstream for Graph {
         let base = self.api.base.trim_end_matches('/').to_owned();
         let mut url = self.url(None);
         let mut matching = Vec::new();
+        let mut leftovers = Vec::new();
         // A bounded number of pages: a provider that links forever must not
         // keep the manager listing.
         for _ in 0..100 {
@@ -113,14 +148,13 @@ impl Upstream for Graph {
                 ));
             };
             let items = page.get("value").and_then(Value::as_array);
-            matching.extend(
-                items
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_object)
-                    .filter(|item| self.matches(item))
-                    .filter_map(remote),
-            );
+            for item in items.into_iter().flatten().filter_map(Value::as_object) {
+                if self.matches(item) {
+                    matching.extend(remote(item));
+                } else if self.leftover(item) {
+                    leftovers.extend(remote(item).map(|r| r.id));
+                }
+            }
             match page.get("@odata.nextLink").and_then(Value::as_str) {
                 Some(next) if next.starts_with(&format!("{base}/")) => url = next.to_owned(),
                 Some(_) => {
@@ -128,6 +162,18 @@ impl Upstream for Graph {
                     break;
                 }
                 None => break,
+            }
+        }
+        // Graph allows one presence subscription per user and app: one
+        // left from an earlier configuration would make the create fail.
+        for id in leftovers {
+            match self.delete(&id).await {
+                Ok(()) | Err(UpstreamError::NotFound) => {
+                    tracing::info!(subscription = %id, "deleted a subscription left from an earlier configuration");
+                }
+                Err(error) => {
+                    tracing::warn!(subscription = %id, %error, "could not delete a subscription left from an earlier configuration");
+                }
             }
         }
         Ok(super::manager::preferred(matching.into_iter(), prefer))
@@ -190,6 +236,11 @@ impl Upstream for Graph {
             .await
             .map(drop)
     }
+}
+
+/// Whether a listed resource is `want` (Graph may drop the leading `/`).
+fn same_resource(listed: Option<&str>, want: &str) -> bool {
+    listed.is_some_and(|r| r.trim_start_matches('/') == want.trim_start_matches('/'))
 }
 
 fn remote(item: &Map<String, Value>) -> Option<Remote> {
@@ -350,6 +401,7 @@ pub async fn run_lifecycle(
     groups: Arc<Groups>,
     apis: Vec<Graph>,
     resync: Arc<Notify>,
+    managing: Option<watch::Receiver<bool>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -358,6 +410,10 @@ pub async fn run_lifecycle(
             () = shutdown.cancelled() => return,
         };
         let group = groups.group_of(&event.subscription_id);
+        // Where another replica manages the source, its manager learns of
+        // a removal at its next renewal (404); here nothing is recreated.
+        let here = managing.as_ref().is_none_or(|m| *m.borrow());
+        let group = group.filter(|_| here);
         match event.event {
             Lifecycle::ReauthorizationRequired => {
                 let Some(graph) = group.and_then(|g| apis.get(g)) else {
@@ -402,10 +458,45 @@ async fn recreate_then_resync(groups: &Groups, group: Option<usize>, old: &str, 
     if let Some(index) = group
         && let Some(gone) = groups.gone(index)
     {
-        gone.notify_one();
+        // Only a manager waiting now hears it: a stored notice would drop
+        // a healthy subscription when it is next awaited.
+        gone.notify_waiters();
         groups.replaced(index, old, REPLACE_WAIT).await;
     }
     resync.notify_one();
+}
+
+/// The state of a source's resyncs, as `/v1/sources` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ResyncView {
+    /// `resyncing`, `done`, `retrying: <reason>`, `failed: <reason>`, or
+    /// `standby` where another replica manages the source.
+    pub state: String,
+    /// When the last complete resync finished.
+    pub finished_at: Option<Millis>,
+    /// Users it read.
+    pub users_read: Option<u64>,
+    /// When the next one (or the next attempt) is due.
+    pub next_at: Option<Millis>,
+    pub last_error: Option<String>,
+    /// Consecutive failed attempts of the current resync.
+    pub failures: u32,
+}
+
+/// Shared view of a source's resyncs: `None` for sources that have none.
+#[derive(Clone, Debug, Default)]
+pub struct ResyncStatus(Arc<RwLock<Option<ResyncView>>>);
+
+impl ResyncStatus {
+    /// The current view, if the source resyncs.
+    pub fn get(&self) -> Option<ResyncView> {
+        self.0.read().clone()
+    }
+
+    /// Changes the view (creating it first).
+    pub fn update(&self, f: impl FnOnce(&mut ResyncView)) {
+        f(self.0.write().get_or_insert_with(ResyncView::default));
+    }
 }
 
 /// What the reader needs.
@@ -416,8 +507,8 @@ pub struct Reader {
     pub resync_interval: Duration,
     pub backoff: Backoff,
     pub deliver: DeliverPresence,
-    pub board: Arc<Board>,
-    pub slot: usize,
+    /// Where the resync's state is shown (`/v1/sources`).
+    pub status: ResyncStatus,
     /// Turns true once the first resync finished (or failed for good).
     pub ready: Arc<watch::Sender<bool>>,
 }
@@ -468,26 +559,24 @@ pub async fn run_resyncs(reader: Arc<Reader>, resync: Arc<Notify>, shutdown: Can
     let (reader, shutdown) = (&*reader, &shutdown);
     let clock = reader.api.clock;
     loop {
-        let started = clock.now_ms();
-        reader
-            .board
-            .update(reader.slot, |v| v.state = "resyncing".into());
+        reader.status.update(|v| v.state = "resyncing".into());
         let outcome = resync_all(reader, shutdown).await;
-        let next = clock.now_ms() + super::millis(reader.resync_interval);
-        reader.board.update(reader.slot, |v| {
+        let now = clock.now_ms();
+        reader.status.update(|v| {
             match &outcome {
                 Ok(count) => {
-                    v.state = "active".into();
+                    v.state = "done".into();
                     v.last_error = None;
-                    v.posts_count = Some(*count as u64);
-                    v.expires_at = Some(Millis(started));
+                    v.failures = 0;
+                    v.users_read = Some(*count as u64);
+                    v.finished_at = Some(Millis(now));
                 }
                 Err(e) => {
                     v.state = format!("failed: {e}");
                     v.last_error = Some(e.to_string());
                 }
             }
-            v.next_action_at = Some(Millis(next));
+            v.next_at = Some(Millis(now + super::millis(reader.resync_interval)));
         });
         reader
             .ready
@@ -543,10 +632,12 @@ async fn read_with_retries(
                 let delay = backoff.next_delay(retry_after_ms, jitter());
                 tracing::info!(%message, retry_in_ms = delay, "presence read failed; retrying");
                 if resync {
-                    reader.board.update(reader.slot, |v| {
-                        v.state = format!("failed: {message}");
+                    let retry_at = reader.api.clock.now_ms() + delay;
+                    reader.status.update(|v| {
+                        v.state = format!("retrying: {message}");
                         v.last_error = Some(message.clone());
                         v.failures = backoff.failures();
+                        v.next_at = Some(Millis(retry_at));
                     });
                 }
                 tokio::select! {

@@ -375,6 +375,11 @@ fn spawn_graph(
             r.certificate_id().to_owned(),
         )
     });
+    let all_resources: Vec<String> = g
+        .groups
+        .iter()
+        .map(|users| graph::Request::resource_for(users))
+        .collect();
     let upstream = |i: usize, users: &[String]| graph::Graph {
         api: apis[i].clone(),
         request: graph::Request {
@@ -382,6 +387,7 @@ fn spawn_graph(
             lifecycle_url: g.lifecycle_url.clone(),
             resource: graph::Request::resource_for(users),
             encryption: encryption.clone(),
+            all_resources: all_resources.clone(),
         },
         client_state: g.client_state.clone(),
     };
@@ -428,6 +434,7 @@ fn spawn_graph(
             groups,
             lifecycle_apis,
             Arc::clone(&outbox.resync),
+            c.may_manage.clone(),
             c.shutdown.clone(),
         ),
     ));
@@ -437,15 +444,14 @@ fn spawn_graph(
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     ready.push(ready_rx);
     let ready_tx = Arc::new(ready_tx);
-    let slot = source.subscriptions.add("resync");
+    let status = source.graph_resync.clone();
     let reader = Arc::new(graph::Reader {
         api: read_api,
         users: g.groups.concat(),
         resync_interval: g.resync_interval,
         backoff: backoff(),
         deliver: Arc::clone(&c.deliver),
-        board: Arc::clone(&source.subscriptions),
-        slot,
+        status: status.clone(),
         ready: Arc::clone(&ready_tx),
     });
     tasks.push(start(
@@ -453,12 +459,9 @@ fn spawn_graph(
         "reads",
         graph::run_reads(Arc::clone(&reader), outbox.reads, c.shutdown.clone()),
     ));
-    let standby = {
-        let board = Arc::clone(&source.subscriptions);
-        move || {
-            board.update(slot, |v| v.state = STANDBY.into());
-            ready_tx.send_replace(true);
-        }
+    let standby = move || {
+        status.update(|v| v.state = STANDBY.into());
+        ready_tx.send_replace(true);
     };
     let resync = outbox.resync;
     let make = move |stop: CancellationToken| {
