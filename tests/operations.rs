@@ -348,6 +348,33 @@ fn the_commented_managed_subscription_examples_parse() {
 }
 
 #[test]
+fn the_readme_graph_example_parses() {
+    // The first TOML block of the README's Graph section is a whole source.
+    let readme = std::fs::read_to_string(root("README.md")).unwrap();
+    let section = readme
+        .find("### Microsoft Teams (Graph)")
+        .expect("the Graph section");
+    const OPEN: &str = "```toml\n";
+    let start = readme[section..].find(OPEN).expect("a TOML block") + section + OPEN.len();
+    let end = readme[start..].find("```").expect("its end") + start;
+    let text = readme[start..end].replace("<tenant id>", "contoso.onmicrosoft.com");
+    let vars = |name: &str| Some(format!("value-of-{name}"));
+    let config = Config::parse_with_env(&text, Path::new("README.md"), Vec::new(), vars)
+        .expect("the README's Graph example");
+    let managed = config.sources[0].managed.as_ref().expect("managed");
+    let g = managed.graph.as_ref().expect("Graph parts");
+    assert_eq!(
+        g.groups,
+        [[
+            "66825e03-7ef5-42da-9069-724602c31f6b",
+            "4b0fc2a1-93d8-4e25-9f56-0d1c8e7a3b42"
+        ]]
+    );
+    assert_eq!(g.lifecycle_url, "https://gw.example.com/webhooks/teams");
+    assert_eq!(managed.lifetime.as_secs(), 3600);
+}
+
+#[test]
 fn check_config_accepts_good_files_and_names_bad_keys() {
     let ok = Command::new(BIN)
         .args(["check-config", "--config"])
