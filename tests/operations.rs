@@ -294,7 +294,10 @@ fn the_commented_managed_subscription_examples_parse() {
         text = format!("{}{block}{}", &text[..start], &text[end + END.len()..]);
         blocks += 1;
     }
-    assert_eq!(blocks, 4, "Mitel, NetSapiens, a mitel_ws and a ucwa source");
+    assert_eq!(
+        blocks, 5,
+        "Mitel, NetSapiens, a mitel_ws, a ucwa and a graph source"
+    );
     let vars = |name: &str| match name {
         // A Standard Webhooks secret must be one to be accepted.
         "VENDOR_WEBHOOK_SECRET" => Some(STANDARD_KEY.to_owned()),
@@ -316,6 +319,59 @@ fn the_commented_managed_subscription_examples_parse() {
         ns.callback_url,
         "https://gw.example.com/webhooks/ns-cluster"
     );
+    let teams = config
+        .sources
+        .iter()
+        .find(|s| s.id == "teams")
+        .expect("the graph source");
+    assert_eq!(teams.kind.as_str(), "graph");
+    let managed = teams.managed.as_ref().expect("managed Graph");
+    assert_eq!(managed.api_base, "https://graph.microsoft.com");
+    assert_eq!(managed.lifetime.as_secs(), 3600);
+    assert_eq!(managed.renew_before.as_secs(), 600);
+    let g = managed.graph.as_ref().expect("Graph parts");
+    // Two users: one group, so only the first of the two accounts is used.
+    assert_eq!(g.groups.len(), 1);
+    assert_eq!(g.groups[0].len(), 2);
+    assert_eq!(g.accounts.len(), 1);
+    assert_eq!(
+        g.token_url,
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    // lifecycle_url stays a comment: it defaults to callback_url.
+    assert_eq!(g.lifecycle_url, "https://gw.example.com/webhooks/teams");
+    assert_eq!(g.lifecycle_url, managed.callback_url);
+    assert_eq!(g.client_state.expose(), b"value-of-GRAPH_CLIENT_STATE");
+    assert_eq!(g.resync_interval.as_secs(), 900);
+    // The encryption keys stay "##" comments: no rich notifications.
+    assert!(g.rich.is_none());
+}
+
+#[test]
+fn the_readme_graph_example_parses() {
+    // The first TOML block of the README's Graph section is a whole source.
+    let readme = std::fs::read_to_string(root("README.md")).unwrap();
+    let section = readme
+        .find("### Microsoft Teams (Graph)")
+        .expect("the Graph section");
+    const OPEN: &str = "```toml\n";
+    let start = readme[section..].find(OPEN).expect("a TOML block") + section + OPEN.len();
+    let end = readme[start..].find("```").expect("its end") + start;
+    let text = readme[start..end].replace("<tenant id>", "contoso.onmicrosoft.com");
+    let vars = |name: &str| Some(format!("value-of-{name}"));
+    let config = Config::parse_with_env(&text, Path::new("README.md"), Vec::new(), vars)
+        .expect("the README's Graph example");
+    let managed = config.sources[0].managed.as_ref().expect("managed");
+    let g = managed.graph.as_ref().expect("Graph parts");
+    assert_eq!(
+        g.groups,
+        [[
+            "66825e03-7ef5-42da-9069-724602c31f6b",
+            "4b0fc2a1-93d8-4e25-9f56-0d1c8e7a3b42"
+        ]]
+    );
+    assert_eq!(g.lifecycle_url, "https://gw.example.com/webhooks/teams");
+    assert_eq!(managed.lifetime.as_secs(), 3600);
 }
 
 #[test]
