@@ -413,7 +413,7 @@ pub async fn run_lifecycle(
         // Where another replica manages the source, its manager learns of
         // a removal at its next renewal (404); here nothing is recreated.
         let here = managing.as_ref().is_none_or(|m| *m.borrow());
-        let group = group.filter(|_| here);
+        let managed_here = group.filter(|_| here);
         match event.event {
             Lifecycle::ReauthorizationRequired => {
                 let Some(graph) = group.and_then(|g| apis.get(g)) else {
@@ -428,7 +428,13 @@ pub async fn run_lifecycle(
                     }
                     Err(UpstreamError::NotFound) => {
                         tracing::warn!(subscription = %event.subscription_id, "subscription to reauthorize is gone; recreating");
-                        recreate_then_resync(&groups, group, &event.subscription_id, &resync).await;
+                        recreate_then_resync(
+                            &groups,
+                            managed_here,
+                            &event.subscription_id,
+                            &resync,
+                        )
+                        .await;
                     }
                     Err(error) => {
                         tracing::warn!(subscription = %event.subscription_id, %error, "reauthorization failed; the next renewal tries again")
@@ -437,7 +443,7 @@ pub async fn run_lifecycle(
             }
             Lifecycle::SubscriptionRemoved => {
                 tracing::warn!(subscription = %event.subscription_id, "Graph removed the subscription; recreating and resyncing");
-                recreate_then_resync(&groups, group, &event.subscription_id, &resync).await;
+                recreate_then_resync(&groups, managed_here, &event.subscription_id, &resync).await;
             }
             Lifecycle::Missed => {
                 tracing::info!(subscription = %event.subscription_id, "Graph missed notifications; resyncing");
