@@ -258,7 +258,7 @@ fn mitel_envelope(out: &mut String, n: u64, run: u64, principals: u64, at_ms: u6
 }
 
 /// The `n`th event into `out`: a Standard Webhooks presence event in the
-/// shape of tests/fixtures/standard-presence.json (about 190 bytes) for the
+/// shape of tests/fixtures/standard-presence.json (about 180 bytes) for the
 /// same principals as the Mitel envelopes, sent at `date` (RFC 3339) and
 /// stamped `at_ms`.
 fn standard_envelope(out: &mut String, n: u64, principals: u64, date: &str, at_ms: u64) {
