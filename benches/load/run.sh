@@ -6,6 +6,16 @@
 #   bash benches/load/run.sh                 # 64 connections, 3 rounds of 8 s each
 #   CONNECTIONS=128 DURATION=20 ROUNDS=5 bash benches/load/run.sh
 #   STORES=1 bash benches/load/run.sh        # also the gateway with data_dir and with Redis
+#   STANDARD=0 bash benches/load/run.sh      # without the Standard Webhooks rounds
+#
+# The gateway has two sources: `mitel` (what the `gateway` rounds send) and
+# `standard`, a Standard Webhooks source (`kind = "standard"`) that the
+# `standard` rounds drive on the same gateway process with signed Standard
+# Webhooks events (webhook-id, webhook-timestamp, webhook-signature; a fresh
+# id and the current second on every request). Both print the gateway's CPU
+# per request, side by side. Every round sends event ids of its own and
+# current timestamps, so no round is answered from the duplicate table;
+# the gateway's event counters per source are printed at the end to show it.
 #
 # STORES=1 adds two more gateways to the same alternating rounds: one with
 # `[store] data_dir` (a temporary directory: journal and snapshots) and one
@@ -28,8 +38,11 @@ WARMUP=${WARMUP:-2}
 PRINCIPALS=${PRINCIPALS:-10000}
 PIN=${PIN:-1}
 STORES=${STORES:-0}
+STANDARD=${STANDARD:-1}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
 KEY=829e823f-f27e-47ee-a101-5d5e9c6266bf
+# The public Standard Webhooks test secret (tests/fixtures/keys.toml).
+STANDARD_KEY=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
 GW_ADDR=127.0.0.1:18080
 SINK_ADDR=127.0.0.1:18081
 NODE_ADDR=127.0.0.1:18082
@@ -71,6 +84,11 @@ listen = "$GW_ADDR"
 id = "mitel"
 kind = "mitel"
 signing_keys = ["$KEY"]
+
+[[sources]]
+id = "standard"
+kind = "standard"
+signing_keys = ["$STANDARD_KEY"]
 TOML
 
 wait_port() {
@@ -110,8 +128,13 @@ redis_cpu_secs() {
 # machine takes the server's core away.
 declare -A pid_of=()
 drive() { # label addr
-  local pid=${pid_of[$1]:-} cpu0='' redis0='' line requests
-  "${client_cpu[@]}" "$bin/examples/loadgen" load --label "$1" --addr "$2" --key "$KEY" \
+  local pid=${pid_of[$1]:-} cpu0='' redis0='' line requests sender
+  if [ "$1" = standard ]; then
+    sender=(--kind standard --path /webhooks/standard --key "$STANDARD_KEY")
+  else
+    sender=(--key "$KEY")
+  fi
+  "${client_cpu[@]}" "$bin/examples/loadgen" load --label "$1" --addr "$2" "${sender[@]}" \
     --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" --principals "$PRINCIPALS" \
     >"$work/round" &
   local load=$!
@@ -139,7 +162,12 @@ RUST_LOG=warn "${server_cpu[@]}" "$bin/presence-gateway" --config "$work/gateway
 gw=$!; pids+=("$gw"); pid_of[gateway]=$gw
 "${server_cpu[@]}" "$bin/examples/bare_sink" "$SINK_ADDR" >/dev/null 2>&1 &
 pids+=("$!"); pid_of[sink]=$!
-targets=("gateway $GW_ADDR" "sink $SINK_ADDR")
+targets=("gateway $GW_ADDR")
+if [ "$STANDARD" = 1 ]; then
+  pid_of[standard]=$gw
+  targets+=("standard $GW_ADDR")
+fi
+targets+=("sink $SINK_ADDR")
 if command -v node >/dev/null; then
   "${server_cpu[@]}" node benches/load/node_receiver.js "${NODE_ADDR%:*}" "${NODE_ADDR#*:}" "$KEY" >/dev/null 2>&1 &
   pids+=("$!"); pid_of[node]=$!
@@ -188,6 +216,13 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
 echo "gateway peak RSS: ${rss_kb} KiB"
+# What the gateway did with the events, per source: fresh ones are
+# `changed` (or `refreshed`); `duplicate` or `stale` would mean rounds
+# measured a shortcut.
+echo "gateway events by source and result (from /metrics):"
+(exec 3<>"/dev/tcp/${GW_ADDR%:*}/${GW_ADDR#*:}" &&
+  printf 'GET /metrics HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n' >&3 &&
+  cat <&3) 2>/dev/null | tr -d '\r' | grep '^presence_gateway_events' | sed 's/^/  /' || true
 if [ "$STORES" = 1 ]; then
   echo "journal gateway peak RSS: $(awk '/VmHWM/ {print $2}' "/proc/$journal_gw/status") KiB;" \
     "data_dir: $(du -sb "$work/data" | cut -f1) bytes in $(find "$work/data" -type f | wc -l) files"
@@ -204,7 +239,7 @@ field() {
 echo
 echo "== summary: medians of $ROUNDS rounds (server pinned: ${server_cpu[*]:-no}; client pinned: ${client_cpu[*]:-no})"
 printf '%-8s %10s %8s %8s %9s %7s\n' target req/s p50_us p99_us p99.9_us errors
-for label in gateway sink node journal redis; do
+for label in gateway standard sink node journal redis; do
   rps=$(field "$label" rps)
   [ -n "$rps" ] || continue
   printf '%-8s %10s %8s %8s %9s %7s\n' "$label" "$rps" "$(field "$label" p50_us)" \
@@ -233,13 +268,31 @@ if [ -n "$(field node rps)" ]; then
   echo "throughput gateway/node: $(ratio "$(field gateway rps)" "$(field node rps)")  (target >= 3.00)"
 fi
 echo
+if [ -n "$(field standard rps)" ]; then
+  echo "throughput standard/gateway (Standard Webhooks / Mitel, same gateway): $(ratio "$(field standard rps)" "$(field gateway rps)")"
+  echo "  per round, median (range): $(paired standard gateway)"
+  echo "p99 standard/gateway:    $(ratio "$(field standard p99_us)" "$(field gateway p99_us)")"
+  echo "bodies: standard $(field standard body_bytes) B, Mitel $(field gateway body_bytes) B"
+fi
+echo
 echo "== server CPU per request (µs, medians; the journal's writer and compactor threads included)"
-for label in gateway sink node journal redis; do
+for label in gateway standard sink node journal redis; do
   cpu=$(field "$label" cpu_us)
   [ -n "$cpu" ] || continue
   extra=
   if [ -n "$(field "$label" redis_cpu_us)" ]; then extra="  + Redis $(field "$label" redis_cpu_us)"; fi
   printf '%-8s %8s%s\n' "$label" "$cpu" "$extra"
+done
+if [ -n "$(field standard cpu_us)" ]; then
+  echo "CPU per request standard/gateway (Standard Webhooks / Mitel): $(ratio "$(field standard cpu_us)" "$(field gateway cpu_us)")"
+fi
+echo
+echo "== client (load generator, on its own CPU when pinned): µs per request, medians"
+printf '%-8s %9s %14s\n' target build_us client_cpu_us
+for label in gateway standard sink node journal redis; do
+  build=$(field "$label" build_us)
+  [ -n "$build" ] || continue
+  printf '%-8s %9s %14s\n' "$label" "$build" "$(field "$label" client_cpu_us)"
 done
 if [ -n "$(field journal rps)" ]; then
   echo "throughput journal/gateway (data_dir / no persistence): $(ratio "$(field journal rps)" "$(field gateway rps)")  (target >= 0.90)"

@@ -5,11 +5,19 @@
 //!
 //! The app is built once, as `run` builds it, from a test config: a Mitel
 //! source `m` (signing key below), a NetSapiens source `ns` (correlation
-//! id below), one consumer token (`fuzz-token`), 127.0.0.0/8 as trusted
-//! proxies, a memory store. Each input gets a fresh in-memory connection on
+//! id below), a Standard Webhooks source `std` (the public test secret),
+//! one consumer token (`fuzz-token`), 127.0.0.0/8 as trusted proxies, a
+//! memory store. Each input gets a fresh in-memory connection on
 //! one current-thread runtime whose clock is paused: a stream or a request
 //! waiting for more bytes ends as soon as nothing else can happen, instead
 //! of after real seconds.
+//!
+//! The Standard Webhooks verifier reads the real clock (not the paused
+//! one), so a committed seed, signed at the time `bash fuzz/make-seeds`
+//! ran, is answered 401 (expired) once the source's tolerance (a day, the
+//! longest allowed) has passed: requests to `std` then exercise the header
+//! extraction and the verifier's checks up to the clock, and reach the
+//! Standard Webhooks parser only on seeds made within the day.
 //!
 //! Checks: nothing panics (a handler's panic would be caught and answered
 //! 500, and libFuzzer's panic hook aborts on it first), no answer is a 500,
@@ -59,6 +67,12 @@ correlation_ids = [
   "sub-7d1f0c52-4b1e-4f0e-9a55-0e5b2f0a8c31",
   { id = "sub-calls", model = "call" },
 ]
+
+[[sources]]
+id = "std"
+kind = "standard"
+signing_keys = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
+tolerance_secs = 86400
 "#;
 
 /// Most response bytes read per input (a stream goes on forever).
