@@ -1136,17 +1136,9 @@ fn counters_only(mut sources: Value) -> Value {
     sources
 }
 
-/// Increments counter `name` of the source in a `/v1/sources` document.
+/// Increments counter `name` of the graph source in a `/v1/sources` document.
 fn bump(sources: &mut Value, name: &str) {
-    let source = sources["sources"]
-        .as_array_mut()
-        .and_then(|l| l.iter_mut().find(|s| s["id"] == SOURCE))
-        .expect("source");
-    let slot = match name.strip_prefix("rejected.") {
-        Some(reason) => &mut source["counters"]["rejected"][reason],
-        None => &mut source["counters"][name],
-    };
-    *slot = json!(slot.as_u64().unwrap_or_else(|| panic!("no counter {name}")) + 1);
+    common::bump(sources, SOURCE, name);
 }
 
 struct Case {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Gateway, MITEL_KEY, TOKEN, assert_problem, fixture, sign};
+use common::{Gateway, MITEL_KEY, TOKEN, assert_problem, bump, fixture, sign};
 use serde_json::{Value, json};
 
 const PRINCIPAL: &str = "2f1c9a1e-5a9e-4a57-9d1e-2f6f8f7e9b11";
@@ -383,19 +383,6 @@ fn futures_stream(
         }
     }
     Chunks(chunks.into_iter())
-}
-
-/// Increments `counter` in a `/v1/sources` document.
-fn bump(sources: &mut Value, id: &str, counter: &str) {
-    let source = sources["sources"]
-        .as_array_mut()
-        .and_then(|l| l.iter_mut().find(|s| s["id"] == id))
-        .expect("source");
-    let slot = match counter.strip_prefix("rejected.") {
-        Some(reason) => &mut source["counters"]["rejected"][reason],
-        None => &mut source["counters"][counter],
-    };
-    *slot = json!(slot.as_u64().expect("counter") + 1);
 }
 
 #[tokio::test]

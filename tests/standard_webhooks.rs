@@ -11,9 +11,9 @@ mod common;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{Gateway, TOKEN, assert_problem, fixture};
+use common::{Gateway, TOKEN, assert_problem, bump, fixture};
 use presence_gateway::verify::standard::{decode_secret, sign};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// The Standard Webhooks secret of the fixtures (tests/fixtures/keys.toml).
 const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -741,17 +741,4 @@ fn good_signature_of(case: &Case) -> Option<String> {
     let key = decode_secret(KEY.as_bytes()).ok()?;
     let signature = sign(&key, id, timestamp, case.body.as_bytes());
     Some(signature[3..].to_owned())
-}
-
-/// Increments `counter` in a `/v1/sources` document.
-fn bump(sources: &mut Value, id: &str, counter: &str) {
-    let source = sources["sources"]
-        .as_array_mut()
-        .and_then(|l| l.iter_mut().find(|s| s["id"] == id))
-        .expect("source");
-    let slot = match counter.strip_prefix("rejected.") {
-        Some(reason) => &mut source["counters"]["rejected"][reason],
-        None => &mut source["counters"][counter],
-    };
-    *slot = json!(slot.as_u64().expect("counter") + 1);
 }

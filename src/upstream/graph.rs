@@ -221,13 +221,7 @@ impl Upstream for Graph {
             .as_ref()
             .and_then(Value::as_object)
             .and_then(remote)
-            .unwrap_or_else(|| Remote {
-                id: id.to_owned(),
-                expires_at: Some(expires_at),
-                broken: false,
-                posts_count: None,
-                error_count: None,
-            }))
+            .unwrap_or_else(|| Remote::asked(id, expires_at)))
     }
 
     async fn delete(&self, id: &str) -> Result<(), UpstreamError> {

@@ -37,6 +37,20 @@ pub struct Remote {
     pub error_count: Option<u64>,
 }
 
+impl Remote {
+    /// A subscription known only by its id and the expiry the gateway asked
+    /// for (a provider that answers a renewal without the subscription).
+    pub fn asked(id: &str, expires_at: Millis) -> Self {
+        Remote {
+            id: id.to_owned(),
+            expires_at: Some(expires_at),
+            broken: false,
+            posts_count: None,
+            error_count: None,
+        }
+    }
+}
+
 /// Why an upstream call failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {

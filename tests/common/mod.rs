@@ -462,7 +462,7 @@ pub fn source_counter(sources: &Value, id: &str, name: &str) -> u64 {
     let source = sources["sources"]
         .as_array()
         .and_then(|list| list.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no source {id} in {sources}"));
+        .unwrap_or_else(|| panic!("no source {id}"));
     let value = match name.strip_prefix("rejected.") {
         Some(reason) => &source["counters"]["rejected"][reason],
         None => &source["counters"][name],
@@ -470,6 +470,23 @@ pub fn source_counter(sources: &Value, id: &str, name: &str) -> u64 {
     value
         .as_u64()
         .unwrap_or_else(|| panic!("no counter {name} in {source}"))
+}
+
+/// Increments `counter` (`rejected.x` for a rejection reason) of source
+/// `id` in a `/v1/sources` document: what one request is expected to change.
+pub fn bump(sources: &mut Value, id: &str, counter: &str) {
+    let source = sources["sources"]
+        .as_array_mut()
+        .and_then(|l| l.iter_mut().find(|s| s["id"] == id))
+        .unwrap_or_else(|| panic!("no source {id}"));
+    let slot = match counter.strip_prefix("rejected.") {
+        Some(reason) => &mut source["counters"]["rejected"][reason],
+        None => &mut source["counters"][counter],
+    };
+    let value = slot
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {counter}"));
+    *slot = serde_json::json!(value + 1);
 }
 
 /// The value of an unlabelled metric sample, if present.
