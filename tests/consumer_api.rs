@@ -194,6 +194,8 @@ async fn bad_list_parameters_are_400() {
         "limit=1001",
         "limit=ten",
         "availability=sleepy",
+        "availability=",
+        "availability=busy,,away",
         "cursor=%%%",
         "cursor=bm9wZQ",
         "colour=red",

@@ -122,7 +122,9 @@ pub async fn list(
     };
     let mut wanted = [false; Availability::ALL.len()];
     if let Some(list) = q.availability.as_deref() {
-        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        // Every item must name one: an empty item (`availability=`,
+        // `busy,,away`) is a mistake to report, not "any availability".
+        for name in list.split(',').map(str::trim) {
             let a = Availability::from_name(name).ok_or_else(|| {
                 Problem::bad_request("bad-query", format!("{name:?} is not an availability"))
             })?;

@@ -1,5 +1,6 @@
 //! The HTTP surface: router, shared state, request ids, tracing and problem
-//! answers. Handlers live in [`webhooks`], [`consumers`] and [`ops`].
+//! answers. Handlers live in [`webhooks`], [`consumers`] and [`ops`]; the
+//! OpenAPI description of all of them in [`openapi`].
 
 pub mod client_addr;
 pub mod consumers;
@@ -7,6 +8,7 @@ pub mod edge;
 pub mod extract;
 pub mod graph;
 pub mod listener;
+pub mod openapi;
 pub mod opens;
 pub mod ops;
 pub mod per_client;
@@ -209,7 +211,7 @@ fn v1_routes() -> [(&'static str, MethodRouter<AppState>); 6] {
 }
 
 /// Everything outside `/v1`.
-fn open_routes() -> [(&'static str, MethodRouter<AppState>); 7] {
+fn open_routes() -> [(&'static str, MethodRouter<AppState>); 8] {
     [
         ("/webhooks/{source_id}", any(webhooks::receive)),
         ("/healthz", get(ops::healthz)),
@@ -218,6 +220,7 @@ fn open_routes() -> [(&'static str, MethodRouter<AppState>); 7] {
         ("/", get(ops::dashboard)),
         ("/assets/dashboard.js", get(ops::dashboard_js)),
         ("/assets/dashboard.css", get(ops::dashboard_css)),
+        ("/openapi.json", get(openapi::document)),
     ]
 }
 
