@@ -1,29 +1,49 @@
 # presence-gateway container image.
 #
-#   docker build -t presence-gateway .
-#   docker run -p 8080:8080 \
+#   docker build -t presence-gateway .          # or: podman build --format docker ...
+#   docker run -p 8080:8080 -v pg-state:/var/lib/presence-gateway --read-only \
 #     -v $PWD/my-config.toml:/etc/presence-gateway/presence-gateway.toml:ro \
+#     -e MITEL_APPLICATION_ID -e PG_CONSUMER_TOKEN ... \
 #     presence-gateway
 #
 # Two stages: the Rust toolchain builds a release binary; the runtime image is
-# Debian slim with only CA certificates added, running as an unprivileged user.
+# Debian slim with CA certificates and the time-zone database added, running
+# as an unprivileged user. scripts/container-test builds this file as it is
+# and runs the runtime image through a smoke test (CI does on every run).
 
 # ---- build -------------------------------------------------------------------
 FROM rust:1.95-bookworm AS builder
 WORKDIR /build
 
 # Dependencies first, in their own layer: it is rebuilt only when Cargo.toml or
-# Cargo.lock change, not on every source edit. The manifest declares two
-# [[bench]] targets and cargo refuses a manifest whose target files are
-# missing, so stub them along with the library and the binary.
+# Cargo.lock change, not on every source edit. Cargo refuses a manifest whose
+# target files are missing, so every target is stubbed: the library, the
+# binary, and each [[bench]], [[bin]], [[test]] and [[example]] the manifest
+# declares (at its `path`, else where cargo looks for it by name), read from
+# Cargo.toml itself so that a new target cannot break this step.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches \
+RUN mkdir -p src \
     && touch src/lib.rs \
     && echo 'fn main() {}' > src/main.rs \
-    && echo 'fn main() {}' > benches/verify.rs \
-    && echo 'fn main() {}' > benches/normalize.rs \
+    && awk -F'"' ' \
+        function flush() { \
+            if (dir != "" && (path != "" || name != "")) \
+                print (path != "" ? path : dir "/" name ".rs"); \
+            dir = name = path = "" \
+        } \
+        /^[[:space:]]*\[/ { flush() } \
+        /^[[:space:]]*\[\[bench\]\]/ { dir = "benches" } \
+        /^[[:space:]]*\[\[test\]\]/ { dir = "tests" } \
+        /^[[:space:]]*\[\[example\]\]/ { dir = "examples" } \
+        /^[[:space:]]*\[\[bin\]\]/ { dir = "src/bin" } \
+        dir != "" && $1 ~ /^[[:space:]]*name[[:space:]]*=[[:space:]]*$/ { name = $2 } \
+        dir != "" && $1 ~ /^[[:space:]]*path[[:space:]]*=[[:space:]]*$/ { path = $2 } \
+        END { flush() }' Cargo.toml > /tmp/stubs \
+    && while read -r stub; do \
+        mkdir -p "$(dirname "$stub")" && echo 'fn main() {}' > "$stub"; \
+    done < /tmp/stubs \
     && cargo build --locked --release \
-    && rm -rf src benches
+    && rm -rf src benches tests examples /tmp/stubs
 
 COPY src ./src
 COPY benches ./benches
@@ -40,9 +60,11 @@ RUN find src -type f -exec touch {} + \
 FROM debian:bookworm-slim
 
 # CA certificates: the gateway calls provider APIs over HTTPS (subscriptions,
-# tokens).
+# tokens). tzdata: a NetSapiens source's `timezone` (e.g. "America/New_York")
+# is looked up in /usr/share/zoneinfo, which Debian's slim image lacks.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates tzdata \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 presence-gateway \
