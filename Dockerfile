@@ -47,6 +47,8 @@ RUN mkdir -p src \
 
 COPY src ./src
 COPY benches ./benches
+# The OpenAPI description is embedded in the binary (GET /openapi.json).
+COPY openapi/openapi.json ./openapi/openapi.json
 # COPY keeps the files' own modification times, which can be older than the
 # stub build above; cargo would then call the stub artifacts fresh and ship a
 # binary that does nothing. Touching the sources makes them newer; the stub
