@@ -1472,12 +1472,11 @@ identities = [{ source = "ns-cluster", principal = "1001" }]
         /// Waits until the status satisfies `ok`.
         async fn status_until(&self, ok: impl FnMut(&ReloadStatus) -> bool) -> ReloadStatus {
             let mut rx = self.watch.subscribe_status();
-            let status = tokio::time::timeout(PATIENCE, rx.wait_for(ok))
+            tokio::time::timeout(PATIENCE, rx.wait_for(ok))
                 .await
                 .expect("status in time")
                 .expect("watcher alive")
-                .clone();
-            status
+                .clone()
         }
 
         /// Asks for a reload and waits until the watcher has looked at

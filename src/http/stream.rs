@@ -864,11 +864,11 @@ mod tests {
         let mut taken = Vec::new();
         while taken.len() < 3 || writing.load(Ordering::Relaxed) && taken.len() < 20 {
             let (records, at) = queued(&mut streamer(&state, all())).await;
-            assert!(records.iter().all(|c| c.record.seq <= at));
+            assert!(records.iter().all(|c| c.seq() <= at));
             assert!(
                 records
                     .windows(2)
-                    .all(|w| w[0].record.seq < w[1].record.seq)
+                    .all(|w| w[0].seq() < w[1].seq())
             );
             taken.push((records, at));
         }
@@ -877,10 +877,10 @@ mod tests {
         for (records, at) in taken {
             let mut view: HashMap<String, u64> = records
                 .iter()
-                .map(|c| (c.record.principal.to_string(), c.record.seq))
+                .map(|c| (c.presence().unwrap().principal.to_string(), c.seq()))
                 .collect();
             for c in store.changes().since(at).unwrap() {
-                view.insert(c.record.principal.to_string(), c.record.seq);
+                view.insert(c.presence().unwrap().principal.to_string(), c.seq());
             }
             assert_eq!(view, truth, "snapshot at {at}");
         }
@@ -900,10 +900,10 @@ mod tests {
         fn take(&mut self, item: Item) {
             match item {
                 Item::Record(change) => {
-                    let seq = change.record.seq;
+                    let seq = change.seq();
                     assert!(seq > self.last, "{seq} after {}", self.last);
                     self.last = seq;
-                    self.view.insert(change.record.principal.to_string(), seq);
+                    self.view.insert(change.presence().unwrap().principal.to_string(), seq);
                 }
                 Item::Reset(_) => {
                     self.view.clear();
@@ -1029,12 +1029,12 @@ mod tests {
         records.apply(0, &update("a".into(), 10), Millis(0));
         let (snapshot, at) = queued(&mut s).await;
         assert_eq!(at, 3);
-        let seqs: Vec<u64> = snapshot.iter().map(|c| c.record.seq).collect();
+        let seqs: Vec<u64> = snapshot.iter().map(|c| c.seq()).collect();
         assert_eq!(seqs, [1, 3], "a as it was at the opening, then c");
         let Some(Item::Record(live)) = s.next().await else {
             panic!("the change after the opening");
         };
-        assert_eq!((live.record.seq, &*live.record.principal), (4, "a"));
+        assert_eq!((live.seq(), &*live.presence().unwrap().principal), (4, "a"));
     }
 
     /// A stream whose consumer takes a snapshot or replay one item now and
@@ -1103,11 +1103,11 @@ mod tests {
         let Some(Item::Record(next)) = streamer.next().await else {
             panic!("the next change");
         };
-        assert_eq!(next.record.seq, 2);
-        let mut far = next.record.clone();
+        assert_eq!(next.seq(), 2);
+        let mut far = next.presence().unwrap().clone();
         far.seq = 9;
         far.principal = "c".into();
-        assert!(store.changes().commit_replicated(far));
+        assert!(store.changes().commit_replicated(crate::presence::Event::Presence(far)));
         assert!(matches!(
             streamer.next().await,
             Some(Item::Reset(Reset::History))
@@ -1117,7 +1117,7 @@ mod tests {
             let Some(Item::Record(change)) = streamer.next().await else {
                 panic!("the snapshot");
             };
-            snapshot.push(change.record.seq);
+            snapshot.push(change.seq());
         }
         assert_eq!(snapshot, vec![1, 2]);
     }

@@ -997,7 +997,7 @@ mod tests {
         assert_eq!(state(&after), state(&before));
         assert_eq!(loaded.seq, 51);
         assert_eq!(loaded.history.len(), 51);
-        assert!(loaded.history.iter().zip(1..).all(|(r, seq)| r.seq == seq));
+        assert!(loaded.history.iter().zip(1..).all(|(r, seq)| r.seq() == seq));
         assert_eq!(
             loaded.meta.get("sub/x").map(String::as_str),
             Some("{\"id\":\"1\"}")
@@ -1138,7 +1138,7 @@ mod tests {
         assert_eq!(state(&after), state(&before));
         assert_eq!(loaded.seq, 800);
         assert_eq!(loaded.history.len(), 100);
-        assert_eq!(loaded.history.back().map(|r| r.seq), Some(800));
+        assert_eq!(loaded.history.back().map(|r| r.seq()), Some(800));
         let retry = update("p1", Availability::Busy, now.0 + 39, "e39-1");
         assert_eq!(
             after.apply_with(0, &retry, now, Some(&journal)),

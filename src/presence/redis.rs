@@ -865,7 +865,7 @@ mod tests {
             .since(0)
             .unwrap()
             .iter()
-            .map(|c| c.record.seq)
+            .map(|c| c.seq())
             .collect();
         assert_eq!(seqs, vec![1, 2, 3, 4]);
         assert_eq!(b.get(0, "p3").map(|r| r.seq), Some(4));

@@ -289,8 +289,8 @@ mod tests {
         let later = store.changes().since(at).unwrap();
         assert_eq!(later.len(), 3_000);
         for c in &later {
-            let key = (c.record.source.to_string(), c.record.principal.to_string());
-            view.insert(key, c.record.seq);
+            let key = (c.presence().unwrap().source.to_string(), c.presence().unwrap().principal.to_string());
+            view.insert(key, c.seq());
         }
         let mut truth = HashMap::new();
         records.for_each(|s, p, presence| {
@@ -325,7 +325,7 @@ mod tests {
         let later = Snapshots::take(Arc::clone(&store), at + 2).await.unwrap();
         assert!(Arc::ptr_eq(&later.index, &first.index), "reused");
         assert_eq!(
-            later.then.iter().map(|c| c.record.seq).collect::<Vec<_>>(),
+            later.then.iter().map(|c| c.seq()).collect::<Vec<_>>(),
             [at + 1, at + 2]
         );
         // The record changed after the index: skipped there, sent as a change.
