@@ -1,8 +1,9 @@
 //! The dashboard in a real browser: headless Chromium driven through
 //! ChromeDriver's WebDriver API (Debian's `chromium` and `chromium-driver`;
 //! `.ci/run` installs them). Loads `/`, watches rows appear and change
-//! colour as signed webhooks arrive, filters, reads the source counters,
-//! sees the connection indicator follow a gateway restart, and saves a
+//! colour as signed webhooks arrive, filters, reads the source counters
+//! and the overview's charts (the sparkline of accepted events, the stacked
+//! bar of availabilities), sees the connection indicator follow a gateway restart, and saves a
 //! screenshot under the test's output directory.
 
 mod common;
@@ -237,6 +238,30 @@ fn row(principal: &str) -> String {
     )
 }
 
+/// A source's sparkline: how many points it draws and the total it
+/// says it shows (`data-total`), or null.
+fn sparkline(source: &str) -> String {
+    format!(
+        "const s = document.querySelector('[data-source=\"{source}\"] svg.spark');
+         if (!s) return null;
+         const line = s.querySelector('polyline');
+         return [line ? line.getAttribute('points').split(' ').length : 0,
+                 Number(s.dataset.total)];"
+    )
+}
+
+/// A source's stacked bar: per segment its availability, count, width in
+/// percent (rounded) and fill colour.
+fn segments(source: &str) -> String {
+    format!(
+        "const bar = document.querySelector('[data-source=\"{source}\"] svg.dist');
+         if (!bar) return null;
+         return [...bar.querySelectorAll('rect')].map(r => [r.dataset.availability,
+           r.dataset.count, Math.round(Number(r.getAttribute('width'))),
+           getComputedStyle(r).fill]);"
+    )
+}
+
 const CONNECTION: &str = "return document.getElementById('connection').textContent;";
 const VISIBLE_ROWS: &str =
     "return [...document.querySelectorAll('#rows tr')].map(r => r.dataset.principal);";
@@ -311,6 +336,43 @@ domain = "acme.example"
             json!("subscription state-failed true"),
         )
         .await;
+    // The overview's charts: the sparkline holds the hour's accepted
+    // events (all in the last minute or two), the stacked bar one segment
+    // per availability of the source's records, coloured like the rows.
+    browser.wait_for(&sparkline("mitel"), json!([60, 3])).await;
+    browser
+        .wait_for(
+            &segments("mitel"),
+            json!([
+                ["available", "1", 50, "rgb(31, 157, 85)"],
+                ["away", "1", 50, "rgb(214, 158, 46)"]
+            ]),
+        )
+        .await;
+    let legend = browser
+        .eval("return document.querySelector('[data-source=\"mitel\"] .legend').innerText;")
+        .await;
+    assert!(
+        legend
+            .as_str()
+            .is_some_and(|t| t.contains("available 1") && t.contains("away 1")),
+        "{legend}"
+    );
+    post(&gw, "bob", "Busy", "on the phone", 4).await;
+    post(&gw, "dave", "Busy", "", 5).await;
+    browser.wait_for(&sparkline("mitel"), json!([60, 5])).await;
+    browser
+        .wait_for(
+            &segments("mitel"),
+            json!([
+                ["available", "1", 33, "rgb(31, 157, 85)"],
+                ["busy", "2", 67, "rgb(197, 48, 48)"]
+            ]),
+        )
+        .await;
+    // A source without records draws an empty bar and a flat line.
+    browser.wait_for(&sparkline("ns"), json!([60, 0])).await;
+    browser.wait_for(&segments("ns"), json!([])).await;
     let png = browser.screenshot().await;
     assert_eq!(&png[1..4], b"PNG");
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
@@ -357,7 +419,10 @@ async fn the_page_and_its_assets_are_embedded_and_locked_down() {
         let csp = headers["content-security-policy"].to_str().unwrap();
         assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
         let text = response.text().await.unwrap();
-        // Nothing from elsewhere: no CDN, no external fonts or scripts.
+        // Nothing from elsewhere: no CDN, no external fonts or scripts. (The
+        // SVG namespace the script builds its charts in is a name, not a
+        // resource.)
+        let text = text.replace("\"http://www.w3.org/2000/svg\"", "");
         assert!(
             !text.contains("http://") && !text.contains("https://"),
             "{path}"
