@@ -210,8 +210,22 @@ async fn signal_watcher(shutdown: CancellationToken) {
 }
 
 fn check_config(path: &Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(c) => {
+    let checked = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+        // The people file is part of the configuration: a problem in it is
+        // reported (and fails the check) like one in the config file.
+        let people = match &c.people {
+            Some(people) => {
+                let ids: Vec<std::sync::Arc<str>> =
+                    c.sources.iter().map(|s| s.id.as_str().into()).collect();
+                let mapping = people.load(&ids, 1).map_err(|e| e.to_string())?;
+                Some((people.file.clone(), mapping))
+            }
+            None => None,
+        };
+        Ok((c, people))
+    });
+    match checked {
+        Ok((c, people)) => {
             println!(
                 "{}: ok ({} source{}: {}; listening on {})",
                 path.display(),
@@ -224,6 +238,24 @@ fn check_config(path: &Path) -> ExitCode {
                     .join(", "),
                 c.server.listen
             );
+            if let Some((file, mapping)) = people {
+                println!(
+                    "{}: ok ({} {}, {} identit{})",
+                    file.display(),
+                    mapping.people.len(),
+                    if mapping.people.len() == 1 {
+                        "person"
+                    } else {
+                        "people"
+                    },
+                    mapping.identity_count(),
+                    if mapping.identity_count() == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    },
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

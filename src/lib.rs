@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod people;
 pub mod presence;
 pub mod providers;
 pub mod sources;
@@ -42,6 +43,8 @@ pub enum RunError {
     Client(#[from] reqwest::Error),
     #[error("cannot load persisted state: {0}")]
     State(#[from] presence::journal::OpenError),
+    #[error("cannot load the people file {0}")]
+    People(String),
 }
 
 /// The store the config asks for, with what it persisted loaded.
@@ -170,6 +173,28 @@ pub async fn run(
     // streams (it feeds them).
     let store_tasks = CancellationToken::new();
     store.start(&store_tasks);
+    // People: the file is read now (a bad one stops the start, as a bad
+    // config does), then followed for reloads.
+    if let Some(people) = &config.people {
+        let ids = sources.ids();
+        let file = people.file.clone();
+        let people_cfg = people.clone();
+        let mapping = tokio::task::spawn_blocking(move || people_cfg.load(&ids, 1))
+            .await
+            .map_err(|e| RunError::People(e.to_string()))?
+            .map_err(|e| RunError::People(format!("{}: {e}", file.display())))?;
+        let watch = config::people::PeopleWatch::spawn(
+            people.clone(),
+            sources.ids(),
+            Arc::new(mapping),
+            store_tasks.clone(),
+        );
+        tokio::spawn(people::reload::follow(
+            Arc::clone(&store),
+            watch,
+            store_tasks.clone(),
+        ));
+    }
     // Socket transports hand each message to the source's parser and the
     // store, like a webhook body (the socket's TLS and the API token are its
     // authenticity).

@@ -25,6 +25,7 @@ pub mod consumers;
 pub mod graph;
 pub mod mitel;
 pub mod netsapiens;
+pub mod people;
 mod report;
 pub mod secrets;
 pub mod server;
@@ -36,6 +37,7 @@ pub mod ucwa;
 pub use consumers::ConsumersConfig;
 pub use graph::GraphManaged;
 pub use mitel::MitelManaged;
+pub use people::PeopleConfig;
 pub use secrets::Secret;
 pub use server::ServerConfig;
 pub use sources::{Auth, Managed, SourceConfig, SourceKind};
@@ -59,6 +61,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub consumers: ConsumersConfig,
     pub sources: Vec<SourceConfig>,
+    /// `[people]`; `None`: no people (DESIGN §9).
+    pub people: Option<PeopleConfig>,
 }
 
 /// Why a configuration could not be loaded.
@@ -111,6 +115,7 @@ struct RawConfig {
     consumers: consumers::RawConsumers,
     #[serde(default)]
     sources: Vec<sources::RawSource>,
+    people: Option<people::RawPeople>,
 }
 
 // ---- loading -----------------------------------------------------------------
@@ -195,6 +200,7 @@ impl Config {
         let store = store::resolve(raw.store, lookup, &mut problem);
         let consumers = consumers::resolve(raw.consumers, lookup, &mut problem);
         let sources = sources::resolve(raw.sources, lookup, &mut problem);
+        let people = raw.people.map(|p| people::resolve(p, &mut problem));
 
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
@@ -204,6 +210,7 @@ impl Config {
             store,
             consumers,
             sources,
+            people,
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod listener;
 pub mod openapi;
 pub mod opens;
 pub mod ops;
+pub mod people;
 pub mod per_client;
 pub mod problem;
 pub mod server;
@@ -199,8 +200,11 @@ impl AppState {
 }
 
 /// The consumer API, nested under `/v1` behind the token check.
-fn v1_routes() -> [(&'static str, MethodRouter<AppState>); 6] {
+fn v1_routes() -> [(&'static str, MethodRouter<AppState>); 9] {
     [
+        ("/people", get(people::list)),
+        ("/people/query", post(people::query)),
+        ("/people/{id}", get(people::get_one)),
         ("/presence", get(consumers::list)),
         ("/presence/query", post(consumers::query)),
         ("/presence/{source}/{principal}", get(consumers::get_one)),

@@ -44,7 +44,7 @@ use super::listener::Peer;
 use super::problem::Problem;
 use crate::presence::changes::PAGE;
 use crate::presence::snapshot::{Index, Snapshots, Taken};
-use crate::presence::{Change, PresenceRecord, Store};
+use crate::presence::{Change, Event, PresenceRecord, Store};
 use crate::telemetry::{OpenStream, StreamKind};
 
 /// Keep-alive comment interval.
@@ -55,6 +55,13 @@ pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub(crate) struct Filter {
     sources: Vec<String>,
     principals: Vec<String>,
+    /// `person` (repeatable): these people's events.
+    persons: Vec<String>,
+    /// `people=true`: every person's events.
+    people: bool,
+    /// `presence=true|false`: whether presence events come too (default:
+    /// yes, unless people are asked for without a source or principal).
+    presence: Option<bool>,
     pub(crate) snapshot: bool,
     pub(crate) last_event_id: Option<u64>,
 }
@@ -72,13 +79,10 @@ impl Filter {
             match &*key {
                 "source" => f.sources.push(value.into_owned()),
                 "principal" => f.principals.push(value.into_owned()),
-                "snapshot" => {
-                    f.snapshot = match &*value {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => return Err(bad("snapshot must be true or false")),
-                    }
-                }
+                "person" => f.persons.push(value.into_owned()),
+                "people" => f.people = flag("people", &value)?,
+                "presence" => f.presence = Some(flag("presence", &value)?),
+                "snapshot" => f.snapshot = flag("snapshot", &value)?,
                 "last_event_id" => f.last_event_id = Some(parse_id(&value)?),
                 "access_token" => {}
                 other => return Err(bad(&format!("unknown parameter {other:?}"))),
@@ -91,10 +95,42 @@ impl Filter {
         Ok(f)
     }
 
-    fn matches(&self, record: &PresenceRecord) -> bool {
+    /// Whether person events are asked for.
+    pub(crate) fn wants_people(&self) -> bool {
+        self.people || !self.persons.is_empty()
+    }
+
+    /// Whether presence events are asked for.
+    pub(crate) fn wants_presence(&self) -> bool {
+        self.presence.unwrap_or(
+            !self.wants_people() || !self.sources.is_empty() || !self.principals.is_empty(),
+        )
+    }
+
+    fn matches(&self, change: &Change) -> bool {
+        match &change.event {
+            Event::Presence(record) => self.wants_presence() && self.matches_presence(record),
+            Event::Person(person) => self.matches_person(&person.person),
+        }
+    }
+
+    fn matches_presence(&self, record: &PresenceRecord) -> bool {
         (self.sources.is_empty() || self.sources.iter().any(|s| **s == *record.source))
             && (self.principals.is_empty()
                 || self.principals.iter().any(|p| **p == *record.principal))
+    }
+
+    fn matches_person(&self, id: &str) -> bool {
+        self.people || self.persons.iter().any(|p| p == id)
+    }
+}
+
+/// A `true`/`false` query parameter.
+fn flag(name: &str, value: &str) -> Result<bool, Problem> {
+    match value {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(bad(&format!("{name} must be true or false"))),
     }
 }
 
@@ -267,7 +303,7 @@ impl Streamer {
                 match changes.page(after, PAGE) {
                     Ok(first) => {
                         self.covered = until.max(after);
-                        let next = first.last().map_or(after, |c| c.record.seq);
+                        let next = first.last().map_or(after, |c| c.seq());
                         self.queue_changes(first, until);
                         if next < until {
                             self.parts.push_back(Part::Replay { after: next, until });
@@ -299,7 +335,14 @@ impl Streamer {
     fn queue_snapshot(&mut self) {
         let at = self.state.store().changes().last_seq();
         self.covered = at;
-        if self.filter.principals.is_empty() {
+        if !self.filter.wants_presence() {
+            // People only: their records after `at` come as live changes.
+            if let Some(people) = self.people_snapshot(at) {
+                self.parts.push_back(people);
+            }
+        } else if self.filter.principals.is_empty() {
+            // The people's records follow the presence snapshot (see the
+            // `Take` part).
             self.parts.push_back(Part::Take(None));
         } else {
             // A few principals: looked up one by one, no index needed.
@@ -321,7 +364,30 @@ impl Streamer {
             records.sort_unstable_by_key(|r| r.seq);
             let changes = records.into_iter().map(|r| Arc::new(Change::new(r)));
             self.parts.push_back(Part::Changes(changes.collect()));
+            if let Some(people) = self.people_snapshot(at) {
+                self.parts.push_back(people);
+            }
         }
+    }
+
+    /// The current records of the people the filter asks for whose `seq`
+    /// is at most `at`, in `seq` order (later ones come as live changes);
+    /// `None` when no person is asked for or none has a record.
+    fn people_snapshot(&self, at: u64) -> Option<Part> {
+        if !self.filter.wants_people() {
+            return None;
+        }
+        let people = self.state.store().people();
+        let records = if self.filter.people {
+            people.snapshot(None, at)
+        } else {
+            people.snapshot(Some(&self.filter.persons), at)
+        };
+        let changes: VecDeque<Arc<Change>> = records
+            .into_iter()
+            .map(|p| Arc::new(Change::of(Event::Person(p))))
+            .collect();
+        (!changes.is_empty()).then_some(Part::Changes(changes))
     }
 
     /// Queues the changes of `changes` with `seq <= until` that match.
@@ -329,8 +395,8 @@ impl Streamer {
         let filter = &self.filter;
         let matching: VecDeque<Arc<Change>> = changes
             .into_iter()
-            .take_while(|c| c.record.seq <= until)
-            .filter(|c| filter.matches(&c.record))
+            .take_while(|c| c.seq() <= until)
+            .filter(|c| filter.matches(c))
             .collect();
         if !matching.is_empty() {
             self.parts.push_back(Part::Changes(matching));
@@ -358,12 +424,12 @@ impl Streamer {
                 // Changes before this one never reached this replica (a
                 // shared backend that lost them): what the consumer holds
                 // can no longer be brought up to date change by change.
-                Ok(change) if change.record.seq > self.covered + 1 && self.covered > 0 => {
+                Ok(change) if change.seq() > self.covered + 1 && self.covered > 0 => {
                     self.reset(Reset::History);
                 }
-                Ok(change) if change.record.seq > self.covered => {
-                    self.covered = change.record.seq;
-                    if self.filter.matches(&change.record) {
+                Ok(change) if change.seq() > self.covered => {
+                    self.covered = change.seq();
+                    if self.filter.matches(&change) {
                         return Some(Item::Record(change));
                     }
                 }
@@ -462,8 +528,11 @@ impl Streamer {
                     let then: VecDeque<_> = taken
                         .then
                         .into_iter()
-                        .filter(|c| filter.matches(&c.record))
+                        .filter(|c| filter.matches(c))
                         .collect();
+                    if let Some(people) = self.people_snapshot(self.covered) {
+                        self.parts.push_front(people);
+                    }
                     if !then.is_empty() {
                         self.parts.push_front(Part::Changes(then));
                     }
@@ -492,7 +561,7 @@ impl Streamer {
                     let Some(record) = self.state.store().records().at_slot(slot, seq) else {
                         continue;
                     };
-                    if self.filter.matches(&record) {
+                    if self.filter.matches_presence(&record) {
                         return Step::Item(Item::Record(Arc::new(Change::new(record))));
                     }
                 }
@@ -510,7 +579,7 @@ impl Streamer {
                     let (after, until) = (*after, *until);
                     match self.state.store().changes().page(after, PAGE) {
                         Ok(page) if !page.is_empty() && after < until => {
-                            let next = page.last().map_or(until, |c| c.record.seq);
+                            let next = page.last().map_or(until, |c| c.seq());
                             self.parts.pop_front();
                             if next < until {
                                 self.parts.push_front(Part::Replay { after: next, until });
@@ -518,8 +587,8 @@ impl Streamer {
                             let filter = &self.filter;
                             let matching: VecDeque<_> = page
                                 .into_iter()
-                                .take_while(|c| c.record.seq <= until)
-                                .filter(|c| filter.matches(&c.record))
+                                .take_while(|c| c.seq() <= until)
+                                .filter(|c| filter.matches(c))
                                 .collect();
                             if !matching.is_empty() {
                                 self.parts.push_front(Part::Changes(matching));
@@ -544,9 +613,11 @@ fn event(item: &Item) -> Bytes {
     match item {
         Item::Record(change) => {
             let json = change.json();
-            let seq = change.record.seq;
+            let seq = change.seq();
             let mut frame = String::with_capacity(json.len() + 48);
-            frame.push_str("event: presence\nid: ");
+            frame.push_str("event: ");
+            frame.push_str(change.event.name());
+            frame.push_str("\nid: ");
             frame.push_str(itoa_u64(seq, &mut [0u8; 20]));
             frame.push_str("\ndata: ");
             frame.push_str(json);

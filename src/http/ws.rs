@@ -165,8 +165,10 @@ fn message(item: &Item) -> Message {
         Item::Record(change) => {
             let json = change.json();
             let mut text = String::with_capacity(json.len() + 48);
-            text.push_str(r#"{"event":"presence","id":"#);
-            text.push_str(itoa_u64(change.record.seq, &mut [0u8; 20]));
+            text.push_str(r#"{"event":""#);
+            text.push_str(change.event.name());
+            text.push_str(r#"","id":"#);
+            text.push_str(itoa_u64(change.seq(), &mut [0u8; 20]));
             text.push_str(r#","data":"#);
             text.push_str(json);
             text.push('}');

@@ -23,7 +23,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc};
 
-use super::model::PresenceRecord;
+use super::model::{PersonRecord, PresenceRecord};
 
 /// Sequence numbers, history and subscribers of applied changes.
 pub struct ChangeLog {
@@ -59,30 +59,82 @@ impl LogInner {
     }
 }
 
-/// A record as consumers receive it, with its JSON text made once, by the
+/// What a change carries: a presence record, or a person's derived record
+/// (DESIGN §9). Both are numbered from the one gateway-wide `seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Presence(PresenceRecord),
+    Person(Arc<PersonRecord>),
+}
+
+impl Event {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Event::Presence(r) => r.seq,
+            Event::Person(p) => p.seq,
+        }
+    }
+
+    /// The stream event name (`presence` or `person`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Presence(_) => "presence",
+            Event::Person(_) => "person",
+        }
+    }
+}
+
+/// A change as consumers receive it, with its JSON text made once, by the
 /// first consumer that needs it, and shared by all the others (a change
 /// fanned out to thousands of streams is serialized once, not per stream).
 #[derive(Debug)]
 pub struct Change {
-    pub record: PresenceRecord,
+    pub event: Event,
     json: OnceLock<Box<str>>,
 }
 
 impl Change {
     pub fn new(record: PresenceRecord) -> Self {
+        Self::of(Event::Presence(record))
+    }
+
+    pub fn of(event: Event) -> Self {
         Change {
-            record,
+            event,
             json: OnceLock::new(),
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.event.seq()
+    }
+
+    /// The presence record, when this is a presence change.
+    pub fn presence(&self) -> Option<&PresenceRecord> {
+        match &self.event {
+            Event::Presence(r) => Some(r),
+            Event::Person(_) => None,
+        }
+    }
+
+    /// The person record, when this is a person change.
+    pub fn person(&self) -> Option<&PersonRecord> {
+        match &self.event {
+            Event::Person(p) => Some(p),
+            Event::Presence(_) => None,
         }
     }
 
     /// The record's JSON text.
     pub fn json(&self) -> &str {
         self.json.get_or_init(|| {
-            // A record is strings, numbers and enums: it always serializes.
-            serde_json::to_string(&self.record)
-                .unwrap_or_default()
-                .into_boxed_str()
+            // Records are strings, numbers and enums: they always serialize.
+            match &self.event {
+                Event::Presence(r) => serde_json::to_string(r),
+                Event::Person(p) => serde_json::to_string(&**p),
+            }
+            .unwrap_or_default()
+            .into_boxed_str()
         })
     }
 }
@@ -123,15 +175,25 @@ impl ChangeLog {
         seq
     }
 
+    /// [`ChangeLog::commit`] for any kind of change.
+    pub fn commit_event(&self, make: impl FnOnce(u64) -> Event) -> u64 {
+        let mut inner = self.inner.lock();
+        inner.last_seq += 1;
+        let seq = inner.last_seq;
+        let change = Arc::new(Change::of(make(seq)));
+        inner.keep_and_send(change);
+        seq
+    }
+
     /// Starts the log where a persisted one ended: `last_seq` and the kept
     /// changes, oldest first (at start-up, before any commit).
-    pub fn restore(&self, last_seq: u64, history: impl IntoIterator<Item = PresenceRecord>) {
+    pub fn restore(&self, last_seq: u64, history: impl IntoIterator<Item = Event>) {
         let mut inner = self.inner.lock();
         inner.history.clear();
-        for record in history {
-            inner.keep_and_send(Arc::new(Change::new(record)));
+        for event in history {
+            inner.keep_and_send(Arc::new(Change::of(event)));
         }
-        let newest = inner.history.back().map_or(0, |c| c.record.seq);
+        let newest = inner.history.back().map_or(0, |c| c.seq());
         inner.last_seq = last_seq.max(newest);
     }
 
@@ -141,9 +203,9 @@ impl ChangeLog {
     /// next starts the history afresh, since the changes in between are not
     /// known here (a resume from before them gets a reset). Returns whether
     /// it was published.
-    pub fn commit_replicated(&self, record: PresenceRecord) -> bool {
+    pub fn commit_replicated(&self, event: Event) -> bool {
         let mut inner = self.inner.lock();
-        let seq = record.seq;
+        let seq = event.seq();
         if seq <= inner.last_seq {
             return false;
         }
@@ -151,7 +213,7 @@ impl ChangeLog {
             inner.history.clear();
         }
         inner.last_seq = seq;
-        inner.keep_and_send(Arc::new(Change::new(record)));
+        inner.keep_and_send(Arc::new(Change::of(event)));
         true
     }
 
@@ -218,15 +280,15 @@ impl ChangeLog {
     pub fn between(&self, after: u64, until: u64) -> Result<Vec<Arc<Change>>, HistoryGap> {
         let (mut out, last) = self.read(after, PAGE)?;
         let until = until.min(last);
-        out.retain(|c| c.record.seq <= until);
-        while let Some(newest) = out.last().map(|c| c.record.seq)
+        out.retain(|c| c.seq() <= until);
+        while let Some(newest) = out.last().map(|c| c.seq())
             && newest < until
         {
             let (page, _) = self.read(newest, PAGE)?;
             if page.is_empty() {
                 break;
             }
-            out.extend(page.into_iter().take_while(|c| c.record.seq <= until));
+            out.extend(page.into_iter().take_while(|c| c.seq() <= until));
         }
         Ok(out)
     }
@@ -254,7 +316,7 @@ impl ChangeLog {
         let oldest = inner
             .history
             .front()
-            .map_or(inner.last_seq + 1, |c| c.record.seq);
+            .map_or(inner.last_seq + 1, |c| c.seq());
         if after + 1 < oldest {
             return Err(HistoryGap);
         }
@@ -288,6 +350,10 @@ mod tests {
         }
     }
 
+    fn presence(seq: u64) -> Event {
+        Event::Presence(record(seq))
+    }
+
     #[test]
     fn history_replays_after_position_and_reports_gaps() {
         let log = ChangeLog::new(3, 16);
@@ -295,7 +361,7 @@ mod tests {
             log.commit(record);
         }
         assert_eq!(log.last_seq(), 5);
-        let seqs = |v: Vec<Arc<Change>>| v.iter().map(|c| c.record.seq).collect::<Vec<_>>();
+        let seqs = |v: Vec<Arc<Change>>| v.iter().map(|c| c.seq()).collect::<Vec<_>>();
         assert_eq!(seqs(log.since(2).unwrap()), vec![3, 4, 5]);
         assert_eq!(seqs(log.since(4).unwrap()), vec![5]);
         assert!(log.since(5).unwrap().is_empty());
@@ -313,7 +379,7 @@ mod tests {
     /// out by a gap, never by a silent skip.
     #[test]
     fn long_histories_are_read_a_page_at_a_time() {
-        let seqs = |v: Vec<Arc<Change>>| v.iter().map(|c| c.record.seq).collect::<Vec<_>>();
+        let seqs = |v: Vec<Arc<Change>>| v.iter().map(|c| c.seq()).collect::<Vec<_>>();
         let log = ChangeLog::new(3 * PAGE, 16);
         for _ in 0..2 * PAGE + 5 {
             log.commit(record);
@@ -325,7 +391,7 @@ mod tests {
         assert_eq!(seqs(log.since(0).unwrap()), all);
         assert_eq!(seqs(log.between(10, 2_000).unwrap()), all[10..2_000]);
         // Half-way through a replay, commits push its position out.
-        let after = log.page(0, usize::MAX).unwrap().last().unwrap().record.seq;
+        let after = log.page(0, usize::MAX).unwrap().last().unwrap().seq();
         for _ in 0..PAGE - 5 {
             log.commit(record);
         }
@@ -339,13 +405,13 @@ mod tests {
     #[test]
     fn replicated_changes_keep_order_and_a_gap_restarts_the_history() {
         let log = ChangeLog::new(10, 16);
-        log.restore(3, [record(2), record(3)]);
-        assert!(!log.commit_replicated(record(3)), "already there");
-        assert!(log.commit_replicated(record(4)));
-        let seqs = |v: Vec<Arc<Change>>| v.iter().map(|c| c.record.seq).collect::<Vec<_>>();
+        log.restore(3, [record(2), record(3)].map(Event::Presence));
+        assert!(!log.commit_replicated(presence(3)), "already there");
+        assert!(log.commit_replicated(presence(4)));
+        let seqs = |v: Vec<Arc<Change>>| v.iter().map(|c| c.seq()).collect::<Vec<_>>();
         assert_eq!(seqs(log.since(1).unwrap()), vec![2, 3, 4]);
         // 5 and 6 never arrived: a resume from before them is a gap.
-        assert!(log.commit_replicated(record(7)));
+        assert!(log.commit_replicated(presence(7)));
         assert_eq!(log.last_seq(), 7);
         assert_eq!(log.since(4).err(), Some(HistoryGap));
         assert_eq!(seqs(log.since(6).unwrap()), vec![7]);
@@ -359,7 +425,7 @@ mod tests {
         log.close();
         log.commit(record);
         assert!(log.is_closed());
-        assert_eq!(rx.recv().await.unwrap().record.seq, 1);
+        assert_eq!(rx.recv().await.unwrap().seq(), 1);
         assert!(matches!(
             rx.recv().await,
             Err(broadcast::error::RecvError::Closed)
@@ -375,9 +441,9 @@ mod tests {
         let mut rx = log.subscribe();
         log.commit(record);
         log.commit(record);
-        assert_eq!(rx.recv().await.unwrap().record.seq, 1);
+        assert_eq!(rx.recv().await.unwrap().seq(), 1);
         let second = rx.recv().await.unwrap();
-        assert_eq!(second.record.seq, 2);
+        assert_eq!(second.seq(), 2);
         let json: serde_json::Value = serde_json::from_str(second.json()).unwrap();
         assert_eq!(json["seq"], 2);
         assert!(std::ptr::eq(second.json(), second.json()), "made once");

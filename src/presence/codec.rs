@@ -50,12 +50,23 @@ pub enum Entry<'a> {
     },
     /// The last `seq` handed out (snapshots write it; history may be empty).
     Seq(u64),
+    /// A person's derived record (DESIGN §9) as JSON; `change`: a person
+    /// event (kept in the history); `present: false`: the person's final
+    /// record, after which the person is forgotten.
+    Person {
+        id: &'a str,
+        seq: u64,
+        change: bool,
+        present: bool,
+        json: &'a str,
+    },
 }
 
 const TAG_RECORD: u8 = 1;
 const TAG_EVENT_ID: u8 = 2;
 const TAG_META: u8 = 3;
 const TAG_SEQ: u8 = 4;
+const TAG_PERSON: u8 = 5;
 
 /// Why bytes could not be read as an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +110,19 @@ pub fn encode(entry: &Entry<'_>, out: &mut Vec<u8>) {
         Entry::Seq(seq) => {
             out.push(TAG_SEQ);
             put_varint(out, *seq);
+        }
+        Entry::Person {
+            id,
+            seq,
+            change,
+            present,
+            json,
+        } => {
+            out.push(TAG_PERSON);
+            put_str(out, id);
+            put_varint(out, *seq);
+            out.push(u8::from(*change) | (u8::from(*present) << 1));
+            put_str(out, json);
         }
     }
     let payload = &out[start + 8..];
@@ -177,6 +201,21 @@ pub fn decode(bytes: &[u8]) -> Result<(Entry<'_>, usize), DecodeError> {
             Entry::Meta { key, value }
         }
         TAG_SEQ => Entry::Seq(r.varint()?),
+        TAG_PERSON => {
+            let id = r.str()?;
+            let seq = r.varint()?;
+            let flags = r.u8()?;
+            if flags > 3 {
+                return Err(DecodeError::Malformed);
+            }
+            Entry::Person {
+                id,
+                seq,
+                change: flags & 1 == 1,
+                present: flags & 2 == 2,
+                json: r.str()?,
+            }
+        }
         _ => return Err(DecodeError::Malformed),
     };
     if !r.0.is_empty() {

@@ -40,8 +40,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::changes::Event;
 use super::codec::{self, Entry, FORMAT_VERSION};
-use super::model::{Millis, PresenceRecord};
+use super::model::{Millis, PersonRecord, PresenceRecord};
 use super::records::Records;
 
 /// How often buffered writes are handed to the operating system (after
@@ -87,9 +88,11 @@ pub struct Loaded {
     /// The last `seq` handed out.
     pub seq: u64,
     /// The kept changes, oldest first.
-    pub history: VecDeque<PresenceRecord>,
+    pub history: VecDeque<Event>,
     /// Upstream values.
     pub meta: HashMap<String, String>,
+    /// People's current records.
+    pub people: HashMap<Arc<str>, Arc<PersonRecord>>,
     /// Records of sources no longer configured (skipped).
     pub orphans: u64,
     pub records: u64,
@@ -341,7 +344,11 @@ impl LiveFold<'_> {
                     }
                     self.loaded
                         .history
-                        .push_back(PresenceRecord::new(id, r.principal, &presence));
+                        .push_back(Event::Presence(PresenceRecord::new(
+                            id,
+                            r.principal,
+                            &presence,
+                        )));
                 }
                 self.records.install(source, r.principal, presence);
             }
@@ -361,6 +368,36 @@ impl LiveFold<'_> {
                 }
             },
             Entry::Seq(seq) => self.loaded.seq = self.loaded.seq.max(seq),
+            Entry::Person {
+                id,
+                seq,
+                change,
+                present,
+                json,
+            } => {
+                self.loaded.seq = self.loaded.seq.max(seq);
+                // Written by this build: a record that does not read back
+                // is corruption the CRC missed; the person is re-derived.
+                let Ok(record) = serde_json::from_str::<PersonRecord>(json) else {
+                    self.loaded.people.remove(id);
+                    return;
+                };
+                let record = Arc::new(record);
+                self.loaded.seq = self.loaded.seq.max(record.seq);
+                if change && self.history > 0 {
+                    if self.loaded.history.len() == self.history {
+                        self.loaded.history.pop_front();
+                    }
+                    self.loaded
+                        .history
+                        .push_back(Event::Person(Arc::clone(&record)));
+                }
+                if present {
+                    self.loaded.people.insert(Arc::from(id), record);
+                } else {
+                    self.loaded.people.remove(id);
+                }
+            }
         }
     }
 }
@@ -684,6 +721,7 @@ fn compact(shared: &Shared, open: u64) -> Result<Option<CompactStats>, OpenError
         records: HashMap::new(),
         events: HashMap::new(),
         meta: HashMap::new(),
+        people: HashMap::new(),
         seq: 0,
     };
     // A stop does not wait for a compaction: it is abandoned (what it
@@ -737,6 +775,9 @@ fn compact(shared: &Shared, open: u64) -> Result<Option<CompactStats>, OpenError
             }
         }
     }
+    for frame in fold.people.values() {
+        buf.extend_from_slice(frame);
+    }
     for ((source, id), at) in &fold.events {
         if *at >= earliest {
             codec::encode(
@@ -786,6 +827,8 @@ struct ByteFold {
     records: HashMap<(Box<str>, Box<str>), Vec<u8>>,
     events: HashMap<(Box<str>, Box<str>), i64>,
     meta: HashMap<String, String>,
+    /// People's current records, as frames.
+    people: HashMap<Box<str>, Vec<u8>>,
     seq: u64,
 }
 
@@ -825,6 +868,39 @@ impl ByteFold {
                 }
             },
             Entry::Seq(seq) => self.seq = self.seq.max(*seq),
+            Entry::Person {
+                id,
+                seq,
+                change,
+                present,
+                json,
+            } => {
+                self.seq = self.seq.max(*seq);
+                if *change && self.history_cap > 0 {
+                    if self.history.len() == self.history_cap {
+                        self.history.pop_front();
+                    }
+                    let mut frame = Vec::new();
+                    codec::encode(entry, &mut frame);
+                    self.history.push_back(frame);
+                }
+                if *present {
+                    let mut frame = Vec::new();
+                    codec::encode(
+                        &Entry::Person {
+                            id,
+                            seq: *seq,
+                            change: false,
+                            present: true,
+                            json,
+                        },
+                        &mut frame,
+                    );
+                    self.people.insert((*id).into(), frame);
+                } else {
+                    self.people.remove(*id);
+                }
+            }
         }
     }
 }

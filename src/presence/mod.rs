@@ -18,8 +18,8 @@ pub mod store;
 
 use std::borrow::Cow;
 
-pub use changes::{Change, ChangeLog};
-pub use model::{Availability, CallState, Millis, Presence, PresenceRecord};
+pub use changes::{Change, ChangeLog, Event};
+pub use model::{Availability, CallState, Decider, Millis, PersonRecord, Presence, PresenceRecord};
 pub use records::Records;
 pub use store::{ApplyOutcome, Cursor, Page, Store, StoreError};
 

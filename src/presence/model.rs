@@ -7,10 +7,10 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The normalized availability of a principal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Availability {
     Available,
@@ -109,6 +109,14 @@ impl fmt::Display for Millis {
 impl Serialize for Millis {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
+    }
+}
+
+/// Reads what [`Serialize`] writes (persisted person records).
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Millis::parse_rfc3339(&text).ok_or_else(|| serde::de::Error::custom("not an RFC 3339 time"))
     }
 }
 
@@ -221,7 +229,7 @@ impl Presence {
 }
 
 /// One record as consumers see it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceRecord {
     pub source: Arc<str>,
     pub principal: Arc<str>,
@@ -253,6 +261,44 @@ impl PresenceRecord {
     pub fn with_seq(mut self, seq: u64) -> Self {
         self.seq = seq;
         self
+    }
+}
+
+/// Which identity decided a person's presence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decider {
+    pub source: Arc<str>,
+    pub principal: Arc<str>,
+}
+
+/// A person's presence, derived from the records of their identities
+/// (DESIGN §9); see [`crate::people`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonRecord {
+    pub person: Arc<str>,
+    pub name: Option<Arc<str>>,
+    pub availability: Availability,
+    pub activity: Option<Arc<str>>,
+    pub status_text: Option<Arc<str>>,
+    /// The deciding record's `observed_at`; `None` while no identity has a
+    /// record.
+    pub observed_at: Option<Millis>,
+    pub seq: u64,
+    pub decided_by: Option<Decider>,
+    /// The identity records that exist, in the mapping's order.
+    pub sources: Vec<PresenceRecord>,
+}
+
+impl PersonRecord {
+    /// Whether a consumer would see a difference in what was derived
+    /// (the identity records underneath may differ: a change of an
+    /// identity that does not change the winner is no person event).
+    pub fn same_derived(&self, other: &PersonRecord) -> bool {
+        self.name == other.name
+            && self.availability == other.availability
+            && self.activity == other.activity
+            && self.status_text == other.status_text
+            && self.decided_by == other.decided_by
     }
 }
 

@@ -43,7 +43,7 @@ use super::records::{
     ApplyOutcome, Records, Step, new_call_record, new_record, update_call, update_record,
 };
 use super::store::StoreError;
-use super::{CallUpdate, PresenceUpdate};
+use super::{CallUpdate, Event, PresenceUpdate};
 use crate::cluster::feed::{self, FeedEvent};
 use crate::cluster::{Redis, Unavailable};
 
@@ -301,7 +301,7 @@ impl RedisBackend {
         self.seen.fetch_max(presence.seq, Ordering::AcqRel);
         records.install_newer(index, principal, presence);
         if let Some(record) = record {
-            records.changes().commit_replicated(record);
+            records.changes().commit_replicated(Event::Presence(record));
         }
     }
 
@@ -391,11 +391,11 @@ impl RedisBackend {
             if let Some((source, principal, presence)) = parse_entry(&fields)
                 && let Some(index) = self.index(source)
             {
-                history.push(PresenceRecord::new(
+                history.push(Event::Presence(PresenceRecord::new(
                     &self.sources[index].0,
                     principal,
                     &presence,
-                ));
+                )));
             }
         }
         history.reverse();

@@ -205,7 +205,7 @@ impl Snapshots {
         }
         let then = store.changes().between(index.at, at).ok()?;
         // Up to `at` without a hole, or not at all.
-        (then.last().map(|c| c.record.seq) == Some(at)).then_some(Taken { index, then })
+        (then.last().map(|c| c.seq()) == Some(at)).then_some(Taken { index, then })
     }
 }
 

@@ -33,6 +33,8 @@ use super::redis::{RecordsHandle, RedisBackend};
 use super::snapshot::Snapshots;
 use super::{CallUpdate, PresenceUpdate};
 use crate::cluster::Redis;
+use crate::config::people::Mapping;
+use crate::people::{self, People, Reconciled};
 use crate::telemetry::LogEvery;
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +82,8 @@ pub struct Store {
     full_logged: LogEvery,
     /// Snapshots for stream consumers.
     snapshots: Snapshots,
+    /// People derived from the records (DESIGN §9).
+    people: People,
 }
 
 enum Backend {
@@ -107,6 +111,7 @@ impl Store {
             refused: AtomicU64::new(0),
             full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
             snapshots: Snapshots::default(),
+            people: People::default(),
         }
     }
 
@@ -125,6 +130,8 @@ impl Store {
             .changes()
             .restore(loaded.seq, std::mem::take(&mut loaded.history));
         let meta = std::mem::take(&mut loaded.meta);
+        let people = People::default();
+        people.restore(std::mem::take(&mut loaded.people).into_values());
         loaded.records = records.total_len() as u64;
         Ok((
             Store {
@@ -136,6 +143,7 @@ impl Store {
                 refused: AtomicU64::new(0),
                 full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
                 snapshots: Snapshots::default(),
+                people,
             },
             loaded,
         ))
@@ -156,6 +164,7 @@ impl Store {
             refused: AtomicU64::new(0),
             full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
             snapshots: Snapshots::default(),
+            people: People::default(),
         }
     }
 
@@ -269,8 +278,13 @@ impl Store {
         self.check_writable()?;
         let outcome = match &self.backend {
             Backend::Memory { journal } => {
-                self.records
-                    .apply_with(source, update, received_at, journal.as_ref())
+                let outcome =
+                    self.records
+                        .apply_with(source, update, received_at, journal.as_ref());
+                if matches!(outcome, ApplyOutcome::Changed(_) | ApplyOutcome::Refreshed) {
+                    self.touched(source, &update.principal, journal.as_ref());
+                }
+                outcome
             }
             Backend::Redis(backend) => {
                 backend
@@ -294,8 +308,13 @@ impl Store {
         self.check_writable()?;
         let outcome = match &self.backend {
             Backend::Memory { journal } => {
-                self.records
-                    .apply_call_with(source, update, received_at, journal.as_ref())
+                let outcome =
+                    self.records
+                        .apply_call_with(source, update, received_at, journal.as_ref());
+                if matches!(outcome, ApplyOutcome::Changed(_)) {
+                    self.touched(source, &update.principal, journal.as_ref());
+                }
+                outcome
             }
             Backend::Redis(backend) => {
                 backend
@@ -307,6 +326,29 @@ impl Store {
             ApplyOutcome::Full => Err(self.full()),
             outcome => Ok(outcome),
         }
+    }
+
+    /// Re-derives the person an identity belongs to after its record
+    /// changed (memory backend).
+    fn touched(&self, source: usize, principal: &str, journal: Option<&Journal>) {
+        self.people
+            .touched(source, principal, &self.records, &|change| {
+                people::commit_local(&self.records, journal, change)
+            });
+    }
+
+    /// The people derived from the records.
+    pub fn people(&self) -> &People {
+        &self.people
+    }
+
+    /// Puts a (new) people mapping in use and brings every person in line
+    /// with it (see [`People::reconcile`]); blocking with many people.
+    pub fn reconcile_people(&self, mapping: &Mapping) -> Reconciled {
+        let journal = self.journal();
+        self.people.reconcile(mapping, &self.records, &|change| {
+            people::commit_local(&self.records, journal, change)
+        })
     }
 
     /// Makes sure the change log holds every change up to `seq` that the

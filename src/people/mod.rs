@@ -1,0 +1,553 @@
+//! People: one presence per person across providers (DESIGN §9).
+//!
+//! The mapping (`[people]` file, [`crate::config::people`]) says which
+//! `(source, principal)` identities are one person; with
+//! `match_equal_principals`, a principal that is not mapped and has records
+//! on two or more sources is a person too, whose id is the principal.
+//!
+//! Every applied presence change of an identity re-derives that one
+//! person ([`derive`]): a lookup of the identity (one hash probe, also for
+//! principals that belong to nobody), reads of the person's few identity
+//! records, and a comparison with the person's current record. Only a
+//! change of what a consumer sees (availability, activity, status text,
+//! the deciding identity, the name) is committed, with its own `seq`, to the
+//! same change log as presence changes, so person events stream, replay
+//! and persist like presence events. The cost does not depend on the
+//! number of people.
+//!
+//! A new mapping (reload) is swapped in whole and every person is
+//! reconciled against it: people whose derived record changes get an event;
+//! a person who is no longer mapped gets a final record (`unknown`, no
+//! sources) and is forgotten.
+//!
+//! Locks: the mapping index is behind a read-write lock taken for reading
+//! on every identity change and for writing only by a reload; person
+//! records are behind one mutex, held while a person is derived and
+//! committed so that two identities of one person changing at once are
+//! decided one after the other, each on the other's result.
+
+pub mod derive;
+pub mod reload;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::people::Mapping;
+use crate::presence::codec::Entry;
+use crate::presence::journal::Journal;
+use crate::presence::{Availability, Event, Millis, PersonRecord, Records};
+use derive::{IdentityRecord, derive, in_call};
+
+/// The mapping, indexed for the lookups an identity change makes.
+#[derive(Default)]
+struct Index {
+    /// Principal → the `(source, person)` pairs it is an identity of.
+    by_principal: HashMap<Arc<str>, Vec<(usize, u32)>>,
+    people: Vec<Person>,
+    /// Person id → position in `people`.
+    by_id: HashMap<Arc<str>, u32>,
+    /// Positions in `people`, ordered by id (for paging).
+    sorted: Vec<u32>,
+    match_equal: bool,
+    version: u64,
+}
+
+struct Person {
+    id: Arc<str>,
+    name: Option<Arc<str>>,
+    /// `(source index, principal)`, in the file's order.
+    identities: Vec<(usize, Arc<str>)>,
+}
+
+impl Index {
+    /// Indexes a mapping for these sources (an identity of a source that is
+    /// not configured is left out: validation refuses such a file).
+    fn build(mapping: &Mapping, records: &Records) -> Index {
+        let mut index = Index {
+            match_equal: mapping.match_equal_principals,
+            version: mapping.version,
+            ..Index::default()
+        };
+        for def in &mapping.people {
+            let position = index.people.len() as u32;
+            let identities: Vec<(usize, Arc<str>)> = def
+                .identities
+                .iter()
+                .filter_map(|i| Some((records.source_index(&i.source)?, Arc::clone(&i.principal))))
+                .collect();
+            for (source, principal) in &identities {
+                index
+                    .by_principal
+                    .entry(Arc::clone(principal))
+                    .or_default()
+                    .push((*source, position));
+            }
+            index.by_id.insert(Arc::clone(&def.id), position);
+            index.people.push(Person {
+                id: Arc::clone(&def.id),
+                name: def.name.clone(),
+                identities,
+            });
+        }
+        let mut sorted: Vec<u32> = (0..index.people.len() as u32).collect();
+        sorted.sort_unstable_by(|&a, &b| {
+            index.people[a as usize]
+                .id
+                .cmp(&index.people[b as usize].id)
+        });
+        index.sorted = sorted;
+        index
+    }
+
+    /// The explicit person an identity belongs to.
+    fn explicit(&self, source: usize, principal: &str) -> Option<u32> {
+        let pairs = self.by_principal.get(principal)?;
+        pairs.iter().find(|(s, _)| *s == source).map(|(_, p)| *p)
+    }
+}
+
+/// Whom an identity change concerns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Target {
+    /// A mapped person (position in the index).
+    Explicit(u32),
+    /// An unmapped principal seen on several sources.
+    Implicit(Arc<str>),
+}
+
+/// Person records and the people formed by equal principals.
+#[derive(Default)]
+struct State {
+    records: HashMap<Arc<str>, Arc<PersonRecord>>,
+    implicit: BTreeSet<Arc<str>>,
+}
+
+/// See the module doc.
+#[derive(Default)]
+pub struct People {
+    /// Whether a mapping is in use (one load when not).
+    enabled: AtomicBool,
+    index: RwLock<Arc<Index>>,
+    state: Mutex<State>,
+    /// Person events committed (metrics).
+    events: AtomicU64,
+    /// Where the mapping came from and how its last reload went.
+    status: Mutex<Option<MappingStatus>>,
+}
+
+/// The mapping's state for `GET /v1/people`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MappingStatus {
+    pub version: u64,
+    pub people: usize,
+    pub file: String,
+    pub loaded_at: Option<Millis>,
+    pub match_equal_principals: bool,
+    pub last_error: Option<ReloadError>,
+}
+
+/// Why the latest reload was refused (the previous mapping stays).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadError {
+    pub message: String,
+    pub at: Millis,
+}
+
+impl std::fmt::Debug for People {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("People")
+            .field("enabled", &self.enabled())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a reconciliation did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub people: usize,
+    pub changed: usize,
+    pub removed: usize,
+}
+
+/// A person's record change to commit: the new record (its `seq` is
+/// assigned at commit) and whether the person stays (`false`: this is the
+/// final record of a person no longer mapped).
+pub struct PersonChange {
+    pub record: PersonRecord,
+    pub stays: bool,
+}
+
+impl People {
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// The version of the mapping in use (0: none).
+    pub fn version(&self) -> u64 {
+        self.index.read().version
+    }
+
+    /// Number of people: mapped, and formed by equal principals.
+    pub fn len(&self) -> usize {
+        self.index.read().people.len() + self.state.lock().implicit.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The mapping's state, once one is in use.
+    pub fn status(&self) -> Option<MappingStatus> {
+        let mut status = self.status.lock().clone()?;
+        status.people = self.len();
+        Some(status)
+    }
+
+    /// Records where the mapping came from and how its last reload went.
+    pub fn set_status(&self, status: MappingStatus) {
+        *self.status.lock() = Some(status);
+    }
+
+    /// Person events committed by this process.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Installs persisted person records (start-up, before any change).
+    pub fn restore(&self, people: impl IntoIterator<Item = Arc<PersonRecord>>) {
+        let mut state = self.state.lock();
+        for record in people {
+            state.records.insert(Arc::clone(&record.person), record);
+        }
+    }
+
+    /// A person's current record, with the current records of their
+    /// identities as `sources`; a mapped person without any identity
+    /// record yet is `unknown` with `seq` 0.
+    pub fn get(&self, id: &str, records: &Records) -> Option<PersonRecord> {
+        let index = Arc::clone(&self.index.read());
+        let stored = self.state.lock().records.get(id).cloned();
+        let target = match index.by_id.get(id) {
+            Some(&p) => Target::Explicit(p),
+            None if stored.is_some() && index.match_equal => Target::Implicit(Arc::from(id)),
+            None => return None,
+        };
+        let identities = identity_records(&index, &target, records);
+        Some(match stored {
+            Some(stored) => PersonRecord {
+                sources: identities.into_iter().map(|i| i.record).collect(),
+                ..(*stored).clone()
+            },
+            None => {
+                let (id, name) = person_names(&index, &target);
+                let mut record = record_of(id, name, &identities, 0);
+                record.seq = 0;
+                record
+            }
+        })
+    }
+
+    /// Up to `limit` people with an id after `after`, in id order, keeping
+    /// those whose availability `filter` accepts; and whether more follow.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        filter: Option<Availability>,
+        records: &Records,
+    ) -> (Vec<PersonRecord>, Option<Arc<str>>) {
+        let index = Arc::clone(&self.index.read());
+        let implicit: Vec<Arc<str>> = {
+            let state = self.state.lock();
+            match after {
+                Some(a) => state
+                    .implicit
+                    .range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                    .cloned()
+                    .collect(),
+                None => state.implicit.iter().cloned().collect(),
+            }
+        };
+        let start = after.map_or(0, |a| {
+            index
+                .sorted
+                .partition_point(|&p| &*index.people[p as usize].id <= a)
+        });
+        let mut explicit = index.sorted[start..]
+            .iter()
+            .map(|&p| Arc::clone(&index.people[p as usize].id))
+            .peekable();
+        let mut implicit = implicit.into_iter().peekable();
+        let mut items = Vec::new();
+        let mut last: Option<Arc<str>> = None;
+        loop {
+            let next = match (explicit.peek(), implicit.peek()) {
+                (Some(e), Some(i)) if i < e => implicit.next(),
+                (Some(_), _) => explicit.next(),
+                (None, Some(_)) => implicit.next(),
+                (None, None) => break,
+            };
+            let Some(id) = next else { break };
+            if items.len() == limit {
+                return (items, last);
+            }
+            last = Some(Arc::clone(&id));
+            if let Some(record) = self.get(&id, records)
+                && filter.is_none_or(|a| a == record.availability)
+            {
+                items.push(record);
+            }
+        }
+        (items, None)
+    }
+
+    /// The current records of the people asked for (`None`: everyone)
+    /// whose `seq` is at most `at`, in `seq` order (stream snapshots).
+    pub fn snapshot(&self, ids: Option<&[String]>, at: u64) -> Vec<Arc<PersonRecord>> {
+        let state = self.state.lock();
+        let mut out: Vec<Arc<PersonRecord>> = match ids {
+            None => state
+                .records
+                .values()
+                .filter(|r| r.seq <= at)
+                .cloned()
+                .collect(),
+            Some(ids) => {
+                let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.iter()
+                    .filter_map(|id| state.records.get(*id))
+                    .filter(|r| r.seq <= at)
+                    .cloned()
+                    .collect()
+            }
+        };
+        out.sort_unstable_by_key(|r| r.seq);
+        out
+    }
+
+    /// After a change of `(source, principal)`'s record: re-derives the
+    /// person it belongs to, if any, and commits what changed through
+    /// `commit` (memory backend: the change log and the journal).
+    pub fn touched(
+        &self,
+        source: usize,
+        principal: &str,
+        records: &Records,
+        commit: &dyn Fn(PersonChange) -> Arc<PersonRecord>,
+    ) {
+        if !self.enabled() {
+            return;
+        }
+        let index = Arc::clone(&self.index.read());
+        let target = match index.explicit(source, principal) {
+            Some(p) => Target::Explicit(p),
+            None if index.match_equal => Target::Implicit(Arc::from(principal)),
+            None => return,
+        };
+        let mut state = self.state.lock();
+        if let Target::Implicit(p) = &target
+            && !state.implicit.contains(p)
+        {
+            // A person once a second source has this principal.
+            let sources = identity_records(&index, &target, records).len();
+            if sources < 2 || index.by_id.contains_key(p) {
+                return;
+            }
+            state.implicit.insert(Arc::clone(p));
+        }
+        self.settle(&index, &target, records, &mut state, commit);
+    }
+
+    /// Derives one person and commits the record if a consumer would see a
+    /// difference; returns whether it did.
+    fn settle(
+        &self,
+        index: &Index,
+        target: &Target,
+        records: &Records,
+        state: &mut State,
+        commit: &dyn Fn(PersonChange) -> Arc<PersonRecord>,
+    ) -> bool {
+        let identities = identity_records(index, target, records);
+        let (id, name) = person_names(index, target);
+        let current = state.records.get(&*id);
+        if identities.is_empty() && current.is_none() {
+            // Nothing known of this person yet: nothing to say.
+            return false;
+        }
+        let record = record_of(Arc::clone(&id), name, &identities, 0);
+        if current.is_some_and(|c| c.same_derived(&record)) {
+            return false;
+        }
+        let committed = commit(PersonChange {
+            record,
+            stays: true,
+        });
+        self.events.fetch_add(1, Ordering::Relaxed);
+        state.records.insert(id, committed);
+        true
+    }
+
+    /// Swaps in a new mapping and brings every person in line with it:
+    /// people whose derived record changes (identities moved, names
+    /// changed) get an event; people no longer mapped get a final record
+    /// (`unknown`, no sources) and are forgotten. Takes a while with many
+    /// people: call it off the async workers.
+    pub fn reconcile(
+        &self,
+        mapping: &Mapping,
+        records: &Records,
+        commit: &dyn Fn(PersonChange) -> Arc<PersonRecord>,
+    ) -> Reconciled {
+        let fresh = Arc::new(Index::build(mapping, records));
+        let mut state = self.state.lock();
+        *self.index.write() = Arc::clone(&fresh);
+        self.enabled.store(true, Ordering::Release);
+        // People formed by equal principals, as the records are now.
+        state.implicit.clear();
+        if fresh.match_equal {
+            let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
+            records.for_each(|source, principal, _| {
+                let Some(s) = records.source_index(source) else {
+                    return;
+                };
+                if fresh.explicit(s, principal).is_none() {
+                    *seen.entry(Arc::from(principal)).or_default() += 1;
+                }
+            });
+            state.implicit = seen
+                .into_iter()
+                .filter(|(p, n)| *n >= 2 && !fresh.by_id.contains_key(p))
+                .map(|(p, _)| p)
+                .collect();
+        }
+        let mut done = Reconciled::default();
+        for position in 0..fresh.people.len() as u32 {
+            done.people += 1;
+            if self.settle(
+                &fresh,
+                &Target::Explicit(position),
+                records,
+                &mut state,
+                commit,
+            ) {
+                done.changed += 1;
+            }
+        }
+        let implicit: Vec<Arc<str>> = state.implicit.iter().cloned().collect();
+        for p in implicit {
+            done.people += 1;
+            if self.settle(&fresh, &Target::Implicit(p), records, &mut state, commit) {
+                done.changed += 1;
+            }
+        }
+        let gone: Vec<Arc<str>> = state
+            .records
+            .keys()
+            .filter(|id| !fresh.by_id.contains_key(*id) && !state.implicit.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let name = state.records.get(&id).and_then(|r| r.name.clone());
+            let record = record_of(Arc::clone(&id), name, &[], 0);
+            commit(PersonChange {
+                record,
+                stays: false,
+            });
+            self.events.fetch_add(1, Ordering::Relaxed);
+            state.records.remove(&id);
+            done.removed += 1;
+        }
+        done
+    }
+}
+
+/// The records of a person's identities that exist, in the mapping's order.
+fn identity_records(index: &Index, target: &Target, records: &Records) -> Vec<IdentityRecord> {
+    let read = |source: usize, principal: &str| {
+        let presence = records.get_presence(source, principal)?;
+        let id = records.source_id(source)?;
+        Some(IdentityRecord {
+            in_call: in_call(&presence),
+            record: crate::presence::PresenceRecord::new(id, principal, &presence),
+        })
+    };
+    match target {
+        Target::Explicit(p) => index.people[*p as usize]
+            .identities
+            .iter()
+            .filter_map(|(s, principal)| read(*s, principal))
+            .collect(),
+        Target::Implicit(principal) => (0..records.source_count())
+            .filter(|&s| index.explicit(s, principal).is_none())
+            .filter_map(|s| read(s, principal))
+            .collect(),
+    }
+}
+
+fn person_names(index: &Index, target: &Target) -> (Arc<str>, Option<Arc<str>>) {
+    match target {
+        Target::Explicit(p) => {
+            let person = &index.people[*p as usize];
+            (Arc::clone(&person.id), person.name.clone())
+        }
+        Target::Implicit(principal) => (Arc::clone(principal), None),
+    }
+}
+
+/// The person record the rule gives for these identity records.
+fn record_of(
+    id: Arc<str>,
+    name: Option<Arc<str>>,
+    identities: &[IdentityRecord],
+    seq: u64,
+) -> PersonRecord {
+    let derived = derive(identities);
+    PersonRecord {
+        person: id,
+        name,
+        availability: derived.availability,
+        activity: derived.activity,
+        status_text: derived.status_text,
+        observed_at: derived.observed_at,
+        seq,
+        decided_by: derived.decided_by,
+        sources: identities.iter().map(|i| i.record.clone()).collect(),
+    }
+}
+
+/// Commits a person change to the memory backend: the next `seq` from the
+/// change log and, in the same step (so the journal keeps `seq` order), the
+/// journal entry when `data_dir` is set.
+pub fn commit_local(
+    records: &Records,
+    journal: Option<&Journal>,
+    change: PersonChange,
+) -> Arc<PersonRecord> {
+    let mut committed = None;
+    records.changes().commit_event(|seq| {
+        let record = Arc::new(PersonRecord {
+            seq,
+            ..change.record
+        });
+        if let Some(journal) = journal {
+            let json = serde_json::to_string(&*record).unwrap_or_default();
+            journal.append(&Entry::Person {
+                id: &record.person,
+                seq,
+                change: true,
+                present: change.stays,
+                json: &json,
+            });
+        }
+        committed = Some(Arc::clone(&record));
+        Event::Person(record)
+    });
+    // `commit_event` always calls its closure.
+    committed.unwrap_or_else(|| Arc::new(record_of(Arc::from(""), None, &[], 0)))
+}
