@@ -350,7 +350,11 @@ function renderPeople() {
     }
     const list = document.createElement("ul");
     list.className = "identities";
-    for (const r of p.sources || []) {
+    for (const held of p.sources || []) {
+      // A change of an identity that does not change the person sends no
+      // person event: show the newer presence record when the page has it.
+      const live = records.get(held.source + "\u0000" + held.principal);
+      const r = live && live.seq > held.seq ? live : held;
       const item = document.createElement("li");
       item.dataset.source = r.source;
       item.dataset.principal = r.principal;
