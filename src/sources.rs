@@ -149,6 +149,8 @@ pub struct SourceStats {
     clock_skew_logged: LogEvery,
     pub ignored: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
+    /// `accepted`, per minute of the last hour (the dashboard's sparkline).
+    pub accepted_per_minute: MinuteRing,
     /// Receive time of the last authentic event, epoch ms; 0 for never.
     last_event_at: AtomicI64,
     pub latency: LatencyHistogram,
@@ -177,6 +179,7 @@ impl Default for SourceStats {
             clock_skew_logged: LogEvery::new(CLOCK_SKEW_LOG_INTERVAL_MS),
             ignored: AtomicU64::new(0),
             rejected: Default::default(),
+            accepted_per_minute: MinuteRing::default(),
             last_event_at: AtomicI64::new(0),
             latency: LatencyHistogram::new(&LATENCY_BUCKETS),
         }
@@ -194,15 +197,19 @@ impl SourceStats {
         self.rejected[why as usize].load(Ordering::Relaxed)
     }
 
-    /// Counts the outcome of one applied event.
-    pub fn applied(&self, outcome: ApplyOutcome) {
+    /// Counts the outcome of one applied event, received at `at`.
+    pub fn applied(&self, outcome: ApplyOutcome, at: Millis) {
         self.received.fetch_add(1, Ordering::Relaxed);
         let counter = match outcome {
             ApplyOutcome::Changed(_) => {
                 self.changed.fetch_add(1, Ordering::Relaxed);
+                self.accepted_per_minute.bump(at);
                 &self.accepted
             }
-            ApplyOutcome::Refreshed => &self.accepted,
+            ApplyOutcome::Refreshed => {
+                self.accepted_per_minute.bump(at);
+                &self.accepted
+            }
             ApplyOutcome::Duplicate => &self.duplicate,
             ApplyOutcome::Stale => &self.stale,
             // Not an applied event: the store answers it as an error, which
@@ -230,6 +237,98 @@ impl SourceStats {
             0 => None,
             ms => Some(Millis(ms)),
         }
+    }
+}
+
+/// Minutes a [`MinuteRing`] covers: the last hour.
+pub const RING_MINUTES: usize = 60;
+
+/// Events per minute over the last hour, bumped on the webhook hot path
+/// without a lock.
+///
+/// One slot per minute of the hour (`minute % 60`), each an atomic holding
+/// the minute it counts in its high half and the count in its low half. A
+/// bump in a minute the slot already counts is one `fetch_add`; the first
+/// bump of a new minute replaces whatever the slot held (an hour ago, or
+/// longer) with a compare-and-swap. A reader keeps only the slots whose
+/// minute falls in the hour it asks for, so idle minutes, gaps and hours
+/// without any event read as 0 without anything having to clear them.
+///
+/// Time is always passed in ([`MinuteRing::bump`], [`MinuteRing::last_hour`]),
+/// so tests choose the clock. A bump that races with the start of the next
+/// minute may be counted in either minute.
+#[derive(Debug)]
+pub struct MinuteRing {
+    slots: [AtomicU64; RING_MINUTES],
+}
+
+impl Default for MinuteRing {
+    fn default() -> Self {
+        MinuteRing {
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl MinuteRing {
+    /// The high half of a slot: which minute its count belongs to.
+    const STAMP: u64 = !0 << 32;
+
+    fn minute(at: Millis) -> i64 {
+        at.0.div_euclid(60_000)
+    }
+
+    fn slot(&self, minute: i64) -> &AtomicU64 {
+        // rem_euclid: in 0..60, whatever the sign.
+        &self.slots[minute.rem_euclid(RING_MINUTES as i64) as usize]
+    }
+
+    /// The stamp of a minute: its number modulo 2^32 (8,000 years of
+    /// minutes; only equality within one hour matters).
+    fn stamp(minute: i64) -> u64 {
+        (minute as u64) << 32
+    }
+
+    /// Counts one event at `at`.
+    pub fn bump(&self, at: Millis) {
+        let minute = Self::minute(at);
+        let slot = self.slot(minute);
+        let stamp = Self::stamp(minute);
+        let mut current = slot.load(Ordering::Relaxed);
+        loop {
+            if current & Self::STAMP == stamp {
+                // Four billion events in one minute would carry into the
+                // stamp; a source does not get near that.
+                slot.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            match slot.compare_exchange_weak(
+                current,
+                stamp | 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                // Another event started the minute first (or a spurious
+                // failure): look again.
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// The counts of the hour up to `now`, a minute each, oldest first; the
+    /// last is the minute `now` is in.
+    pub fn last_hour(&self, now: Millis) -> Vec<u32> {
+        let this = Self::minute(now);
+        (this - (RING_MINUTES as i64 - 1)..=this)
+            .map(|minute| {
+                let value = self.slot(minute).load(Ordering::Relaxed);
+                match value & Self::STAMP == Self::stamp(minute) {
+                    true => value as u32,
+                    false => 0,
+                }
+            })
+            .collect()
     }
 }
 
@@ -625,12 +724,12 @@ pub async fn apply(
             _ => update,
         };
         let outcome = store.apply(source.index, update, received_at).await?;
-        source.stats.applied(outcome);
+        source.stats.applied(outcome, received_at);
         tracing::debug!(source = %source.id, principal = %update.principal, ?outcome, "event applied");
     }
     for call in &parsed.calls {
         let outcome = store.apply_call(source.index, call, received_at).await?;
-        source.stats.applied(outcome);
+        source.stats.applied(outcome, received_at);
         tracing::debug!(source = %source.id, principal = %call.principal, ?outcome, "call event applied");
     }
     if parsed.ignored > 0 {
@@ -772,6 +871,92 @@ mod tests {
         };
         let store = Store::new(&[Arc::clone(&source.id)], limits).with_max_records(max_records);
         (source, store)
+    }
+
+    /// A time `minutes` whole minutes and `secs` seconds after a minute
+    /// boundary (any fixed instant would do; none depends on today).
+    fn at(minutes: i64, secs: i64) -> Millis {
+        Millis(1_700_000_040_000 + minutes * 60_000 + secs * 1000)
+    }
+
+    #[test]
+    fn the_minute_ring_counts_each_minute_and_rolls_over_at_the_boundary() {
+        let ring = MinuteRing::default();
+        assert_eq!(ring.last_hour(at(0, 0)), vec![0; RING_MINUTES]);
+        ring.bump(at(0, 0));
+        ring.bump(at(0, 59));
+        ring.bump(at(1, 0));
+        let hour = ring.last_hour(at(1, 30));
+        assert_eq!(hour.len(), RING_MINUTES);
+        assert_eq!(&hour[RING_MINUTES - 2..], &[2, 1]);
+        assert_eq!(hour.iter().sum::<u32>(), 3);
+        // Read later in the same minute, or from a minute on: the counts
+        // move left as the hour moves on.
+        assert_eq!(ring.last_hour(at(1, 59)), hour);
+        let later = ring.last_hour(at(2, 0));
+        assert_eq!(&later[RING_MINUTES - 3..], &[2, 1, 0]);
+    }
+
+    #[test]
+    fn the_minute_ring_reads_gaps_of_several_minutes_as_zero() {
+        let ring = MinuteRing::default();
+        ring.bump(at(10, 5));
+        for _ in 0..4 {
+            ring.bump(at(15, 1));
+        }
+        let hour = ring.last_hour(at(15, 2));
+        assert_eq!(&hour[RING_MINUTES - 6..], &[1, 0, 0, 0, 0, 4]);
+        assert_eq!(hour.iter().sum::<u32>(), 5);
+    }
+
+    #[test]
+    fn the_minute_ring_forgets_what_is_more_than_an_hour_old() {
+        let ring = MinuteRing::default();
+        ring.bump(at(0, 0));
+        ring.bump(at(59, 0));
+        // The minute of `at(0, 0)` is the oldest of the hour up to minute 59.
+        let hour = ring.last_hour(at(59, 0));
+        assert_eq!((hour[0], hour[RING_MINUTES - 1]), (1, 1));
+        // One minute on it has left the hour, though its slot still holds it.
+        let hour = ring.last_hour(at(60, 0));
+        assert_eq!(hour.iter().sum::<u32>(), 1);
+        assert_eq!(hour[RING_MINUTES - 2], 1);
+        // Idle for hours: nothing left, and the first event of a minute whose
+        // slot held an old count starts that slot over.
+        assert_eq!(ring.last_hour(at(300, 0)), vec![0; RING_MINUTES]);
+        ring.bump(at(300, 10));
+        let hour = ring.last_hour(at(300, 20));
+        assert_eq!(hour.iter().sum::<u32>(), 1);
+        assert_eq!(hour[RING_MINUTES - 1], 1);
+    }
+
+    #[test]
+    fn the_minute_ring_works_before_1970_too() {
+        let ring = MinuteRing::default();
+        ring.bump(Millis(-1));
+        ring.bump(Millis(0));
+        let hour = ring.last_hour(Millis(0));
+        assert_eq!(&hour[RING_MINUTES - 2..], &[1, 1]);
+    }
+
+    #[tokio::test]
+    async fn accepted_events_are_counted_in_the_minute_they_arrive() {
+        let (source, store) = source_and_store(0);
+        let one = |u: PresenceUpdate<'static>| Parsed {
+            updates: vec![u],
+            ..Parsed::default()
+        };
+        let mut dup = update("p");
+        dup.event_id = Some(Cow::Borrowed("e-1"));
+        apply(&store, &source, &one(dup.clone())).await.unwrap();
+        // A duplicate is not accepted; a refresh is.
+        apply(&store, &source, &one(dup)).await.unwrap();
+        apply(&store, &source, &one(update("p"))).await.unwrap();
+        let accepted = source.stats.accepted.load(Ordering::Relaxed);
+        assert_eq!(accepted, 2);
+        let hour = source.stats.accepted_per_minute.last_hour(Millis::now());
+        // The test may have crossed a minute boundary: the hour holds both.
+        assert_eq!(hour.iter().map(|&n| u64::from(n)).sum::<u64>(), accepted);
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! The dashboard in a real browser: headless Chromium driven through
 //! ChromeDriver's WebDriver API (Debian's `chromium` and `chromium-driver`;
 //! `.ci/run` installs them). Loads `/`, watches rows appear and change
-//! colour as signed webhooks arrive, filters, reads the source counters,
-//! sees the connection indicator follow a gateway restart, and saves a
+//! colour as signed webhooks arrive, filters, reads the source counters
+//! and the overview's charts (the sparkline of accepted events, the stacked
+//! bar of availabilities), sees the connection indicator follow a gateway restart, and saves a
 //! screenshot under the test's output directory.
 
 mod common;
@@ -129,8 +130,13 @@ impl Browser {
 
     /// Polls `script` until it returns `expected` (10 s at most).
     async fn wait_for(&self, script: &str, expected: Value) {
+        self.wait_for_within(script, expected, 10).await;
+    }
+
+    /// Polls `script` until it returns `expected` (`secs` at most).
+    async fn wait_for_within(&self, script: &str, expected: Value, secs: u64) {
         let mut last = Value::Null;
-        for _ in 0..100 {
+        for _ in 0..secs * 10 {
             last = self.eval(script).await;
             if last == expected {
                 return;
@@ -197,6 +203,18 @@ async fn driver_port(stdout: tokio::process::ChildStdout) -> u16 {
 
 /// Posts a presence change observed `step` ms after the test's start.
 async fn post(gw: &Gateway, principal: &str, status: &str, note: &str, step: i64) {
+    post_to(gw, ("mitel", MITEL_KEY), principal, status, note, step).await;
+}
+
+/// [`post`] to another Mitel source, signed with its key.
+async fn post_to(
+    gw: &Gateway,
+    (source, key): (&str, &str),
+    principal: &str,
+    status: &str,
+    note: &str,
+    step: i64,
+) {
     static START: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     let start = *START.get_or_init(|| {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
@@ -206,7 +224,7 @@ async fn post(gw: &Gateway, principal: &str, status: &str, note: &str, step: i64
         "subject": format!("/presentities/{principal}"),
         "content": {"presence": status, "statusMessage": note, "timestamp": start + step}})
     .to_string();
-    gw.post_signed("mitel", MITEL_KEY, &body).await;
+    gw.post_signed(source, key, &body).await;
 }
 
 /// Starts the gateway on a copy of `listener` and waits until it is
@@ -234,6 +252,30 @@ fn row(principal: &str) -> String {
          if (!r) return null;
          const b = r.querySelector('.badge');
          return [r.dataset.availability, getComputedStyle(b).backgroundColor];"
+    )
+}
+
+/// A source's sparkline: how many points it draws and the total it
+/// says it shows (`data-total`), or null.
+fn sparkline(source: &str) -> String {
+    format!(
+        "const s = document.querySelector('[data-source=\"{source}\"] svg.spark');
+         if (!s) return null;
+         const line = s.querySelector('polyline');
+         return [line ? line.getAttribute('points').split(' ').length : 0,
+                 Number(s.dataset.total)];"
+    )
+}
+
+/// A source's stacked bar: per segment its availability, count, width in
+/// percent (rounded) and fill colour.
+fn segments(source: &str) -> String {
+    format!(
+        "const bar = document.querySelector('[data-source=\"{source}\"] svg.dist');
+         if (!bar) return null;
+         return [...bar.querySelectorAll('rect')].map(r => [r.dataset.availability,
+           r.dataset.count, Math.round(Number(r.getAttribute('width'))),
+           getComputedStyle(r).fill]);"
     )
 }
 
@@ -311,6 +353,43 @@ domain = "acme.example"
             json!("subscription state-failed true"),
         )
         .await;
+    // The overview's charts: the sparkline holds the hour's accepted
+    // events (all in the last minute or two), the stacked bar one segment
+    // per availability of the source's records, coloured like the rows.
+    browser.wait_for(&sparkline("mitel"), json!([60, 3])).await;
+    browser
+        .wait_for(
+            &segments("mitel"),
+            json!([
+                ["available", "1", 50, "rgb(31, 157, 85)"],
+                ["away", "1", 50, "rgb(214, 158, 46)"]
+            ]),
+        )
+        .await;
+    let legend = browser
+        .eval("return document.querySelector('[data-source=\"mitel\"] .legend').innerText;")
+        .await;
+    assert!(
+        legend
+            .as_str()
+            .is_some_and(|t| t.contains("available 1") && t.contains("away 1")),
+        "{legend}"
+    );
+    post(&gw, "bob", "Busy", "on the phone", 4).await;
+    post(&gw, "dave", "Busy", "", 5).await;
+    browser.wait_for(&sparkline("mitel"), json!([60, 5])).await;
+    browser
+        .wait_for(
+            &segments("mitel"),
+            json!([
+                ["available", "1", 33, "rgb(31, 157, 85)"],
+                ["busy", "2", 67, "rgb(197, 48, 48)"]
+            ]),
+        )
+        .await;
+    // A source without records draws an empty bar and a flat line.
+    browser.wait_for(&sparkline("ns"), json!([60, 0])).await;
+    browser.wait_for(&segments("ns"), json!([])).await;
     let png = browser.screenshot().await;
     assert_eq!(&png[1..4], b"PNG");
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
@@ -340,6 +419,219 @@ domain = "acme.example"
     browser.close().await;
 }
 
+/// A second Mitel source's key (the desk phones).
+const DESK_KEY: &str = "3f0d6a52-5a0b-4a4e-9e51-0f4f3c0b6d21";
+
+/// The row of `person` in the People tab: its availability, badge colour,
+/// the source that decided it, and its identities as
+/// `source/principal/availability`; or null.
+fn person(id: &str) -> String {
+    format!(
+        "const r = document.querySelector('#people-rows tr[data-person=\"{id}\"]');
+         if (!r) return null;
+         const b = r.querySelector('.badge');
+         return [r.dataset.availability, getComputedStyle(b).backgroundColor,
+                 r.dataset.decidedBy,
+                 [...r.querySelectorAll('.identities li[data-source]')].map(li =>
+                   li.dataset.source + '/' + li.dataset.principal + '/' + li.dataset.availability)];"
+    )
+}
+
+const PEOPLE_ROWS: &str =
+    "return [...document.querySelectorAll('#people-rows tr')].map(r => r.dataset.person);";
+
+#[tokio::test]
+async fn the_people_tab_shows_derived_presence_live_and_follows_reloads() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dashboard-people-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("people dir");
+    let people = dir.join("people.toml");
+    let ana = r#"
+[[person]]
+id = "ana"
+name = "Ana Lima"
+identities = [
+  { source = "mitel", principal = "ana-m" },
+  { source = "desk", principal = "ana-d" },
+]
+"#;
+    let bo =
+        "\n[[person]]\nid = \"bo\"\nidentities = [{ source = \"mitel\", principal = \"bo-m\" }]\n";
+    std::fs::write(&people, format!("{ana}{bo}")).expect("write people.toml");
+    let config = common::mitel_config(&format!(
+        r#"
+[[sources]]
+id = "desk"
+kind = "mitel"
+signing_keys = ["{DESK_KEY}"]
+
+[people]
+file = "{}"
+"#,
+        people.display()
+    ));
+    let gw = Gateway::start(&config).await;
+    let desk = ("desk", DESK_KEY);
+    post(&gw, "ana-m", "Available", "", 1).await;
+    post_to(&gw, desk, "ana-d", "Busy", "on a call", 2).await;
+
+    let browser = Browser::start().await;
+    browser.go(&format!("{}/#token={TOKEN}", gw.url(""))).await;
+    browser.wait_for(CONNECTION, json!("live")).await;
+    // The tab shows once the gateway says it has people.
+    browser
+        .wait_for(
+            "const t = document.getElementById('tab-people'); return !t.hidden;",
+            json!(true),
+        )
+        .await;
+    browser
+        .eval("document.getElementById('tab-people').click(); return null;")
+        .await;
+    let ana_m = |a: &str| format!("mitel/ana-m/{a}");
+    let ana_d = |a: &str| format!("desk/ana-d/{a}");
+    browser
+        .wait_for(
+            &person("ana"),
+            json!([
+                "busy",
+                "rgb(197, 48, 48)",
+                "desk",
+                [ana_m("available"), ana_d("busy")]
+            ]),
+        )
+        .await;
+    // A person none of whose identities has a record: unknown, listed.
+    browser
+        .wait_for(
+            &person("bo"),
+            json!(["unknown", "rgb(160, 174, 192)", "", []]),
+        )
+        .await;
+    let text = browser
+        .eval("return document.querySelector('tr[data-person=\"ana\"]').innerText;")
+        .await;
+    assert!(
+        text.as_str()
+            .is_some_and(|t| t.contains("Ana Lima") && t.contains("ana-d")),
+        "{text}"
+    );
+    let mapping = browser
+        .eval("return document.getElementById('mapping').textContent;")
+        .await;
+    assert!(
+        mapping
+            .as_str()
+            .is_some_and(|t| t.contains("mapping version 1") && t.contains("2 people")),
+        "{mapping}"
+    );
+
+    // Live: the desk phone goes to do-not-disturb, which wins; then offline,
+    // and the Mitel identity decides again.
+    post_to(&gw, desk, "ana-d", "DoNotDisturb", "", 3).await;
+    browser
+        .wait_for(
+            &person("ana"),
+            json!([
+                "do_not_disturb",
+                "rgb(130, 39, 39)",
+                "desk",
+                [ana_m("available"), ana_d("do_not_disturb")]
+            ]),
+        )
+        .await;
+    post_to(&gw, desk, "ana-d", "Offline", "", 4).await;
+    browser
+        .wait_for(
+            &person("ana"),
+            json!([
+                "available",
+                "rgb(31, 157, 85)",
+                "mitel",
+                [ana_m("available"), ana_d("offline")]
+            ]),
+        )
+        .await;
+    // An identity change that does not change the winner: no person event
+    // needs to come, the identity still shows its new availability.
+    post_to(&gw, desk, "ana-d", "Away", "", 5).await;
+    browser
+        .wait_for(
+            &person("ana"),
+            json!([
+                "available",
+                "rgb(31, 157, 85)",
+                "mitel",
+                [ana_m("available"), ana_d("away")]
+            ]),
+        )
+        .await;
+    post(&gw, "bo-m", "Away", "lunch", 6).await;
+    browser
+        .wait_for(
+            &person("bo"),
+            json!(["away", "rgb(214, 158, 46)", "mitel", ["mitel/bo-m/away"]]),
+        )
+        .await;
+    // The filter box narrows the people.
+    browser.type_into("#people-filter", "lima").await;
+    browser.wait_for(PEOPLE_ROWS, json!(["ana"])).await;
+    browser
+        .eval(
+            "const f = document.getElementById('people-filter'); f.value = '';
+             f.dispatchEvent(new Event('input')); return null;",
+        )
+        .await;
+    browser.wait_for(PEOPLE_ROWS, json!(["ana", "bo"])).await;
+
+    // A reload that fails keeps the mapping and says why.
+    std::fs::write(
+        &people,
+        "[[person]]\nid = \"ana\"\nidentities = [{ source = \"nowhere\", principal = \"x\" }]\n",
+    )
+    .expect("write a bad people.toml");
+    browser
+        .wait_for_within(
+            "const e = document.querySelector('#mapping .error');
+             return !!e && e.textContent.includes('last reload failed');",
+            json!(true),
+            30,
+        )
+        .await;
+    browser.wait_for(PEOPLE_ROWS, json!(["ana", "bo"])).await;
+    // A reload without bo: bo leaves the tab, ana stays as she was.
+    std::fs::write(&people, ana).expect("write people.toml without bo");
+    browser
+        .wait_for_within(PEOPLE_ROWS, json!(["ana"]), 30)
+        .await;
+    browser
+        .wait_for(
+            &person("ana"),
+            json!([
+                "available",
+                "rgb(31, 157, 85)",
+                "mitel",
+                [ana_m("available"), ana_d("away")]
+            ]),
+        )
+        .await;
+
+    let png = browser.screenshot().await;
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-people.png");
+    std::fs::write(&out, &png).expect("save the screenshot");
+    eprintln!("screenshot: {}", out.display());
+
+    // The presence tab is still fed by the same stream.
+    browser
+        .eval("document.getElementById('tab-presence').click(); return null;")
+        .await;
+    browser
+        .wait_for(&row("bo-m"), json!(["away", "rgb(214, 158, 46)"]))
+        .await;
+    browser.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn the_page_and_its_assets_are_embedded_and_locked_down() {
     let gw = Gateway::start(&common::mitel_config("")).await;
@@ -357,7 +649,10 @@ async fn the_page_and_its_assets_are_embedded_and_locked_down() {
         let csp = headers["content-security-policy"].to_str().unwrap();
         assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
         let text = response.text().await.unwrap();
-        // Nothing from elsewhere: no CDN, no external fonts or scripts.
+        // Nothing from elsewhere: no CDN, no external fonts or scripts. (The
+        // SVG namespace the script builds its charts in is a name, not a
+        // resource.)
+        let text = text.replace("\"http://www.w3.org/2000/svg\"", "");
         assert!(
             !text.contains("http://") && !text.contains("https://"),
             "{path}"

@@ -244,8 +244,13 @@ struct SourceView {
     id: String,
     kind: &'static str,
     records: usize,
+    /// The source's current records per availability (every value a key).
+    availability: AvailabilityCounts,
     last_event_at: Option<Millis>,
     counters: Counters,
+    /// `accepted` per minute over the last hour, oldest first; the last is
+    /// the current minute (this replica's count).
+    accepted_per_minute: Vec<u32>,
     /// Managed upstream subscriptions; none for sources without a
     /// `[sources.subscription]` table. Secret ids appear as fingerprints.
     subscriptions: Vec<SubscriptionView>,
@@ -256,6 +261,22 @@ struct SourceView {
     /// Graph sources: the resyncs that read every configured user.
     #[serde(skip_serializing_if = "Option::is_none")]
     resync: Option<crate::upstream::graph::ResyncView>,
+}
+
+/// Record counts by availability, as a JSON object with every availability
+/// as a key, in the documented order.
+#[derive(Debug)]
+struct AvailabilityCounts([u64; Availability::ALL.len()]);
+
+impl Serialize for AvailabilityCounts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for a in Availability::ALL {
+            map.serialize_entry(a.as_str(), &self.0[a as usize])?;
+        }
+        map.end()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -278,6 +299,12 @@ struct Counters {
 
 /// `GET /v1/sources`.
 pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
+    Json(sources_view(&state, Millis::now()))
+}
+
+/// The state of every source at `now` (which ends the last minute of
+/// `accepted_per_minute`).
+fn sources_view(state: &AppState, now: Millis) -> SourcesView {
     use std::sync::atomic::Ordering::Relaxed;
     let sources = state
         .sources()
@@ -288,6 +315,8 @@ pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
                 id: s.id.to_string(),
                 kind: s.kind.as_str(),
                 records: state.store().len(s.index),
+                availability: AvailabilityCounts(state.store().availability_counts(s.index)),
+                accepted_per_minute: st.accepted_per_minute.last_hour(now),
                 last_event_at: st.last_event_at(),
                 counters: Counters {
                     received: st.received.load(Relaxed),
@@ -314,5 +343,62 @@ pub async fn sources(State(state): State<AppState>) -> Json<SourcesView> {
             }
         })
         .collect();
-    Json(SourcesView { sources })
+    SourcesView { sources }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::presence::{ApplyOutcome, PresenceUpdate};
+
+    #[tokio::test]
+    async fn sources_shows_the_hour_of_accepted_events_and_the_availabilities() {
+        let state = crate::http::test_state(16);
+        let source = state.sources().get("m").expect("source m");
+        // Any fixed time: the minutes come from it, not from today.
+        let now = Millis(1_700_000_075_000);
+        for (principal, availability) in [("a", Availability::Busy), ("b", Availability::Busy)] {
+            let update = PresenceUpdate {
+                principal: Cow::Borrowed(principal),
+                availability,
+                activity: None,
+                status_text: None,
+                raw_status: None,
+                observed_at: Some(now),
+                event_id: None,
+            };
+            let outcome = state.store().apply(0, &update, now).await.expect("apply");
+            source.stats.applied(outcome, now);
+        }
+        source
+            .stats
+            .applied(ApplyOutcome::Refreshed, Millis(now.0 - 60_000));
+        let view = serde_json::to_value(sources_view(&state, now)).expect("JSON");
+        let m = &view["sources"][0];
+        let per_minute = m["accepted_per_minute"].as_array().expect("array");
+        assert_eq!(per_minute.len(), 60);
+        assert_eq!(per_minute[58], 1);
+        assert_eq!(per_minute[59], 2);
+        let availability = m["availability"].as_object().expect("object");
+        let keys: Vec<&str> = availability.keys().map(String::as_str).collect();
+        let mut all: Vec<&str> = Availability::ALL.iter().map(|a| a.as_str()).collect();
+        all.sort_unstable();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, all);
+        assert_eq!(m["availability"]["busy"], 2);
+        assert_eq!(m["availability"]["available"], 0);
+        // An hour later the minutes have left the window.
+        let later =
+            serde_json::to_value(sources_view(&state, Millis(now.0 + 3_600_000))).expect("JSON");
+        assert!(
+            later["sources"][0]["accepted_per_minute"]
+                .as_array()
+                .expect("array")
+                .iter()
+                .all(|n| n == 0)
+        );
+    }
 }

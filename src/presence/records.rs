@@ -308,6 +308,7 @@ impl Records {
         let position = match found {
             Some(position) => {
                 let current = &mut shard.entries[position].presence;
+                let before = current.availability;
                 match update_record(current, update, received_at, &mut share) {
                     Step::Stale => return ApplyOutcome::Stale,
                     Step::Refreshed => {
@@ -321,7 +322,10 @@ impl Records {
                         }
                         return ApplyOutcome::Refreshed;
                     }
-                    Step::Changed => position,
+                    Step::Changed => {
+                        shard.tally.moved(before, current.availability);
+                        position
+                    }
                 }
             }
             None => {
@@ -376,7 +380,10 @@ impl Records {
         let mut share =
             |have: Option<&Arc<str>>, want: Option<&str>| words.share(have, want, hasher);
         let current = &mut shard.entries[position].presence;
-        match update_call(current, update, received_at, &mut share) {
+        let before = current.availability;
+        let step = update_call(current, update, received_at, &mut share);
+        shard.tally.moved(before, current.availability);
+        match step {
             Step::Changed => self.publish(&src.id, current, &update.principal, journal),
             _ => {
                 if let Some(journal) = journal {
@@ -429,7 +436,13 @@ impl Records {
             ..presence
         };
         match shard.find(hash, principal) {
-            Some(position) => shard.entries[position].presence = presence,
+            Some(position) => {
+                let current = &mut shard.entries[position].presence;
+                shard
+                    .tally
+                    .moved(current.availability, presence.availability);
+                *current = presence;
+            }
             None => {
                 self.count.fetch_add(1, Ordering::Relaxed);
                 shard.push(hash, principal, presence, &self.hash_a);
@@ -652,13 +665,16 @@ impl Records {
         })
     }
 
-    /// Counts records per availability for one source (for metrics).
+    /// Counts records per availability for one source (`/metrics`,
+    /// `/v1/sources`), indexed by `Availability as usize`: from the shards'
+    /// tallies, so the cost does not grow with the number of records.
     pub fn availability_counts(&self, source: usize) -> [u64; Availability::ALL.len()] {
         let mut counts = [0u64; Availability::ALL.len()];
         if let Some(src) = self.sources.get(source) {
             for shard in src.shards.iter() {
-                for entry in &shard.read().entries {
-                    counts[entry.presence.availability as usize] += 1;
+                let tally = *shard.read().tally.counts();
+                for (sum, n) in counts.iter_mut().zip(tally) {
+                    *sum += n;
                 }
             }
         }
@@ -1103,6 +1119,77 @@ mod tests {
             ApplyOutcome::Changed(2)
         );
         assert_eq!(s.get(0, "new").unwrap().activity, None);
+    }
+
+    /// The tallies, checked against counting every record.
+    fn counts(s: &Records, source: usize) -> [u64; Availability::ALL.len()] {
+        let mut scanned = [0u64; Availability::ALL.len()];
+        s.for_each(|id, _, p| {
+            if s.source_index(id) == Some(source) {
+                scanned[p.availability as usize] += 1;
+            }
+        });
+        let tallied = s.availability_counts(source);
+        assert_eq!(tallied, scanned, "tallies against a scan");
+        tallied
+    }
+
+    fn count_of(s: &Records, source: usize, a: Availability) -> u64 {
+        counts(s, source)[a as usize]
+    }
+
+    #[test]
+    fn a_change_of_availability_moves_one_count() {
+        use Availability::{Available, Away, Busy, Unknown};
+        let s = store();
+        s.apply(0, &update("p", Busy, 10), Millis(10));
+        s.apply(0, &update("q", Busy, 10), Millis(10));
+        s.apply(1, &update("p", Away, 10), Millis(10));
+        assert_eq!(count_of(&s, 0, Busy), 2);
+        assert_eq!(count_of(&s, 1, Away), 1);
+        s.apply(0, &update("p", Available, 20), Millis(20));
+        let c = counts(&s, 0);
+        assert_eq!((c[Busy as usize], c[Available as usize]), (1, 1));
+        assert_eq!(c.iter().sum::<u64>(), 2);
+        // Stale, refreshed, or only the text changed: nothing moves.
+        s.apply(0, &update("p", Away, 5), Millis(21));
+        s.apply(0, &update("p", Available, 30), Millis(30));
+        let mut text = update("p", Available, 40);
+        text.status_text = Some(Cow::Borrowed("back soon"));
+        s.apply(0, &text, Millis(40));
+        assert_eq!(counts(&s, 0), c);
+        // A call on a new principal makes an unknown record; on a known one
+        // it changes the activity, not the availability.
+        s.apply_call(0, &call("r", "c1", Some(CallState::Connected)), Millis(50));
+        s.apply_call(0, &call("q", "c2", Some(CallState::Connected)), Millis(50));
+        let c = counts(&s, 0);
+        assert_eq!((c[Unknown as usize], c[Busy as usize]), (1, 1));
+        s.apply(0, &update("r", Away, 60), Millis(60));
+        assert_eq!((count_of(&s, 0, Unknown), count_of(&s, 0, Away)), (0, 1));
+        // Another source is its own.
+        assert_eq!(counts(&s, 1).iter().sum::<u64>(), 1);
+        assert_eq!(s.availability_counts(7), [0; Availability::ALL.len()]);
+    }
+
+    #[test]
+    fn installed_records_move_counts_too() {
+        // Loading a journal and the Redis mirror both install records.
+        use Availability::{Away, Busy, Offline};
+        let s = store();
+        s.apply(0, &update("p", Busy, 10), Millis(10));
+        let mut presence = s.get_presence(0, "p").unwrap();
+        presence.availability = Offline;
+        presence.rev = 1;
+        assert!(s.install(0, "p", presence.clone()));
+        assert_eq!((count_of(&s, 0, Busy), count_of(&s, 0, Offline)), (0, 1));
+        // The same revision again changes nothing; a new one moves it.
+        assert!(!s.install_newer(0, "p", presence.clone()));
+        presence.availability = Away;
+        presence.rev = 2;
+        assert!(s.install_newer(0, "p", presence.clone()));
+        assert!(s.install(0, "new", presence));
+        let c = counts(&s, 0);
+        assert_eq!((c[Offline as usize], c[Away as usize]), (0, 2));
     }
 
     #[test]

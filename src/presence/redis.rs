@@ -851,6 +851,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_mirror_counts_records_per_availability_on_every_replica() {
+        let keys = TestKeys::new("tally").await;
+        let (a, b) = (store(&keys).await, store(&keys).await);
+        let busy = Availability::Busy as usize;
+        let away = Availability::Away as usize;
+        a.apply(0, &update("p", Availability::Busy, 10, None), Millis(1))
+            .await
+            .unwrap();
+        a.apply(0, &update("q", Availability::Busy, 10, None), Millis(1))
+            .await
+            .unwrap();
+        // B changes p on top of A's write (its mirror learns A's copy first).
+        b.apply(0, &update("p", Availability::Away, 20, None), Millis(2))
+            .await
+            .unwrap();
+        let on_b = b.availability_counts(0);
+        assert_eq!((on_b[busy], on_b[away]), (0, 1));
+        // A learns the changes it did not make from Redis, as the feed would.
+        a.catch_up(3).await;
+        let on_a = a.availability_counts(0);
+        assert_eq!((on_a[busy], on_a[away]), (1, 1));
+        assert_eq!(on_a.iter().sum::<u64>(), 2);
+    }
+
+    #[tokio::test]
     async fn catch_up_reads_changes_the_feed_has_not_brought_yet() {
         let keys = TestKeys::new("catchup").await;
         let (a, b) = (store(&keys).await, store(&keys).await);
