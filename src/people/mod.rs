@@ -175,6 +175,7 @@ pub struct Reconciled {
 /// A person's record change to commit: the new record (its `seq` is
 /// assigned at commit) and whether the person stays (`false`: this is the
 /// final record of a person no longer mapped).
+#[derive(Clone, Debug)]
 pub struct PersonChange {
     pub record: PersonRecord,
     pub stays: bool,
@@ -404,28 +405,8 @@ impl People {
         records: &Records,
         commit: &dyn Fn(PersonChange) -> Arc<PersonRecord>,
     ) -> Reconciled {
-        let fresh = Arc::new(Index::build(mapping, records));
         let mut state = self.state.lock();
-        *self.index.write() = Arc::clone(&fresh);
-        self.enabled.store(true, Ordering::Release);
-        // People formed by equal principals, as the records are now.
-        state.implicit.clear();
-        if fresh.match_equal {
-            let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
-            records.for_each(|source, principal, _| {
-                let Some(s) = records.source_index(source) else {
-                    return;
-                };
-                if fresh.explicit(s, principal).is_none() {
-                    *seen.entry(Arc::from(principal)).or_default() += 1;
-                }
-            });
-            state.implicit = seen
-                .into_iter()
-                .filter(|(p, n)| *n >= 2 && !fresh.by_id.contains_key(p))
-                .map(|(p, _)| p)
-                .collect();
-        }
+        let fresh = self.swap_mapping(mapping, records, &mut state);
         let mut done = Reconciled::default();
         for position in 0..fresh.people.len() as u32 {
             done.people += 1;
@@ -465,6 +446,263 @@ impl People {
         }
         done
     }
+}
+
+impl People {
+    /// Puts `mapping` in use and finds the people formed by equal
+    /// principals as the records are now (under the state lock, so no
+    /// identity change is derived half on the old mapping).
+    fn swap_mapping(&self, mapping: &Mapping, records: &Records, state: &mut State) -> Arc<Index> {
+        let fresh = Arc::new(Index::build(mapping, records));
+        *self.index.write() = Arc::clone(&fresh);
+        self.enabled.store(true, Ordering::Release);
+        state.implicit.clear();
+        if fresh.match_equal {
+            let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
+            records.for_each(|source, principal, _| {
+                let Some(s) = records.source_index(source) else {
+                    return;
+                };
+                if fresh.explicit(s, principal).is_none() {
+                    *seen.entry(Arc::from(principal)).or_default() += 1;
+                }
+            });
+            state.implicit = seen
+                .into_iter()
+                .filter(|(p, n)| *n >= 2 && !fresh.by_id.contains_key(p))
+                .map(|(p, _)| p)
+                .collect();
+        }
+        fresh
+    }
+}
+
+/// An identity the rule looked at: `(source index, principal, revision of
+/// its record)`, revision 0 when it has none.
+pub type Revision = (usize, Arc<str>, u32);
+
+/// A person's record derived from the records here, with what it was
+/// derived from. The Redis backend commits it only while all of that is
+/// still current in Redis (another replica may have changed an identity,
+/// or committed the person, in between); see [`crate::presence::redis`].
+#[derive(Clone, Debug)]
+pub struct Derivation {
+    /// The derived record (for a person no longer mapped: the final one).
+    pub change: PersonChange,
+    /// Whether a consumer would see a difference from the record held
+    /// (only [`People::derive_touched`] returns derivations without one:
+    /// the backend checks that no difference was missed for want of a
+    /// change this replica has not seen yet).
+    pub differs: bool,
+    /// Every identity the rule looked at.
+    pub identities: Vec<Revision>,
+    /// The `seq` of the person's record held here, which the change
+    /// replaces (0: none).
+    pub replaces: u64,
+}
+
+/// Shared backends (Redis): the decisions of [`People::touched`] and
+/// [`People::reconcile`], returned as [`Derivation`]s for the backend to
+/// commit (instead of committed under the state lock), and the records the
+/// backend committed or received, installed afterwards.
+impl People {
+    /// [`People::touched`] without the commit: the derivation of the person
+    /// `(source, principal)` belongs to, also when it shows no difference
+    /// (see [`Derivation::differs`]); `None` when the identity is nobody's
+    /// or nothing is known of the person.
+    pub fn derive_touched(
+        &self,
+        source: usize,
+        principal: &str,
+        records: &Records,
+    ) -> Option<Derivation> {
+        if !self.enabled() {
+            return None;
+        }
+        let index = Arc::clone(&self.index.read());
+        let target = match index.explicit(source, principal) {
+            Some(p) => Target::Explicit(p),
+            None if index.match_equal => Target::Implicit(Arc::from(principal)),
+            None => return None,
+        };
+        let mut state = self.state.lock();
+        if let Target::Implicit(p) = &target
+            && !state.implicit.contains(p)
+        {
+            let sources = identity_records(&index, &target, records).len();
+            if sources < 2 || index.by_id.contains_key(p) {
+                return None;
+            }
+            state.implicit.insert(Arc::clone(p));
+        }
+        derivation(&index, &target, records, &state, true)
+    }
+
+    /// The derivation of person `id` as the records are now (again, after
+    /// a commit lost a race): the derived record when it differs from the
+    /// one held; the final record when the person is no longer mapped but
+    /// a record is held; otherwise `None`.
+    pub fn derive_person(&self, id: &str, records: &Records) -> Option<Derivation> {
+        let index = Arc::clone(&self.index.read());
+        let state = self.state.lock();
+        let target = match index.by_id.get(id) {
+            Some(&p) => Target::Explicit(p),
+            None if state.implicit.contains(id) => Target::Implicit(Arc::from(id)),
+            None => return state.records.get(id).map(|r| farewell(r)),
+        };
+        derivation(&index, &target, records, &state, false)
+    }
+
+    /// [`People::reconcile`] without the commits: puts `mapping` in use and
+    /// returns the derivations of every person whose record must change
+    /// (final records for people no longer mapped), and how many people
+    /// there are. Takes a while with many people: call it off the async
+    /// workers.
+    pub fn remap(&self, mapping: &Mapping, records: &Records) -> (Vec<Derivation>, usize) {
+        let mut state = self.state.lock();
+        let fresh = self.swap_mapping(mapping, records, &mut state);
+        let implicit: Vec<Arc<str>> = state.implicit.iter().cloned().collect();
+        let targets = (0..fresh.people.len() as u32)
+            .map(Target::Explicit)
+            .chain(implicit.into_iter().map(Target::Implicit));
+        let mut out = Vec::new();
+        let mut people = 0;
+        for target in targets {
+            people += 1;
+            out.extend(derivation(&fresh, &target, records, &state, false));
+        }
+        out.extend(
+            state
+                .records
+                .iter()
+                .filter(|(id, _)| !fresh.by_id.contains_key(*id) && !state.implicit.contains(*id))
+                .map(|(_, r)| farewell(r)),
+        );
+        (out, people)
+    }
+
+    /// Installs a person record committed through a shared backend (here
+    /// or by another replica) unless the record held is as new; a final
+    /// record (`stays: false`) forgets the person. Returns whether it was
+    /// installed.
+    pub fn install(&self, record: Arc<PersonRecord>, stays: bool) -> bool {
+        let index = Arc::clone(&self.index.read());
+        let mut state = self.state.lock();
+        if state
+            .records
+            .get(&record.person)
+            .is_some_and(|held| held.seq >= record.seq)
+        {
+            return false;
+        }
+        let id = Arc::clone(&record.person);
+        if !stays {
+            state.records.remove(&id);
+            state.implicit.remove(&id);
+            return true;
+        }
+        if index.match_equal && !index.by_id.contains_key(&id) {
+            // Formed by equal principals on the replica that derived it.
+            state.implicit.insert(Arc::clone(&id));
+        }
+        state.records.insert(id, record);
+        true
+    }
+
+    /// Forgets the record held of person `id` if its `seq` is below
+    /// `below`: the shared backend holds none (another replica committed
+    /// the person's final record).
+    pub fn forget(&self, id: &str, below: u64) {
+        let mut state = self.state.lock();
+        if state.records.get(id).is_some_and(|held| held.seq < below) {
+            state.records.remove(id);
+        }
+    }
+
+    /// Counts a person event this process committed through a shared
+    /// backend (see [`People::events`]).
+    pub fn count_event(&self) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The derivation of one person as the records are now, when a consumer
+/// would see a difference from the record held (or also without one:
+/// `always`).
+fn derivation(
+    index: &Index,
+    target: &Target,
+    records: &Records,
+    state: &State,
+    always: bool,
+) -> Option<Derivation> {
+    let (identities, revisions) = identity_records_and_revisions(index, target, records);
+    let (id, name) = person_names(index, target);
+    let current = state.records.get(&*id);
+    if identities.is_empty() && current.is_none() {
+        return None;
+    }
+    let record = record_of(id, name, &identities, 0);
+    let differs = !current.is_some_and(|c| c.same_derived(&record));
+    if !differs && !always {
+        return None;
+    }
+    Some(Derivation {
+        change: PersonChange {
+            record,
+            stays: true,
+        },
+        differs,
+        identities: revisions,
+        replaces: current.map_or(0, |c| c.seq),
+    })
+}
+
+/// The final record of a person no longer mapped: `unknown`, no sources.
+fn farewell(held: &PersonRecord) -> Derivation {
+    Derivation {
+        change: PersonChange {
+            record: record_of(Arc::clone(&held.person), held.name.clone(), &[], 0),
+            stays: false,
+        },
+        differs: true,
+        identities: Vec::new(),
+        replaces: held.seq,
+    }
+}
+
+/// [`identity_records`], and the revision of every identity looked at (0:
+/// no record), read together so that the revisions are those of the
+/// records the rule is given.
+fn identity_records_and_revisions(
+    index: &Index,
+    target: &Target,
+    records: &Records,
+) -> (Vec<IdentityRecord>, Vec<Revision>) {
+    let identities: Vec<(usize, Arc<str>)> = match target {
+        Target::Explicit(p) => index.people[*p as usize].identities.clone(),
+        Target::Implicit(principal) => (0..records.source_count())
+            .filter(|&s| index.explicit(s, principal).is_none())
+            .map(|s| (s, Arc::clone(principal)))
+            .collect(),
+    };
+    let mut found = Vec::with_capacity(identities.len());
+    let mut revisions = Vec::with_capacity(identities.len());
+    for (source, principal) in identities {
+        let presence = records.get_presence(source, &principal);
+        revisions.push((
+            source,
+            Arc::clone(&principal),
+            presence.as_ref().map_or(0, |p| p.rev),
+        ));
+        if let (Some(presence), Some(id)) = (presence, records.source_id(source)) {
+            found.push(IdentityRecord {
+                in_call: in_call(&presence),
+                record: crate::presence::PresenceRecord::new(id, &principal, &presence),
+            });
+        }
+    }
+    (found, revisions)
 }
 
 /// The records of a person's identities that exist, in the mapping's order.

@@ -26,21 +26,18 @@ fn status_of(status: &ReloadStatus, mapping: &Mapping) -> MappingStatus {
     }
 }
 
-/// Reconciles the store's people with `mapping` on a blocking thread.
+/// Reconciles the store's people with `mapping` (off the async workers;
+/// with Redis, once the mirror is loaded: see [`Store::reconcile_people`]).
 async fn reconcile(store: &Arc<Store>, mapping: Arc<Mapping>) {
-    let store = Arc::clone(store);
     let version = mapping.version;
-    let done = tokio::task::spawn_blocking(move || store.reconcile_people(&mapping)).await;
-    match done {
-        Ok(done) => tracing::info!(
-            version,
-            people = done.people,
-            changed = done.changed,
-            removed = done.removed,
-            "people mapping in use"
-        ),
-        Err(e) => tracing::error!(version, error = %e, "people reconciliation failed"),
-    }
+    let done = store.reconcile_people(mapping).await;
+    tracing::info!(
+        version,
+        people = done.people,
+        changed = done.changed,
+        removed = done.removed,
+        "people mapping in use"
+    );
 }
 
 /// Puts the watcher's current mapping in use, then follows it until

@@ -13,7 +13,9 @@
 //! - `P:dedup:{source}:{event id}`: present while the id is inside the dedup
 //!   window (`PX`);
 //! - `P:meta`: a hash of upstream values (subscription ids, refresh tokens);
-//! - channel `P:changes`: every write, as it happens.
+//! - channel `P:changes`: every write, as it happens;
+//! - `P:people` and person events in `P:history` and on `P:changes`: see
+//!   [`people`].
 //!
 //! A write is decided here with the same rules as the memory backend
 //! ([`update_record`]), on the mirror's copy of the record, and made in Redis
@@ -29,12 +31,14 @@
 //! backfilled from the stream after any gap), never straight from a write, so
 //! every replica's streams see every change exactly once in `seq` order.
 
+mod people;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::codec;
@@ -46,6 +50,7 @@ use super::store::StoreError;
 use super::{CallUpdate, Event, PresenceUpdate};
 use crate::cluster::feed::{self, FeedEvent};
 use crate::cluster::{Redis, Unavailable};
+use crate::people::People;
 
 /// Decide-and-write rounds before a write gives up (each lost round means
 /// another replica wrote the same record in between).
@@ -118,16 +123,21 @@ return 0
 pub struct RedisBackend {
     redis: Redis,
     apply: redis::Script,
+    /// The person commit script ([`people::PERSON`]).
+    person: redis::Script,
     seq_key: String,
     history_key: String,
     channel: String,
     meta_key: String,
+    people_key: String,
     /// Per source index: its id and record hash key.
     sources: Vec<(Arc<str>, String)>,
     history: usize,
     window_ms: u64,
     /// The mirror was loaded from Redis (start-up done).
     loaded: AtomicBool,
+    /// Wakes [`RedisBackend::wait_loaded`] once `loaded` is set.
+    loaded_signal: Notify,
     /// The highest `seq` this replica has seen (written, received or
     /// loaded): Redis must never hand out one at or below it, even after
     /// losing its data.
@@ -171,6 +181,8 @@ impl RedisBackend {
     pub fn new(redis: Redis, source_ids: &[Arc<str>], history: usize, window_ms: i64) -> Self {
         RedisBackend {
             apply: redis::Script::new(APPLY),
+            person: redis::Script::new(people::PERSON),
+            people_key: redis.key(&["people"]),
             seq_key: redis.key(&["seq"]),
             history_key: redis.key(&["history"]),
             channel: redis.key(&["changes"]),
@@ -182,6 +194,7 @@ impl RedisBackend {
             history,
             window_ms: u64::try_from(window_ms).unwrap_or(0),
             loaded: AtomicBool::new(false),
+            loaded_signal: Notify::new(),
             seen: AtomicU64::new(0),
             redis,
         }
@@ -196,6 +209,24 @@ impl RedisBackend {
     /// answers.
     pub fn is_ready(&self) -> bool {
         self.loaded.load(Ordering::Acquire) && self.redis.is_up()
+    }
+
+    /// Returns once the mirror is loaded (at once afterwards).
+    pub async fn wait_loaded(&self) {
+        loop {
+            // Created before the check: a `notify_waiters` after the check
+            // still wakes it.
+            let signal = self.loaded_signal.notified();
+            if self.loaded.load(Ordering::Acquire) {
+                return;
+            }
+            signal.await;
+        }
+    }
+
+    fn set_loaded(&self) {
+        self.loaded.store(true, Ordering::Release);
+        self.loaded_signal.notify_waiters();
     }
 
     /// Subscribes to the change feed, loads the mirror (retrying until Redis
@@ -219,7 +250,7 @@ impl RedisBackend {
         // written meanwhile is missed: what the load already holds is
         // skipped by `seq` and revision.
         loop {
-            match self.load(records.get()).await {
+            match self.load(records.get(), records.people()).await {
                 Ok(()) => break,
                 Err(Unavailable) => {
                     tokio::select! {
@@ -229,7 +260,7 @@ impl RedisBackend {
                 }
             }
         }
-        self.loaded.store(true, Ordering::Release);
+        self.set_loaded();
         tracing::info!(
             redis = %self.redis.endpoint(),
             records = records.get().total_len(),
@@ -247,7 +278,10 @@ impl RedisBackend {
                     // Retried until it works: the feed only resubscribes
                     // once Redis answers again.
                     while self.heal(records.get()).await.is_err()
-                        || self.backfill(records.get()).await.is_err()
+                        || self
+                            .backfill(records.get(), records.people())
+                            .await
+                            .is_err()
                     {
                         tokio::select! {
                             () = shutdown.cancelled() => return,
@@ -257,35 +291,32 @@ impl RedisBackend {
                 }
                 Some(FeedEvent::Message(bytes)) => {
                     if let Some((change, source, principal, presence)) = parse_message(&bytes) {
-                        self.receive(records.get(), change, source, principal, presence)
+                        let seq = change.then_some(presence.seq);
+                        self.fill_gap(records.get(), records.people(), seq).await;
+                        if let Some(index) = self.index(source) {
+                            self.install(records.get(), index, principal, presence, change);
+                        }
+                    } else if let Some(person) = people::parse_message(&bytes) {
+                        let seq = person.record.seq;
+                        self.fill_gap(records.get(), records.people(), Some(seq))
                             .await;
+                        self.install_person(records.get(), records.people(), person);
                     }
                 }
             }
         }
     }
 
-    /// Applies one replicated write to the mirror and, for a change, to the
-    /// change log (backfilling from the stream first when changes before it
-    /// were missed).
-    async fn receive(
-        &self,
-        records: &Records,
-        change: bool,
-        source: &str,
-        principal: &str,
-        presence: Presence,
-    ) {
-        let Some(index) = self.index(source) else {
-            return;
-        };
-        let seq = presence.seq;
-        if change && seq > records.changes().last_seq() + 1 {
-            // A gap: fill it from the stream (best effort; a gap the stream
-            // no longer covers restarts the history).
-            let _ = self.backfill_to(records, seq - 1).await;
+    /// Before a replicated change with `seq` (`None`: a write that is no
+    /// change) goes to the change log: when changes before it were missed,
+    /// backfills them from the stream (best effort; a gap the stream no
+    /// longer covers restarts the history).
+    async fn fill_gap(&self, records: &Records, people: &People, seq: Option<u64>) {
+        if let Some(seq) = seq
+            && seq > records.changes().last_seq() + 1
+        {
+            let _ = self.backfill_to(records, people, seq - 1).await;
         }
-        self.install(records, index, principal, presence, change);
     }
 
     fn install(
@@ -332,8 +363,8 @@ impl RedisBackend {
     }
 
     /// Reads every change after the log's last `seq` from the stream.
-    async fn backfill(&self, records: &Records) -> Result<(), Unavailable> {
-        self.backfill_to(records, u64::MAX).await
+    async fn backfill(&self, records: &Records, people: &People) -> Result<(), Unavailable> {
+        self.backfill_to(records, people, u64::MAX).await
     }
 
     /// Reads the changes after the log's last `seq`, up to `until`, from the
@@ -341,6 +372,7 @@ impl RedisBackend {
     pub(crate) async fn backfill_to(
         &self,
         records: &Records,
+        people: &People,
         until: u64,
     ) -> Result<(), Unavailable> {
         loop {
@@ -355,7 +387,11 @@ impl RedisBackend {
                 if seq > until {
                     return Ok(());
                 }
-                if let Some((source, principal, presence)) = parse_entry(&fields)
+                if people::is_person_entry(&fields) {
+                    if let Some(person) = people::parse_entry(&fields) {
+                        self.install_person(records, people, person);
+                    }
+                } else if let Some((source, principal, presence)) = parse_entry(&fields)
                     && let Some(index) = self.index(source)
                 {
                     self.install(records, index, principal, presence, true);
@@ -367,8 +403,9 @@ impl RedisBackend {
         }
     }
 
-    /// Loads the mirror: the history's tail and `seq`, then every record.
-    async fn load(&self, records: &Records) -> Result<(), Unavailable> {
+    /// Loads the mirror: the history's tail and `seq`, then every record
+    /// and every person record.
+    async fn load(&self, records: &Records, people: &People) -> Result<(), Unavailable> {
         let mut conn = self.redis.conn().await?;
         let seq: Option<u64> = self.redis.observe(
             redis::cmd("GET")
@@ -388,7 +425,11 @@ impl RedisBackend {
         )?;
         let mut history = Vec::new();
         for (_, fields) in stream_entries(tail) {
-            if let Some((source, principal, presence)) = parse_entry(&fields)
+            if people::is_person_entry(&fields) {
+                if let Some(person) = people::parse_entry(&fields) {
+                    history.push(Event::Person(person.record));
+                }
+            } else if let Some((source, principal, presence)) = parse_entry(&fields)
                 && let Some(index) = self.index(source)
             {
                 history.push(Event::Presence(PresenceRecord::new(
@@ -429,6 +470,28 @@ impl RedisBackend {
                 }
                 cursor = next;
             }
+        }
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, items): ScanPage = self.redis.observe(
+                redis::cmd("HSCAN")
+                    .arg(&self.people_key)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(SCAN_BATCH)
+                    .query_async(&mut conn)
+                    .await,
+            )?;
+            for (id, value) in items {
+                if let Some(record) = people::parse_stored(&id, &value) {
+                    self.seen.fetch_max(record.seq, Ordering::AcqRel);
+                    people.install(Arc::new(record), true);
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
         Ok(())
     }
@@ -674,6 +737,10 @@ impl RecordsHandle {
     fn get(&self) -> &Records {
         self.0.records()
     }
+
+    fn people(&self) -> &People {
+        self.0.people()
+    }
 }
 
 fn unavailable(_: Unavailable) -> StoreError {
@@ -812,8 +879,8 @@ mod tests {
         let Some(backend) = store.redis_backend() else {
             unreachable!("a redis store")
         };
-        backend.load(store.records()).await.unwrap();
-        backend.loaded.store(true, Ordering::Release);
+        backend.load(store.records(), store.people()).await.unwrap();
+        backend.set_loaded();
         store
     }
 

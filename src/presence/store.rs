@@ -80,6 +80,8 @@ pub struct Store {
     refused: AtomicU64,
     /// Paces the log line that says so.
     full_logged: LogEvery,
+    /// Paces the log line about person events not committed (Redis).
+    person_failed_logged: LogEvery,
     /// Snapshots for stream consumers.
     snapshots: Snapshots,
     /// People derived from the records (DESIGN §9).
@@ -110,6 +112,7 @@ impl Store {
             meta: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
             full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
+            person_failed_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
             snapshots: Snapshots::default(),
             people: People::default(),
         }
@@ -142,6 +145,7 @@ impl Store {
                 meta: Mutex::new(meta),
                 refused: AtomicU64::new(0),
                 full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
+                person_failed_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
                 snapshots: Snapshots::default(),
                 people,
             },
@@ -163,6 +167,7 @@ impl Store {
             meta: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
             full_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
+            person_failed_logged: LogEvery::new(FULL_LOG_INTERVAL_MS),
             snapshots: Snapshots::default(),
             people: People::default(),
         }
@@ -287,9 +292,14 @@ impl Store {
                 outcome
             }
             Backend::Redis(backend) => {
-                backend
+                let outcome = backend
                     .apply(&self.records, source, update, received_at)
-                    .await?
+                    .await?;
+                if matches!(outcome, ApplyOutcome::Changed(_) | ApplyOutcome::Refreshed) {
+                    self.touched_shared(backend, source, &update.principal)
+                        .await;
+                }
+                outcome
             }
         };
         match outcome {
@@ -317,9 +327,14 @@ impl Store {
                 outcome
             }
             Backend::Redis(backend) => {
-                backend
+                let outcome = backend
                     .apply_call(&self.records, source, update, received_at)
-                    .await?
+                    .await?;
+                if matches!(outcome, ApplyOutcome::Changed(_)) {
+                    self.touched_shared(backend, source, &update.principal)
+                        .await;
+                }
+                outcome
             }
         };
         match outcome {
@@ -337,18 +352,90 @@ impl Store {
             });
     }
 
+    /// Re-derives the person an identity belongs to after its record
+    /// changed (Redis backend): the person event is committed in Redis.
+    /// The presence write has succeeded already, so a failure here is only
+    /// logged: the person's next change, or the next reconciliation,
+    /// brings the record in line.
+    async fn touched_shared(&self, backend: &RedisBackend, source: usize, principal: &str) {
+        let Some(derivation) = self.people.derive_touched(source, principal, &self.records) else {
+            return;
+        };
+        let person = Arc::clone(&derivation.change.record.person);
+        if let Err(e) = backend
+            .commit_person(&self.records, &self.people, derivation)
+            .await
+        {
+            self.person_failed(&person, &e);
+        }
+    }
+
+    /// Logs (at most once a minute) that a person event was not committed.
+    fn person_failed(&self, person: &str, error: &StoreError) {
+        if self.person_failed_logged.ready(Millis::now().0) {
+            tracing::warn!(
+                person,
+                error = %error,
+                "a person's derived record was not committed; its next identity change \
+                 or the next people reload brings it in line"
+            );
+        }
+    }
+
     /// The people derived from the records.
     pub fn people(&self) -> &People {
         &self.people
     }
 
     /// Puts a (new) people mapping in use and brings every person in line
-    /// with it (see [`People::reconcile`]); blocking with many people.
-    pub fn reconcile_people(&self, mapping: &Mapping) -> Reconciled {
-        let journal = self.journal();
-        self.people.reconcile(mapping, &self.records, &|change| {
-            people::commit_local(&self.records, journal, change)
-        })
+    /// with it (see [`People::reconcile`]). Memory: on a blocking thread.
+    /// Redis: once the mirror is loaded, every difference is committed in
+    /// Redis like an identity change's (replicas reconciling the same
+    /// mapping at once commit each difference once).
+    pub async fn reconcile_people(self: &Arc<Self>, mapping: Arc<Mapping>) -> Reconciled {
+        let store = Arc::clone(self);
+        let Backend::Redis(backend) = &self.backend else {
+            let done = tokio::task::spawn_blocking(move || {
+                let journal = store.journal();
+                store.people.reconcile(&mapping, &store.records, &|change| {
+                    people::commit_local(&store.records, journal, change)
+                })
+            })
+            .await;
+            return done.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "people reconciliation failed");
+                Reconciled::default()
+            });
+        };
+        backend.wait_loaded().await;
+        let planned =
+            tokio::task::spawn_blocking(move || store.people.remap(&mapping, &store.records)).await;
+        let (derivations, people) = match planned {
+            Ok(planned) => planned,
+            Err(e) => {
+                tracing::error!(error = %e, "people reconciliation failed");
+                return Reconciled::default();
+            }
+        };
+        let mut done = Reconciled {
+            people,
+            ..Reconciled::default()
+        };
+        for derivation in derivations {
+            let stays = derivation.change.stays;
+            let person = Arc::clone(&derivation.change.record.person);
+            match backend
+                .commit_person(&self.records, &self.people, derivation)
+                .await
+            {
+                Ok(Some(_)) if stays => done.changed += 1,
+                Ok(Some(_)) => done.removed += 1,
+                // Another replica committed the same difference first.
+                Ok(None) => {}
+                Err(e) => self.person_failed(&person, &e),
+            }
+        }
+        done
     }
 
     /// Makes sure the change log holds every change up to `seq` that the
@@ -364,7 +451,7 @@ impl Store {
             if self.changes().last_seq() >= seq {
                 return;
             }
-            let fill = backend.backfill_to(&self.records, seq);
+            let fill = backend.backfill_to(&self.records, &self.people, seq);
             if tokio::time::timeout(std::time::Duration::from_secs(2), fill)
                 .await
                 .is_err()
