@@ -62,12 +62,17 @@ pub async fn list(
     let Query(q) = query.map_err(|e| Problem::bad_request("bad-query", e.body_text()))?;
     let store = state.store();
     let mapping = store.people().status().ok_or_else(not_configured)?;
-    let availability = match q.availability.as_deref() {
-        None => None,
-        Some(name) => Some(Availability::from_name(name.trim()).ok_or_else(|| {
-            Problem::bad_request("bad-query", format!("{name:?} is not an availability"))
-        })?),
-    };
+    // As for presence: a comma-separated list, every item one.
+    let mut wanted = [false; Availability::ALL.len()];
+    if let Some(list) = q.availability.as_deref() {
+        for name in list.split(',').map(str::trim) {
+            let a = Availability::from_name(name).ok_or_else(|| {
+                Problem::bad_request("bad-query", format!("{name:?} is not an availability"))
+            })?;
+            wanted[a as usize] = true;
+        }
+    }
+    let any_availability = !wanted.contains(&true);
     let limit = match q.limit.as_deref() {
         None => DEFAULT_LIMIT,
         Some(text) => text
@@ -85,9 +90,12 @@ pub async fn list(
         None | Some("") => None,
         Some(text) => Some(decode_cursor(text)?),
     };
-    let (items, next) = store
-        .people()
-        .page(after.as_deref(), limit, availability, store.records());
+    let (items, next) = store.people().page(
+        after.as_deref(),
+        limit,
+        |a| any_availability || wanted[a as usize],
+        store.records(),
+    );
     Ok(Json(ListPage {
         items,
         next_cursor: next.map(|id| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&*id)),

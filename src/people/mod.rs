@@ -256,7 +256,7 @@ impl People {
         &self,
         after: Option<&str>,
         limit: usize,
-        filter: Option<Availability>,
+        filter: impl Fn(Availability) -> bool,
         records: &Records,
     ) -> (Vec<PersonRecord>, Option<Arc<str>>) {
         let index = Arc::clone(&self.index.read());
@@ -296,7 +296,7 @@ impl People {
             }
             last = Some(Arc::clone(&id));
             if let Some(record) = self.get(&id, records)
-                && filter.is_none_or(|a| a == record.availability)
+                && filter(record.availability)
             {
                 items.push(record);
             }

@@ -997,7 +997,13 @@ mod tests {
         assert_eq!(state(&after), state(&before));
         assert_eq!(loaded.seq, 51);
         assert_eq!(loaded.history.len(), 51);
-        assert!(loaded.history.iter().zip(1..).all(|(r, seq)| r.seq() == seq));
+        assert!(
+            loaded
+                .history
+                .iter()
+                .zip(1..)
+                .all(|(r, seq)| r.seq() == seq)
+        );
         assert_eq!(
             loaded.meta.get("sub/x").map(String::as_str),
             Some("{\"id\":\"1\"}")
