@@ -26,6 +26,14 @@ fn status_of(status: &ReloadStatus, mapping: &Mapping) -> MappingStatus {
     }
 }
 
+/// Shows the watcher's status in `GET /v1/people` now (at start-up, before
+/// the first request).
+pub fn show_status(store: &Store, watch: &PeopleWatch) {
+    store
+        .people()
+        .set_status(status_of(&watch.status(), &watch.current()));
+}
+
 /// Reconciles the store's people with `mapping` on a blocking thread.
 async fn reconcile(store: &Arc<Store>, mapping: Arc<Mapping>) {
     let store = Arc::clone(store);
