@@ -489,3 +489,92 @@ async fn equal_principals_on_several_sources_are_one_person() {
         .collect();
     assert_eq!(ids, ["ana", "kim@acme"]);
 }
+
+#[tokio::test]
+async fn person_records_and_their_events_survive_a_restart() {
+    let dir = Dir::new("restart");
+    dir.write(&format!(
+        "{}{}",
+        person("ana", "Ana", &[("mitel", "a1"), ("desk", "a2")]),
+        person("bo", "Bo", &[("mitel", "b1")]),
+    ));
+    let data = dir.0.join("data");
+    let text = config(
+        &dir.people(),
+        &format!("\n[store]\ndata_dir = \"{}\"\n", data.display()),
+    );
+    let gw = Gateway::start(&text).await;
+    post(&gw, "mitel", "a1", "Available", 1).await;
+    let mark = gw.snapshot().await.last_seq.expect("seq") as u64;
+    post(&gw, "desk", "a2", "Busy", 2).await;
+    post(&gw, "mitel", "b1", "Away", 3).await;
+    let ana = person_of(&gw, "ana").await;
+    let bo = person_of(&gw, "bo").await;
+    let last = gw.snapshot().await.last_seq;
+    gw.stop().await;
+
+    let gw = Gateway::start(&text).await;
+    assert_eq!(person_of(&gw, "ana").await, ana);
+    assert_eq!(person_of(&gw, "bo").await, bo);
+    assert_eq!(gw.snapshot().await.last_seq, last, "no event at start-up");
+    // A consumer from before the restart resumes exactly: no reset.
+    let mut resumed = Client::open(&gw, "?people=true", Some(mark)).await;
+    assert_eq!(
+        summary(&resumed.take(2).await),
+        [ev("person", "ana", "busy"), ev("person", "bo", "away")]
+    );
+    post(&gw, "mitel", "b1", "Busy", 4).await;
+    let live = resumed.take(1).await.remove(0);
+    assert_eq!(
+        summary(std::slice::from_ref(&live)),
+        [ev("person", "bo", "busy")]
+    );
+    assert!(live.id.unwrap() as f64 > last.unwrap());
+    gw.stop().await;
+}
+
+/// SIGHUP reloads the file even when nothing about it looks changed (same
+/// size, same modification time, same inode): the real binary.
+#[tokio::test]
+async fn sighup_reloads_the_people_file() {
+    use common::process::{Gateway as Process, TestDir};
+    let dir = TestDir::new("people-sighup");
+    let people = dir.path().join("people.toml");
+    std::fs::write(&people, person("ana", "Ana Lima", &[("mitel", "a1")])).expect("write");
+    let text = config(&people, "");
+    let gw = Process::start(&dir, &|addr| {
+        common::process::with_listen(&text.replace("listen = \"127.0.0.1:0\"\n", ""), addr)
+    })
+    .await;
+    let (status, ana) = gw.get("/v1/people/ana").await;
+    assert_eq!((status, &ana["name"]), (200, &json!("Ana Lima")));
+
+    // Rewritten in place, its modification time put back.
+    let modified = std::fs::metadata(&people)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&people)
+        .expect("open");
+    std::io::Write::write_all(
+        &mut &file,
+        person("ana", "Ana Lyra", &[("mitel", "a1")]).as_bytes(),
+    )
+    .expect("rewrite");
+    file.set_modified(modified).expect("set mtime");
+    drop(file);
+
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    common::wait_until("the reload after SIGHUP", RELOAD, || async {
+        gw.get("/v1/people/ana").await.1["name"] == "Ana Lyra"
+    })
+    .await;
+    let (_, page) = gw.get("/v1/people").await;
+    assert_eq!(page["mapping"]["version"], 2);
+    gw.stop().await;
+}
