@@ -876,7 +876,7 @@ impl Watcher {
         let match_equal_principals = self.cfg.match_equal_principals;
         let current = Arc::clone(&self.shared.mapping.borrow());
         let known = self.hash;
-        let unchanged_and_valid = self.shared.status.borrow().last_error.is_none();
+        let no_error = self.shared.status.borrow().last_error.is_none();
         let job = move || {
             use sha2::{Digest, Sha256};
             let bytes = match read_bounded(&path) {
@@ -884,7 +884,7 @@ impl Watcher {
                 Err(e) => return (Outcome::Failed(e), None),
             };
             let hash: [u8; 32] = Sha256::digest(&bytes).into();
-            if known == Some(hash) && unchanged_and_valid {
+            if known == Some(hash) && no_error {
                 return (Outcome::Unchanged, Some(hash));
             }
             let version = current.version + 1;
@@ -1472,12 +1472,11 @@ identities = [{ source = "ns-cluster", principal = "1001" }]
         /// Waits until the status satisfies `ok`.
         async fn status_until(&self, ok: impl FnMut(&ReloadStatus) -> bool) -> ReloadStatus {
             let mut rx = self.watch.subscribe_status();
-            let status = tokio::time::timeout(PATIENCE, rx.wait_for(ok))
+            tokio::time::timeout(PATIENCE, rx.wait_for(ok))
                 .await
                 .expect("status in time")
                 .expect("watcher alive")
-                .clone();
-            status
+                .clone()
         }
 
         /// Asks for a reload and waits until the watcher has looked at
