@@ -326,6 +326,15 @@ fn id_problem(id: &str) -> Option<String> {
     None
 }
 
+/// `text`, or its first 64 characters and "…" when longer: a message quotes
+/// a value from the file, and the file may hold a very long one.
+fn shortened(text: &str) -> Cow<'_, str> {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => Cow::Owned(format!("{}…", &text[..end])),
+        None => Cow::Borrowed(text),
+    }
+}
+
 /// Byte offsets of line starts, for turning offsets into line numbers.
 struct LineIndex(Vec<usize>);
 
@@ -477,7 +486,7 @@ impl<'t, 's> Checker<'t, 's> {
                 .join(", ");
             let message = format!(
                 "source {:?} is not a configured source (configured: {})",
-                raw.source,
+                shortened(&raw.source),
                 if configured.is_empty() {
                     "none"
                 } else {
@@ -1155,6 +1164,8 @@ identities = [{ source = "teams", principal = "b0b" }]
     fn rejects_each_kind_of_bad_person() {
         let long_principal = "p".repeat(MAX_PRINCIPAL_BYTES + 1);
         let long_id = "a".repeat(MAX_ID_BYTES + 1);
+        let long_source_message =
+            format!("source \"{}…\" is not a configured source", "s".repeat(64));
         let cases: Vec<(&str, String, &str)> = vec![
             (
                 "unknown source",
@@ -1234,6 +1245,14 @@ identities = [{ source = "teams", principal = "q" }]"#
                     "[[person]]\nid = \"ana\"\nidentities = [{{ source = \"teams\", principal = \"{long_principal}\" }}]"
                 ),
                 "principal is 257 bytes",
+            ),
+            (
+                "very long unknown source",
+                format!(
+                    "[[person]]\nid = \"ana\"\nidentities = [{{ source = \"{}\", principal = \"p\" }}]",
+                    "s".repeat(10_000)
+                ),
+                &long_source_message,
             ),
             (
                 "no identities",
