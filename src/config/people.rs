@@ -667,6 +667,14 @@ impl PeopleWatch {
     }
 }
 
+impl fmt::Debug for PeopleWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeopleWatch")
+            .field("status", &*self.shared.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the metadata of the file says about its content: a change of any
 /// of these means it may have changed. The inode and device catch an
 /// editor's rename-replace (and a Kubernetes ConfigMap's symlink swap),
