@@ -52,7 +52,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        HELD.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        HELD.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -231,7 +234,12 @@ fn apply(c: &mut Criterion) {
         });
     };
     run("without_people", &plain, None, &names);
-    run("people_unmapped_principal", &mapped, Some(&people), &strangers);
+    run(
+        "people_unmapped_principal",
+        &mapped,
+        Some(&people),
+        &strangers,
+    );
     run("people_mapped_identity", &mapped, Some(&people), &names);
     group.finish();
 
