@@ -37,10 +37,18 @@ impl Client {
         query: &str,
         last_event_id: Option<u64>,
     ) -> Client {
-        let mut request = gw
-            .client
-            .get(gw.url(&format!("/v1/stream{query}")))
-            .bearer_auth(token);
+        let url = gw.url(&format!("/v1/stream{query}"));
+        Client::open_url(&gw.client, &url, token, last_event_id).await
+    }
+
+    /// A stream of any gateway (also one run as a process) at `url`.
+    pub async fn open_url(
+        client: &reqwest::Client,
+        url: &str,
+        token: &str,
+        last_event_id: Option<u64>,
+    ) -> Client {
+        let mut request = client.get(url).bearer_auth(token);
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }
