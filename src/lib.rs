@@ -183,12 +183,22 @@ pub async fn run(
             .await
             .map_err(|e| RunError::People(e.to_string()))?
             .map_err(|e| RunError::People(format!("{}: {e}", file.display())))?;
+        let mapping = Arc::new(mapping);
+        // In memory the records are here: the people are in place before
+        // the first request. (Redis: once the mirror is loaded, below.)
+        if store.redis_handle().is_none() {
+            let (store, mapping) = (Arc::clone(&store), Arc::clone(&mapping));
+            tokio::task::spawn_blocking(move || store.reconcile_people(&mapping))
+                .await
+                .map_err(|e| RunError::People(e.to_string()))?;
+        }
         let watch = config::people::PeopleWatch::spawn(
             people.clone(),
             sources.ids(),
-            Arc::new(mapping),
+            mapping,
             store_tasks.clone(),
         );
+        people::reload::show_status(&store, &watch);
         tokio::spawn(people::reload::follow(
             Arc::clone(&store),
             watch,

@@ -530,6 +530,37 @@ impl Collector for GatewayCollector {
         )?;
         ConstCounter::new(self.store.refused_new()).encode(refused)?;
 
+        if let Some(status) = self.store.people().status() {
+            let people = encoder.encode_descriptor(
+                "presence_gateway_people",
+                "People of the mapping in use, and those formed by equal principals.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(status.people).unwrap_or(i64::MAX)).encode(people)?;
+            let version = encoder.encode_descriptor(
+                "presence_gateway_people_mapping_version",
+                "Version of the people mapping in use (goes up with every reload that changed it).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(status.version).unwrap_or(i64::MAX)).encode(version)?;
+            let failing = encoder.encode_descriptor(
+                "presence_gateway_people_reload_failing",
+                "1 while the last reload of the people file was refused (the previous mapping stays in use).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(status.last_error.is_some())).encode(failing)?;
+            let events = encoder.encode_descriptor(
+                "presence_gateway_person_events",
+                "Person events this process committed (a derived record that changed).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(self.store.people().events()).encode(events)?;
+        }
+
         let last_seq = encoder.encode_descriptor(
             "presence_gateway_store_last_seq",
             "The last sequence number assigned to a change.",

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use common::netsapiens::{NS_API_KEY, start_ns_mock};
 use common::process::{Gateway, START_WITHIN, TestDir};
 use common::{MITEL_KEY, TOKEN, sign};
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------
@@ -144,81 +143,7 @@ fn mitel(principal: &str, presence: &str, event_id: &str, timestamp: i64) -> Str
 // Server-Sent Events
 // ---------------------------------------------------------------------
 
-#[derive(Debug)]
-struct Sse {
-    event: String,
-    id: Option<u64>,
-    data: Value,
-}
-
-type Body =
-    std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<axum::body::Bytes, String>> + Send>>;
-
-struct EventStream {
-    body: Body,
-    buffer: String,
-}
-
-impl EventStream {
-    async fn open(gw: &Gateway, last_event_id: u64) -> EventStream {
-        let response = gw
-            .client
-            .get(gw.url("/v1/stream"))
-            .bearer_auth(TOKEN)
-            .header("last-event-id", last_event_id.to_string())
-            .send()
-            .await
-            .expect("stream");
-        assert_eq!(response.status(), 200);
-        EventStream {
-            body: Box::pin(
-                response
-                    .bytes_stream()
-                    .map(|r| r.map_err(|e| e.to_string())),
-            ),
-            buffer: String::new(),
-        }
-    }
-
-    /// The next event (comments skipped); panics after 10 s.
-    async fn next(&mut self) -> Sse {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let Some(end) = self.buffer.find("\n\n") {
-                    let block: String = self.buffer.drain(..end + 2).collect();
-                    let mut event = Sse {
-                        event: "message".into(),
-                        id: None,
-                        data: Value::Null,
-                    };
-                    let mut any = false;
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("event:") {
-                            event.event = v.trim().into();
-                            any = true;
-                        } else if let Some(v) = line.strip_prefix("id:") {
-                            event.id = v.trim().parse().ok();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            event.data = serde_json::from_str(v.trim()).expect("JSON data");
-                            any = true;
-                        }
-                    }
-                    if any {
-                        return event;
-                    }
-                    continue;
-                }
-                match self.body.next().await {
-                    Some(Ok(chunk)) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
-                    Some(Err(e)) => panic!("stream failed: {e}"),
-                    None => panic!("stream ended"),
-                }
-            }
-        })
-        .await
-        .expect("an event within 10 s")
-    }
-}
+use common::sse::Client as EventStream;
 
 // ---------------------------------------------------------------------
 // Journal files
@@ -285,9 +210,9 @@ async fn graceful_restart_keeps_records_seq_stream_resumption_and_duplicates() {
 
     // A consumer that had seen seq 2 resumes: 3..=6, then the live change.
     let n = 2;
-    let mut stream = EventStream::open(&gw, n).await;
+    let mut stream = EventStream::open_url(&gw.client, &gw.url("/v1/stream"), TOKEN, Some(n)).await;
     for expected in &changes[n as usize..] {
-        let event = stream.next().await;
+        let event = stream.next().await.expect("an event");
         assert_eq!(event.event, "presence", "no reset: {event:?}");
         assert_eq!(event.id, expected["seq"].as_u64(), "{event:?}");
         assert_eq!(&event.data, expected, "the change as it was made");
@@ -295,7 +220,7 @@ async fn graceful_restart_keeps_records_seq_stream_resumption_and_duplicates() {
     gw.post_ok(&mitel("erin", "Busy", "ev-7", now_ms())).await;
     let (_, erin) = gw.record("erin").await;
     assert_eq!(erin["seq"], last + 1, "seq continues: {erin}");
-    let event = stream.next().await;
+    let event = stream.next().await.expect("an event");
     assert_eq!(
         (event.event.as_str(), event.id),
         ("presence", Some(last + 1)),

@@ -7,6 +7,7 @@
 #   CONNECTIONS=128 DURATION=20 ROUNDS=5 bash benches/load/run.sh
 #   STORES=1 bash benches/load/run.sh        # also the gateway with data_dir and with Redis
 #   STANDARD=0 bash benches/load/run.sh      # without the Standard Webhooks rounds
+#   PEOPLE=1 bash benches/load/run.sh        # also the gateway with 100 000 people
 #
 # The gateway has two sources: `mitel` (what the `gateway` rounds send) and
 # `standard`, a Standard Webhooks source (`kind = "standard"`) that the
@@ -25,6 +26,14 @@
 # skipped). It prints their throughput against the gateway without
 # persistence.
 #
+# PEOPLE=1 adds a gateway with a `[people]` mapping of $PEOPLE_COUNT people
+# (default 100 000) with three identities each: the principal the Mitel
+# rounds send, the same principal on the Standard Webhooks source, and one
+# on Mitel that never changes; so every event of the `people` rounds is an
+# identity change whose person is derived again (and, most of the time,
+# changes). It prints its throughput and CPU per request against the
+# gateway without people (target: at most 10 % more per webhook).
+#
 # With taskset available, each server runs on CPU 0 and the client on CPU 1
 # (PIN=0 shares both cores instead), so the client's work does not count
 # against the server under test.
@@ -39,6 +48,8 @@ PRINCIPALS=${PRINCIPALS:-10000}
 PIN=${PIN:-1}
 STORES=${STORES:-0}
 STANDARD=${STANDARD:-1}
+PEOPLE=${PEOPLE:-0}
+PEOPLE_COUNT=${PEOPLE_COUNT:-100000}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
 KEY=829e823f-f27e-47ee-a101-5d5e9c6266bf
 # The public Standard Webhooks test secret (tests/fixtures/keys.toml).
@@ -48,6 +59,7 @@ SINK_ADDR=127.0.0.1:18081
 NODE_ADDR=127.0.0.1:18082
 JOURNAL_ADDR=127.0.0.1:18083
 REDIS_GW_ADDR=127.0.0.1:18084
+PEOPLE_ADDR=127.0.0.1:18085
 # Unique per run, without glob characters (the clean-up scans for it).
 REDIS_PREFIX=bench-load-$$-$(date +%s)
 
@@ -203,9 +215,27 @@ if [ "$STORES" = 1 ]; then
     echo "redis rounds on $REDIS_URL, key prefix $REDIS_PREFIX (Redis itself is not pinned)"
   fi
 fi
+if [ "$PEOPLE" = 1 ]; then
+  # Person n: the Mitel rounds' principal n on both sources, and one more.
+  awk -v n="$PEOPLE_COUNT" 'BEGIN {
+    for (p = 0; p < n; p++) {
+      id = sprintf("%08x-5a9e-4a57-9d1e-%012x", p, p)
+      printf "[[person]]\nid = \"person-%d\"\nname = \"Person %d\"\nidentities = [\n", p, p
+      printf "  { source = \"mitel\", principal = \"%s\" },\n", id
+      printf "  { source = \"standard\", principal = \"%s\" },\n", id
+      printf "  { source = \"mitel\", principal = \"desk-%d\" },\n]\n", p
+    }
+  }' >"$work/people.toml"
+  sed -e "s/$GW_ADDR/$PEOPLE_ADDR/" "$work/gateway.toml" >"$work/people-gateway.toml"
+  printf '\n[people]\nfile = "%s"\n' "$work/people.toml" >>"$work/people-gateway.toml"
+  RUST_LOG=warn "${server_cpu[@]}" "$bin/presence-gateway" --config "$work/people-gateway.toml" >"$work/people.log" 2>&1 &
+  people_gw=$!; pids+=("$people_gw"); pid_of[people]=$people_gw
+  targets+=("people $PEOPLE_ADDR")
+  echo "people rounds: $PEOPLE_COUNT people x 3 identities ($(du -h "$work/people.toml" | cut -f1) file)"
+fi
 for t in "${targets[@]}"; do wait_port "${t#* }"; done
 for t in "${targets[@]}"; do
-  case "$t" in gateway* | journal* | redis*) wait_ready "${t#* }" ;; esac
+  case "$t" in gateway* | journal* | redis* | people*) wait_ready "${t#* }" ;; esac
 done
 
 # Rounds alternate the targets, so that a slow spell of this shared machine
@@ -239,7 +269,7 @@ field() {
 echo
 echo "== summary: medians of $ROUNDS rounds (server pinned: ${server_cpu[*]:-no}; client pinned: ${client_cpu[*]:-no})"
 printf '%-8s %10s %8s %8s %9s %7s\n' target req/s p50_us p99_us p99.9_us errors
-for label in gateway standard sink node journal redis; do
+for label in gateway standard sink node journal redis people; do
   rps=$(field "$label" rps)
   [ -n "$rps" ] || continue
   printf '%-8s %10s %8s %8s %9s %7s\n' "$label" "$rps" "$(field "$label" p50_us)" \
@@ -276,7 +306,7 @@ if [ -n "$(field standard rps)" ]; then
 fi
 echo
 echo "== server CPU per request (µs, medians; the journal's writer and compactor threads included)"
-for label in gateway standard sink node journal redis; do
+for label in gateway standard sink node journal redis people; do
   cpu=$(field "$label" cpu_us)
   [ -n "$cpu" ] || continue
   extra=
@@ -306,4 +336,13 @@ if [ -n "$(field redis rps)" ]; then
   echo "p99 redis/gateway:       $(ratio "$(field redis p99_us)" "$(field gateway p99_us)")"
   echo "CPU per request gateway/redis, gateway/(redis + Redis): $(ratio "$(field gateway cpu_us)" "$(field redis cpu_us)")," \
     "$(ratio "$(field gateway cpu_us)" "$(awk -v a="$(field redis cpu_us)" -v b="$(field redis redis_cpu_us)" 'BEGIN { print a + b }')")"
+fi
+if [ -n "$(field people rps)" ]; then
+  echo "throughput people/gateway (100k people mapped / none): $(ratio "$(field people rps)" "$(field gateway rps)")"
+  echo "  per round, median (range): $(paired people gateway)"
+  echo "CPU per request people/gateway (target <= 1.10): $(ratio "$(field people cpu_us)" "$(field gateway cpu_us)")"
+  echo "people gateway peak RSS: $(awk '/VmHWM/ {print $2}' "/proc/$people_gw/status") KiB (gateway without people: ${rss_kb} KiB)"
+  (exec 3<>"/dev/tcp/${PEOPLE_ADDR%:*}/${PEOPLE_ADDR#*:}" &&
+    printf 'GET /metrics HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n' >&3 &&
+    cat <&3) 2>/dev/null | tr -d '\r' | grep '^presence_gateway_person' | sed 's/^/  /' || true
 fi

@@ -326,6 +326,15 @@ fn id_problem(id: &str) -> Option<String> {
     None
 }
 
+/// `text`, or its first 64 characters and "…" when longer: a message quotes
+/// a value from the file, and the file may hold a very long one.
+fn shortened(text: &str) -> Cow<'_, str> {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => Cow::Owned(format!("{}…", &text[..end])),
+        None => Cow::Borrowed(text),
+    }
+}
+
 /// Byte offsets of line starts, for turning offsets into line numbers.
 struct LineIndex(Vec<usize>);
 
@@ -477,7 +486,7 @@ impl<'t, 's> Checker<'t, 's> {
                 .join(", ");
             let message = format!(
                 "source {:?} is not a configured source (configured: {})",
-                raw.source,
+                shortened(&raw.source),
                 if configured.is_empty() {
                     "none"
                 } else {
@@ -655,6 +664,14 @@ impl PeopleWatch {
     /// Waits until the watcher task has stopped (after shutdown).
     pub async fn stopped(&self) {
         self.tracker.wait().await;
+    }
+}
+
+impl fmt::Debug for PeopleWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeopleWatch")
+            .field("status", &*self.shared.status.borrow())
+            .finish_non_exhaustive()
     }
 }
 
@@ -876,7 +893,7 @@ impl Watcher {
         let match_equal_principals = self.cfg.match_equal_principals;
         let current = Arc::clone(&self.shared.mapping.borrow());
         let known = self.hash;
-        let unchanged_and_valid = self.shared.status.borrow().last_error.is_none();
+        let no_error = self.shared.status.borrow().last_error.is_none();
         let job = move || {
             use sha2::{Digest, Sha256};
             let bytes = match read_bounded(&path) {
@@ -884,7 +901,7 @@ impl Watcher {
                 Err(e) => return (Outcome::Failed(e), None),
             };
             let hash: [u8; 32] = Sha256::digest(&bytes).into();
-            if known == Some(hash) && unchanged_and_valid {
+            if known == Some(hash) && no_error {
                 return (Outcome::Unchanged, Some(hash));
             }
             let version = current.version + 1;
@@ -1155,6 +1172,8 @@ identities = [{ source = "teams", principal = "b0b" }]
     fn rejects_each_kind_of_bad_person() {
         let long_principal = "p".repeat(MAX_PRINCIPAL_BYTES + 1);
         let long_id = "a".repeat(MAX_ID_BYTES + 1);
+        let long_source_message =
+            format!("source \"{}…\" is not a configured source", "s".repeat(64));
         let cases: Vec<(&str, String, &str)> = vec![
             (
                 "unknown source",
@@ -1234,6 +1253,14 @@ identities = [{ source = "teams", principal = "q" }]"#
                     "[[person]]\nid = \"ana\"\nidentities = [{{ source = \"teams\", principal = \"{long_principal}\" }}]"
                 ),
                 "principal is 257 bytes",
+            ),
+            (
+                "very long unknown source",
+                format!(
+                    "[[person]]\nid = \"ana\"\nidentities = [{{ source = \"{}\", principal = \"p\" }}]",
+                    "s".repeat(10_000)
+                ),
+                &long_source_message,
             ),
             (
                 "no identities",

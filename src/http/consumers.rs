@@ -120,8 +120,28 @@ pub async fn list(
         Some(id) => vec![source_or_404(&state, id)?.index],
         None => state.sources().sorted_indexes().to_vec(),
     };
+    let wanted = availabilities(q.availability.as_deref())?;
+    let limit = page_size(q.limit.as_deref())?;
+    let from = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(decode_cursor(&state, text, &sources)?),
+    };
+    let page = state
+        .store()
+        .page(&sources, from, limit, |p| wanted(p.availability));
+    Ok(Json(ListPage {
+        items: page.items,
+        next_cursor: page.next.map(|c| encode_cursor(&state, c)),
+    }))
+}
+
+/// The `availability` filter of a listing: a comma-separated list, every
+/// item an availability; absent: any.
+pub(super) fn availabilities(
+    list: Option<&str>,
+) -> Result<impl Fn(Availability) -> bool + use<>, Problem> {
     let mut wanted = [false; Availability::ALL.len()];
-    if let Some(list) = q.availability.as_deref() {
+    if let Some(list) = list {
         // Every item must name one: an empty item (`availability=`,
         // `busy,,away`) is a mistake to report, not "any availability".
         for name in list.split(',').map(str::trim) {
@@ -131,9 +151,14 @@ pub async fn list(
             wanted[a as usize] = true;
         }
     }
-    let any_availability = !wanted.contains(&true);
-    let limit = match q.limit.as_deref() {
-        None => DEFAULT_LIMIT,
+    let any = !wanted.contains(&true);
+    Ok(move |a: Availability| any || wanted[a as usize])
+}
+
+/// The `limit` of a listing: 1 to [`MAX_LIMIT`], default [`DEFAULT_LIMIT`].
+pub(super) fn page_size(limit: Option<&str>) -> Result<usize, Problem> {
+    match limit {
+        None => Ok(DEFAULT_LIMIT),
         Some(text) => text
             .parse::<usize>()
             .ok()
@@ -143,19 +168,8 @@ pub async fn list(
                     "bad-query",
                     format!("limit must be an integer from 1 to {MAX_LIMIT}"),
                 )
-            })?,
-    };
-    let from = match q.cursor.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(decode_cursor(&state, text, &sources)?),
-    };
-    let page = state.store().page(&sources, from, limit, |p| {
-        any_availability || wanted[p.availability as usize]
-    });
-    Ok(Json(ListPage {
-        items: page.items,
-        next_cursor: page.next.map(|c| encode_cursor(&state, c)),
-    }))
+            }),
+    }
 }
 
 /// Cursors are opaque to clients: base64url of `source-id / shard / index`.

@@ -7,15 +7,12 @@ use axum::extract::{Query, State};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::extract::{LimitedBody, PathParams};
 use super::problem::Problem;
+use super::{AppState, consumers};
 use crate::people::MappingStatus;
-use crate::presence::{Availability, PersonRecord};
+use crate::presence::PersonRecord;
 
-/// Default and largest page size of `GET /v1/people`.
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 /// Most ids one `POST /v1/people/query` may ask for.
 const MAX_QUERY_IDS: usize = 1000;
 /// Largest body of `POST /v1/people/query`.
@@ -62,32 +59,16 @@ pub async fn list(
     let Query(q) = query.map_err(|e| Problem::bad_request("bad-query", e.body_text()))?;
     let store = state.store();
     let mapping = store.people().status().ok_or_else(not_configured)?;
-    let availability = match q.availability.as_deref() {
-        None => None,
-        Some(name) => Some(Availability::from_name(name.trim()).ok_or_else(|| {
-            Problem::bad_request("bad-query", format!("{name:?} is not an availability"))
-        })?),
-    };
-    let limit = match q.limit.as_deref() {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                Problem::bad_request(
-                    "bad-query",
-                    format!("limit must be an integer from 1 to {MAX_LIMIT}"),
-                )
-            })?,
-    };
+    // Filters and paging as for presence.
+    let wanted = consumers::availabilities(q.availability.as_deref())?;
+    let limit = consumers::page_size(q.limit.as_deref())?;
     let after = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(text) => Some(decode_cursor(text)?),
     };
     let (items, next) = store
         .people()
-        .page(after.as_deref(), limit, availability, store.records());
+        .page(after.as_deref(), limit, wanted, store.records());
     Ok(Json(ListPage {
         items,
         next_cursor: next.map(|id| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&*id)),

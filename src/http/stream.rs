@@ -865,11 +865,7 @@ mod tests {
         while taken.len() < 3 || writing.load(Ordering::Relaxed) && taken.len() < 20 {
             let (records, at) = queued(&mut streamer(&state, all())).await;
             assert!(records.iter().all(|c| c.seq() <= at));
-            assert!(
-                records
-                    .windows(2)
-                    .all(|w| w[0].seq() < w[1].seq())
-            );
+            assert!(records.windows(2).all(|w| w[0].seq() < w[1].seq()));
             taken.push((records, at));
         }
         writer.join().unwrap();
@@ -903,7 +899,8 @@ mod tests {
                     let seq = change.seq();
                     assert!(seq > self.last, "{seq} after {}", self.last);
                     self.last = seq;
-                    self.view.insert(change.presence().unwrap().principal.to_string(), seq);
+                    self.view
+                        .insert(change.presence().unwrap().principal.to_string(), seq);
                 }
                 Item::Reset(_) => {
                     self.view.clear();
@@ -1107,7 +1104,11 @@ mod tests {
         let mut far = next.presence().unwrap().clone();
         far.seq = 9;
         far.principal = "c".into();
-        assert!(store.changes().commit_replicated(crate::presence::Event::Presence(far)));
+        assert!(
+            store
+                .changes()
+                .commit_replicated(crate::presence::Event::Presence(far))
+        );
         assert!(matches!(
             streamer.next().await,
             Some(Item::Reset(Reset::History))

@@ -60,7 +60,15 @@ const IN_A_CALL: &str = "in_a_call";
 
 /// Applies the rule to the identities' records (in the mapping's order).
 pub fn derive(identities: &[IdentityRecord]) -> Derived {
-    let key = |i: &IdentityRecord| (i.in_call, rank(i.record.availability), i.record.observed_at);
+    // In a call, the availability no longer counts: the latest call wins.
+    let key = |i: &IdentityRecord| {
+        let rank = if i.in_call {
+            0
+        } else {
+            rank(i.record.availability)
+        };
+        (i.in_call, rank, i.record.observed_at)
+    };
     let mut winner: Option<&IdentityRecord> = None;
     for identity in identities {
         // Strictly greater: among equals the first keeps it.

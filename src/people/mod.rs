@@ -257,7 +257,7 @@ impl People {
         &self,
         after: Option<&str>,
         limit: usize,
-        filter: Option<Availability>,
+        filter: impl Fn(Availability) -> bool,
         records: &Records,
     ) -> (Vec<PersonRecord>, Option<Arc<str>>) {
         let index = Arc::clone(&self.index.read());
@@ -297,7 +297,7 @@ impl People {
             }
             last = Some(Arc::clone(&id));
             if let Some(record) = self.get(&id, records)
-                && filter.is_none_or(|a| a == record.availability)
+                && filter(record.availability)
             {
                 items.push(record);
             }
@@ -788,4 +788,164 @@ pub fn commit_local(
     });
     // `commit_event` always calls its closure.
     committed.unwrap_or_else(|| Arc::new(record_of(Arc::from(""), None, &[], 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::config::people::{Identity, PersonDef};
+    use crate::presence::records::StoreLimits;
+    use crate::presence::{PresenceUpdate, Store};
+
+    fn limits() -> StoreLimits {
+        StoreLimits {
+            history: 100,
+            dedup_window_ms: 0,
+            dedup_capacity: 1,
+            stream_buffer: 16,
+            max_future_skew_ms: 300_000,
+        }
+    }
+
+    fn store() -> Store {
+        Store::new(&[Arc::from("a"), Arc::from("b"), Arc::from("c")], limits())
+    }
+
+    fn mapping(version: u64, people: &[(&str, &[(&str, &str)])], equal: bool) -> Mapping {
+        Mapping {
+            version,
+            match_equal_principals: equal,
+            people: people
+                .iter()
+                .map(|(id, identities)| PersonDef {
+                    id: Arc::from(*id),
+                    name: None,
+                    identities: identities
+                        .iter()
+                        .map(|(s, p)| Identity {
+                            source: Arc::from(*s),
+                            principal: Arc::from(*p),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    async fn set(store: &Store, source: usize, principal: &str, a: Availability, at: i64) {
+        let update = PresenceUpdate {
+            principal: Cow::Owned(principal.to_owned()),
+            availability: a,
+            activity: None,
+            status_text: None,
+            raw_status: None,
+            observed_at: Some(Millis(at)),
+            event_id: None,
+        };
+        store
+            .apply(source, &update, Millis(at))
+            .await
+            .expect("applied");
+    }
+
+    fn people_events(store: &Store) -> Vec<(String, Availability)> {
+        store
+            .changes()
+            .since(0)
+            .expect("history")
+            .iter()
+            .filter_map(|c| c.person().map(|p| (p.person.to_string(), p.availability)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn only_the_touched_person_is_derived_and_only_changes_are_events() {
+        let store = store();
+        store.reconcile_people(&mapping(1, &[("ana", &[("a", "x"), ("b", "y")])], false));
+        set(&store, 0, "x", Availability::Available, 1).await;
+        set(&store, 1, "y", Availability::Away, 2).await;
+        set(&store, 1, "y", Availability::Offline, 3).await;
+        set(&store, 0, "other", Availability::Busy, 4).await;
+        set(&store, 1, "y", Availability::DoNotDisturb, 5).await;
+        assert_eq!(
+            people_events(&store),
+            [
+                ("ana".to_owned(), Availability::Available),
+                ("ana".to_owned(), Availability::DoNotDisturb)
+            ]
+        );
+        let ana = store.people().get("ana", store.records()).unwrap();
+        assert_eq!(ana.sources.len(), 2);
+        assert_eq!(ana.sources[1].availability, Availability::DoNotDisturb);
+    }
+
+    #[tokio::test]
+    async fn equal_principals_form_a_person_once_two_sources_have_them() {
+        let store = store();
+        store.reconcile_people(&mapping(1, &[("ana", &[("a", "x")])], true));
+        set(&store, 0, "kim", Availability::Available, 1).await;
+        assert!(store.people().get("kim", store.records()).is_none());
+        set(&store, 1, "kim", Availability::Busy, 2).await;
+        let kim = store.people().get("kim", store.records()).expect("kim");
+        assert_eq!(kim.availability, Availability::Busy);
+        set(&store, 2, "kim", Availability::DoNotDisturb, 3).await;
+        let kim = store.people().get("kim", store.records()).expect("kim");
+        assert_eq!(kim.sources.len(), 3);
+        // Ana's mapped identity on `a` is hers alone.
+        set(&store, 1, "x", Availability::Busy, 4).await;
+        assert!(store.people().get("x", store.records()).is_none());
+        assert_eq!(store.people().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn reconciling_moves_identities_and_ends_removed_people() {
+        let store = store();
+        store.reconcile_people(&mapping(
+            1,
+            &[("ana", &[("a", "x"), ("b", "y")]), ("bo", &[("c", "z")])],
+            false,
+        ));
+        set(&store, 0, "x", Availability::Available, 1).await;
+        set(&store, 1, "y", Availability::Busy, 2).await;
+        set(&store, 2, "z", Availability::Away, 3).await;
+        let before = store.changes().last_seq();
+        let done = store.reconcile_people(&mapping(
+            2,
+            &[("ana", &[("a", "x")]), ("bo", &[("c", "z"), ("b", "y")])],
+            false,
+        ));
+        assert_eq!((done.people, done.changed, done.removed), (2, 2, 0));
+        // The same mapping again: nothing.
+        let again = store.reconcile_people(&mapping(
+            3,
+            &[("ana", &[("a", "x")]), ("bo", &[("c", "z"), ("b", "y")])],
+            false,
+        ));
+        assert_eq!(again.changed + again.removed, 0);
+        let done = store.reconcile_people(&mapping(4, &[("ana", &[("a", "x")])], false));
+        assert_eq!(done.removed, 1);
+        let events: Vec<_> = store
+            .changes()
+            .since(before)
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.person().cloned())
+            .collect();
+        let summary: Vec<_> = events
+            .iter()
+            .map(|p| (&*p.person, p.availability, p.sources.len()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("ana", Availability::Available, 1),
+                ("bo", Availability::Busy, 2),
+                ("bo", Availability::Unknown, 0),
+            ]
+        );
+        assert!(store.people().get("bo", store.records()).is_none());
+        assert_eq!(store.people().version(), 4);
+    }
 }

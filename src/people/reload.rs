@@ -26,11 +26,19 @@ fn status_of(status: &ReloadStatus, mapping: &Mapping) -> MappingStatus {
     }
 }
 
+/// Shows the watcher's status in `GET /v1/people` now (at start-up, before
+/// the first request).
+pub fn show_status(store: &Store, watch: &PeopleWatch) {
+    store
+        .people()
+        .set_status(status_of(&watch.status(), &watch.current()));
+}
+
 /// Reconciles the store's people with `mapping` (off the async workers;
-/// with Redis, once the mirror is loaded: see [`Store::reconcile_people`]).
+/// with Redis, once the mirror is loaded: see [`Store::reconcile_people_async`]).
 async fn reconcile(store: &Arc<Store>, mapping: Arc<Mapping>) {
     let version = mapping.version;
-    let done = store.reconcile_people(mapping).await;
+    let done = store.reconcile_people_async(mapping).await;
     tracing::info!(
         version,
         people = done.people,

@@ -997,7 +997,13 @@ mod tests {
         assert_eq!(state(&after), state(&before));
         assert_eq!(loaded.seq, 51);
         assert_eq!(loaded.history.len(), 51);
-        assert!(loaded.history.iter().zip(1..).all(|(r, seq)| r.seq() == seq));
+        assert!(
+            loaded
+                .history
+                .iter()
+                .zip(1..)
+                .all(|(r, seq)| r.seq() == seq)
+        );
         assert_eq!(
             loaded.meta.get("sub/x").map(String::as_str),
             Some("{\"id\":\"1\"}")
@@ -1143,6 +1149,98 @@ mod tests {
         assert_eq!(
             after.apply_with(0, &retry, now, Some(&journal)),
             ApplyOutcome::Duplicate
+        );
+        journal.close();
+    }
+
+    /// Person records and events (DESIGN §9) come back after a restart,
+    /// also from a snapshot that compaction wrote: current people, the
+    /// events in the history in `seq` order, and no person that was
+    /// removed.
+    #[test]
+    fn person_records_and_events_survive_restarts_and_compaction() {
+        use crate::config::people::{Identity, Mapping, PersonDef};
+        use crate::people::{self, People};
+        let mapping = |people: &[(&str, &str)]| Mapping {
+            version: 1,
+            match_equal_principals: false,
+            people: people
+                .iter()
+                .map(|(id, principal)| PersonDef {
+                    id: Arc::from(*id),
+                    name: None,
+                    identities: vec![Identity {
+                        source: Arc::from("a"),
+                        principal: Arc::from(*principal),
+                    }],
+                })
+                .collect(),
+        };
+        let dir = tempdir();
+        let now = Millis::now();
+        let before = records();
+        let (journal, _) = Journal::open_with(dir.path(), &before, 1000, 600_000, 4096).unwrap();
+        let persons = People::default();
+        let commit = |change| people::commit_local(&before, Some(&journal), change);
+        persons.reconcile(&mapping(&[("ana", "p0"), ("bo", "p1")]), &before, &commit);
+        for round in 0..40 {
+            for i in 0..4 {
+                let availability = [Availability::Busy, Availability::Away][round % 2];
+                let principal = format!("p{i}");
+                let u = update(
+                    &principal,
+                    availability,
+                    now.0 + round as i64,
+                    &format!("e{round}-{i}"),
+                );
+                before.apply_with(0, &u, now, Some(&journal));
+                persons.touched(0, &principal, &before, &commit);
+            }
+            std::thread::sleep(FLUSH_INTERVAL / 4);
+        }
+        // Bo leaves: his final record is the last person event.
+        persons.reconcile(&mapping(&[("ana", "p0")]), &before, &commit);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while list(dir.path()).unwrap().snapshots.is_empty() {
+            assert!(Instant::now() < deadline, "no snapshot was written");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let last = before.changes().last_seq();
+        let kept: Vec<_> = before
+            .changes()
+            .since(last - 50)
+            .unwrap()
+            .iter()
+            .map(|c| c.event.clone())
+            .collect();
+        journal.close();
+        drop(journal);
+
+        let after = records();
+        let (journal, loaded) = open(dir.path(), &after);
+        assert_eq!(loaded.seq, last);
+        let ana = persons.get("ana", &before).unwrap();
+        let loaded_ana = loaded.people.get("ana").expect("ana");
+        assert_eq!(
+            (loaded_ana.seq, loaded_ana.availability),
+            (ana.seq, ana.availability)
+        );
+        assert!(!loaded.people.contains_key("bo"), "bo was removed");
+        let tail: Vec<_> = loaded
+            .history
+            .iter()
+            .skip(loaded.history.len() - 50)
+            .cloned()
+            .collect();
+        assert_eq!(tail, kept, "the history, person events included, in order");
+        let bo_last = loaded.history.back().and_then(|e| match e {
+            crate::presence::Event::Person(p) => Some(p.clone()),
+            crate::presence::Event::Presence(_) => None,
+        });
+        let bo_last = bo_last.expect("a person event last");
+        assert_eq!(
+            (&*bo_last.person, bo_last.availability),
+            ("bo", Availability::Unknown)
         );
         journal.close();
     }

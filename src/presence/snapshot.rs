@@ -289,7 +289,10 @@ mod tests {
         let later = store.changes().since(at).unwrap();
         assert_eq!(later.len(), 3_000);
         for c in &later {
-            let key = (c.presence().unwrap().source.to_string(), c.presence().unwrap().principal.to_string());
+            let key = (
+                c.presence().unwrap().source.to_string(),
+                c.presence().unwrap().principal.to_string(),
+            );
             view.insert(key, c.seq());
         }
         let mut truth = HashMap::new();

@@ -388,20 +388,27 @@ impl Store {
     }
 
     /// Puts a (new) people mapping in use and brings every person in line
-    /// with it (see [`People::reconcile`]). Memory: on a blocking thread.
-    /// Redis: once the mirror is loaded, every difference is committed in
-    /// Redis like an identity change's (replicas reconciling the same
-    /// mapping at once commit each difference once).
-    pub async fn reconcile_people(self: &Arc<Self>, mapping: Arc<Mapping>) -> Reconciled {
+    /// with it (see [`People::reconcile`]); blocking with many people.
+    /// Memory backend: with Redis, person events are committed in Redis
+    /// ([`Store::reconcile_people_async`]), so this only logs an error.
+    pub fn reconcile_people(&self, mapping: &Mapping) -> Reconciled {
+        let Backend::Memory { journal } = &self.backend else {
+            tracing::error!("reconcile_people on the Redis backend: use reconcile_people_async");
+            return Reconciled::default();
+        };
+        self.people.reconcile(mapping, &self.records, &|change| {
+            people::commit_local(&self.records, journal.as_ref(), change)
+        })
+    }
+
+    /// [`Store::reconcile_people`] on either backend, off the async
+    /// workers. Redis: once the mirror is loaded, every difference is
+    /// committed in Redis like an identity change's (replicas reconciling
+    /// the same mapping at once commit each difference once).
+    pub async fn reconcile_people_async(self: &Arc<Self>, mapping: Arc<Mapping>) -> Reconciled {
         let store = Arc::clone(self);
         let Backend::Redis(backend) = &self.backend else {
-            let done = tokio::task::spawn_blocking(move || {
-                let journal = store.journal();
-                store.people.reconcile(&mapping, &store.records, &|change| {
-                    people::commit_local(&store.records, journal, change)
-                })
-            })
-            .await;
+            let done = tokio::task::spawn_blocking(move || store.reconcile_people(&mapping)).await;
             return done.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "people reconciliation failed");
                 Reconciled::default()

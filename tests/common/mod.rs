@@ -7,6 +7,7 @@ pub mod netsapiens;
 pub mod process;
 pub mod redis;
 pub mod scripted;
+pub mod sse;
 pub mod ucwa;
 
 use std::net::SocketAddr;

@@ -439,7 +439,7 @@ mod tests {
         let keys = TestKeys::new("people-race").await;
         let (a, b) = (replica(&keys).await, replica(&keys).await);
         for store in [&a, &b] {
-            let done = store.reconcile_people(mapping(1, "Ana", true)).await;
+            let done = store.reconcile_people_async(mapping(1, "Ana", true)).await;
             assert_eq!((done.people, done.changed), (1, 0), "no records yet");
         }
         let rounds = [
@@ -499,7 +499,7 @@ mod tests {
         let keys = TestKeys::new("people-conflict").await;
         let (a, b) = (replica(&keys).await, replica(&keys).await);
         for store in [&a, &b] {
-            store.reconcile_people(mapping(1, "Ana", true)).await;
+            store.reconcile_people_async(mapping(1, "Ana", true)).await;
         }
         let dnd = update("ana-desk", Availability::DoNotDisturb, 10);
         a.apply(DESK, &dnd, Millis(10)).await.unwrap();
@@ -529,7 +529,7 @@ mod tests {
     async fn person_events_share_seq_replay_on_any_replica_and_load_at_start() {
         let keys = TestKeys::new("people-load").await;
         let a = replica(&keys).await;
-        a.reconcile_people(mapping(1, "Ana", true)).await;
+        a.reconcile_people_async(mapping(1, "Ana", true)).await;
         let busy = update("ana-desk", Availability::Busy, 10);
         assert_eq!(
             a.apply(DESK, &busy, Millis(10)).await,
@@ -563,7 +563,7 @@ mod tests {
             ((Availability::Busy, Some("desk")), 2)
         );
         // Its reconciliation finds nothing to change.
-        let done = c.reconcile_people(mapping(1, "Ana", true)).await;
+        let done = c.reconcile_people_async(mapping(1, "Ana", true)).await;
         assert_eq!((done.people, done.changed, done.removed), (1, 0, 0));
         assert_eq!(person_events(&a).await.len(), 1);
     }
@@ -585,15 +585,15 @@ mod tests {
         .unwrap();
         sync(&b).await;
         let (on_a, on_b) = tokio::join!(
-            a.reconcile_people(mapping(1, "Ana", true)),
-            b.reconcile_people(mapping(1, "Ana", true)),
+            a.reconcile_people_async(mapping(1, "Ana", true)),
+            b.reconcile_people_async(mapping(1, "Ana", true)),
         );
         assert_eq!(on_a.changed + on_b.changed, 1, "{on_a:?} {on_b:?}");
         assert_eq!(person_events(&a).await.len(), 1);
 
         let (on_a, on_b) = tokio::join!(
-            a.reconcile_people(mapping(2, "Ana Lima", true)),
-            b.reconcile_people(mapping(2, "Ana Lima", true)),
+            a.reconcile_people_async(mapping(2, "Ana Lima", true)),
+            b.reconcile_people_async(mapping(2, "Ana Lima", true)),
         );
         assert_eq!(on_a.changed + on_b.changed, 1, "{on_a:?} {on_b:?}");
         assert_eq!(
@@ -602,8 +602,8 @@ mod tests {
         );
 
         let (on_a, on_b) = tokio::join!(
-            a.reconcile_people(mapping(3, "Ana Lima", false)),
-            b.reconcile_people(mapping(3, "Ana Lima", false)),
+            a.reconcile_people_async(mapping(3, "Ana Lima", false)),
+            b.reconcile_people_async(mapping(3, "Ana Lima", false)),
         );
         assert_eq!(on_a.removed + on_b.removed, 1, "{on_a:?} {on_b:?}");
         let events = person_events(&a).await;
