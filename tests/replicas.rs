@@ -572,3 +572,90 @@ async fn seq_never_goes_back_after_redis_loses_a_write_the_feed_had_not_delivere
     assert!(y["seq"].as_u64() > x["seq"].as_u64(), "{x} {y}");
     gateway.stop().await;
 }
+
+/// Two replicas with one people file: Ana's softphone changes on one
+/// replica while her desk phone changes on the other, at once. Each
+/// replica's person stream gets the person events of both through the
+/// feed, numbered from the one `seq`, and both replicas end with a record
+/// derived from both identities (DESIGN §8, §9).
+#[tokio::test]
+async fn person_events_of_any_replica_reach_every_replica_derived_from_every_identity() {
+    let url = shared_url();
+    let prefix = unique_prefix("people");
+    let dir = std::env::temp_dir().join(unique_prefix("people-file"));
+    std::fs::create_dir_all(&dir).expect("people dir");
+    let file = dir.join("people.toml");
+    std::fs::write(
+        &file,
+        "[[person]]\nid = \"ana\"\nname = \"Ana\"\nidentities = [\
+         { source = \"mitel\", principal = \"ana-soft\" }, \
+         { source = \"desk\", principal = \"ana-desk\" }]\n",
+    )
+    .expect("people file");
+    let config = |replica: &str| {
+        format!(
+            "{}\n[[sources]]\nid = \"desk\"\nkind = \"mitel\"\nsigning_keys = [\"{MITEL_KEY}\"]\n\n\
+             [people]\nfile = \"{}\"\n",
+            redis_config(&url, &prefix, replica),
+            file.display()
+        )
+    };
+    let (a, b) = (
+        Gateway::start(&config("gw-a")).await,
+        Gateway::start(&config("gw-b")).await,
+    );
+    for r in [&a, &b] {
+        ready(r).await;
+        eventually("the people mapping", || async {
+            r.get("/v1/people/ana").await.0 == 200
+        })
+        .await;
+    }
+    let mut on_a = common::sse::Client::open(&a, "?person=ana&snapshot=false", None).await;
+    let mut on_b = common::sse::Client::open(&b, "?person=ana&snapshot=false", None).await;
+    let event = |principal: &str, status: &str, at: i64| {
+        json!({"topic": "platform-api-presence",
+            "subject": format!("/presentities/{principal}"),
+            "content": {"presence": status, "timestamp": common::T0 + at,
+                        "eventId": format!("{principal}-{at}")}})
+        .to_string()
+    };
+    let (soft, desk) = (
+        event("ana-soft", "Busy", 1_000),
+        event("ana-desk", "DoNotDisturb", 1_001),
+    );
+    tokio::join!(
+        a.post_signed("mitel", MITEL_KEY, &soft),
+        b.post_signed("desk", MITEL_KEY, &desk),
+    );
+    for r in [&a, &b] {
+        eventually("ana derived from both identities", || async {
+            let (_, ana) = r.get("/v1/people/ana").await;
+            ana["availability"] == "do_not_disturb"
+                && ana["decided_by"]["source"] == "desk"
+                && ana["sources"].as_array().map(Vec::len) == Some(2)
+        })
+        .await;
+    }
+    // Both streams carry the same person events, ending with that record.
+    let last = |events: &[common::sse::Sse]| events.last().map(|e| e.data.clone());
+    let mut seen_a = Vec::new();
+    let mut seen_b = Vec::new();
+    while last(&seen_a).is_none_or(|d| d["availability"] != "do_not_disturb") {
+        seen_a.push(on_a.next().await.expect("a person event on A"));
+    }
+    while seen_b.len() < seen_a.len() {
+        seen_b.push(on_b.next().await.expect("a person event on B"));
+    }
+    assert_eq!(seen_a, seen_b, "the same events on both replicas");
+    assert!(seen_a.iter().all(|e| e.event == "person"));
+    let ids: Vec<u64> = seen_a.iter().filter_map(|e| e.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let (_, ana) = a.get("/v1/people/ana").await;
+    assert_eq!(Some(ana["seq"].as_u64().unwrap()), ids.last().copied());
+    for r in [a, b] {
+        r.stop().await;
+    }
+    cleanup(&url, &prefix).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
