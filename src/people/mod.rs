@@ -405,11 +405,8 @@ impl People {
         commit: &dyn Fn(PersonChange) -> Arc<PersonRecord>,
     ) -> Reconciled {
         let fresh = Arc::new(Index::build(mapping, records));
-        let mut state = self.state.lock();
-        *self.index.write() = Arc::clone(&fresh);
-        self.enabled.store(true, Ordering::Release);
         // People formed by equal principals, as the records are now.
-        state.implicit.clear();
+        let mut implicit = BTreeSet::new();
         if fresh.match_equal {
             let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
             records.for_each(|source, principal, _| {
@@ -420,40 +417,46 @@ impl People {
                     *seen.entry(Arc::from(principal)).or_default() += 1;
                 }
             });
-            state.implicit = seen
+            implicit = seen
                 .into_iter()
                 .filter(|(p, n)| *n >= 2 && !fresh.by_id.contains_key(p))
                 .map(|(p, _)| p)
                 .collect();
         }
+        {
+            let mut state = self.state.lock();
+            *self.index.write() = Arc::clone(&fresh);
+            state.implicit = implicit.clone();
+            self.enabled.store(true, Ordering::Release);
+        }
+        // One person at a time, each under the lock on its own: identity
+        // changes go on meanwhile (decided with the new mapping already),
+        // never waiting for the whole pass.
         let mut done = Reconciled::default();
-        for position in 0..fresh.people.len() as u32 {
+        let targets = (0..fresh.people.len() as u32)
+            .map(Target::Explicit)
+            .chain(implicit.into_iter().map(Target::Implicit));
+        for target in targets {
             done.people += 1;
-            if self.settle(
-                &fresh,
-                &Target::Explicit(position),
-                records,
-                &mut state,
-                commit,
-            ) {
+            let mut state = self.state.lock();
+            if self.settle(&fresh, &target, records, &mut state, commit) {
                 done.changed += 1;
             }
         }
-        let implicit: Vec<Arc<str>> = state.implicit.iter().cloned().collect();
-        for p in implicit {
-            done.people += 1;
-            if self.settle(&fresh, &Target::Implicit(p), records, &mut state, commit) {
-                done.changed += 1;
-            }
-        }
-        let gone: Vec<Arc<str>> = state
-            .records
-            .keys()
-            .filter(|id| !fresh.by_id.contains_key(*id) && !state.implicit.contains(*id))
-            .cloned()
-            .collect();
+        let gone: Vec<Arc<str>> = {
+            let state = self.state.lock();
+            state
+                .records
+                .keys()
+                .filter(|id| !fresh.by_id.contains_key(*id) && !state.implicit.contains(*id))
+                .cloned()
+                .collect()
+        };
         for id in gone {
-            let name = state.records.get(&id).and_then(|r| r.name.clone());
+            let mut state = self.state.lock();
+            let Some(name) = state.records.get(&id).map(|r| r.name.clone()) else {
+                continue;
+            };
             let record = record_of(Arc::clone(&id), name, &[], 0);
             commit(PersonChange {
                 record,
