@@ -5,7 +5,8 @@
 //! by the reference `standardwebhooks` library, Graph (Teams) change
 //! notifications carrying the `clientState`, read back from the mock Graph
 //! (tests/common/graph.rs), and the event channel of the mock UCWA server
-//! (tests/common/ucwa.rs).
+//! (tests/common/ucwa.rs), and Mitel's MQTT-over-WebSocket transport
+//! (a real broker behind a relay, tests/common/mitel_ws.rs).
 //!
 //! The identities are driven one at a time so that the person's derived
 //! availability and `decided_by` walk through the precedence rule: a
@@ -16,7 +17,9 @@
 //! fence that proves it).
 //!
 //! Real time: the mocks serve on loopback and the gateway reads from them
-//! as it would from the providers; every wait is for a condition.
+//! as it would from the providers; every wait is for a condition. Needs
+//! Mosquitto on 127.0.0.1:1883, as tests/mitel_ws.rs does (`scripts/test`
+//! starts it).
 //! Runs against every store backend (`PG_TEST_STORE`).
 
 mod common;
@@ -27,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::graph::{self, CLIENT_SECRET, CLIENT_STATE, Graph, batch, item};
 use common::sse::{Client, Sse};
 use common::ucwa::{APPS, Ucwa, start_mock};
-use common::{Gateway, MITEL_KEY, T0, TOKEN, wait_until};
+use common::{Gateway, MITEL_KEY, T0, TOKEN, mitel_ws, wait_until};
 use serde_json::{Value, json};
 
 /// Real-time waits for something that takes milliseconds when it works
@@ -46,6 +49,8 @@ const MITEL: (&str, &str) = ("mitel", "2f1c9a1e-5a9e-4a57-9d1e-2f6f8f7e9b11");
 const NS: (&str, &str) = ("ns", "1001@acme.example");
 const VENDOR: (&str, &str) = ("vendor", "u-4411");
 const SFB: (&str, &str) = ("sfb", "ana@contoso.com");
+/// Ana's desk phone, whose events come over MQTT.
+const DESK: (&str, &str) = ("mitel-ws", "7d3e1f20-6b2a-4c55-9e0d-1a2b3c4d5e6f");
 /// Ana's Teams object id ([`graph::user`]`(1)`).
 fn teams() -> (&'static str, String) {
     ("teams", graph::user(1))
@@ -76,7 +81,7 @@ impl Drop for Dir {
 /// NetSapiens extension only) so that Ana's stream has someone to ignore.
 fn people_file() -> String {
     let (teams, teams_id) = teams();
-    let identities: Vec<String> = [MITEL, NS, VENDOR, (teams, &teams_id), SFB]
+    let identities: Vec<String> = [MITEL, NS, VENDOR, (teams, &teams_id), SFB, DESK]
         .iter()
         .map(|(s, p)| format!("{{ source = \"{s}\", principal = \"{p}\" }}"))
         .collect();
@@ -88,9 +93,15 @@ fn people_file() -> String {
     )
 }
 
-/// Five sources, one of each kind, against the mocks at `graph_base` and
-/// `ucwa_base`.
-fn config(people: &std::path::Path, graph_base: &str, ucwa_base: &str) -> String {
+/// Six sources, one of each kind, against the mocks at `graph_base`,
+/// `ucwa_base` and `mitel_base`; the MQTT client id is `client_id`.
+fn config(
+    people: &std::path::Path,
+    graph_base: &str,
+    ucwa_base: &str,
+    mitel_base: &str,
+    client_id: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -126,7 +137,7 @@ api_base = "{graph_base}"
 [sources.auth]
 type = "refresh_token"
 token_url = "{graph_base}/token"
-client_id = "{client_id}"
+client_id = "{graph_client_id}"
 client_secret = "{CLIENT_SECRET}"
 refresh_tokens = ["{refresh_token}"]
 
@@ -154,9 +165,26 @@ duration_mins = 10
 event_timeout_secs = 900
 retry_initial_ms = 1000
 retry_max_secs = 30
+
+[[sources]]
+id = "{desk}"
+kind = "mitel_ws"
+api_base = "{mitel_base}"
+auth_base = "{mitel_base}"
+
+[sources.auth]
+type = "client_credentials"
+client_id = "gw"
+client_secret = "s3cret"
+
+[sources.subscription]
+client_id = "{client_id}"
+retry_initial_ms = 100
+retry_max_secs = 1
 "#,
+        desk = DESK.0,
         people = people.display(),
-        client_id = graph::CLIENT_ID,
+        graph_client_id = graph::CLIENT_ID,
         refresh_token = graph::refresh_token(0),
         teams_user = graph::user(1),
         callback = graph::CALLBACK_URL,
@@ -170,6 +198,10 @@ struct World {
     ucwa: Ucwa,
     /// The Graph subscription the notifications name.
     subscription: String,
+    /// The MQTT topic of the desk phone's presence, and the relay to the
+    /// broker (open while it lives).
+    topic: String,
+    _relay: mitel_ws::Relay,
 }
 
 impl World {
@@ -206,6 +238,18 @@ impl World {
                         "principalId": MITEL.1}})
         .to_string();
         self.gw.post_signed(MITEL.0, MITEL_KEY, &body).await;
+    }
+
+    /// The desk phone's presence, published over MQTT as Mitel does: the
+    /// same envelope as a webhook's, without a signature.
+    async fn desk(&self, status: &str, at: i64) {
+        let body = json!({"topic": "platform-api-presence",
+            "subject": format!("/presentities/{}", DESK.1),
+            "content": {"presence": status, "timestamp": T0 + at,
+                        "eventId": format!("desk-{at}"), "principalId": DESK.1}})
+        .to_string();
+        let publisher = mitel_ws::tag("people-publisher");
+        mitel_ws::publish(&publisher, &self.topic, body).await;
     }
 
     /// A NetSapiens post of `objects` under the subscription `correlation`.
@@ -314,11 +358,32 @@ async fn world(dir: &Dir) -> World {
     let (ucwa, ucwa_base) = start_mock().await;
     // Before the gateway starts: the start-up read finds Ana away on UCWA.
     ucwa.set(SFB.1, "Away");
-    let gw = Gateway::start(&config(&people, &graph_base, &ucwa_base)).await;
+    let relay = mitel_ws::Relay::start().await;
+    let tag = mitel_ws::tag("people");
+    let (mitel, mitel_base) = mitel_ws::MitelApi::start(relay.port, &tag).await;
+    let client_id = format!("gw-{tag}");
+    let config = config(&people, &graph_base, &ucwa_base, &mitel_base, &client_id);
+    let gw = Gateway::start(&config).await;
     wait_until("the gateway is ready", WITHIN, || async {
         gw.readyz().await == 200
     })
     .await;
+    // `connected` once the broker acknowledged the subscription.
+    wait_until("MQTT subscribed", WITHIN, || async {
+        let (_, sources) = gw.get("/v1/sources").await;
+        sources["sources"]
+            .as_array()
+            .and_then(|list| list.iter().find(|s| s["id"] == DESK.0))
+            .and_then(|s| s["subscriptions"].as_array())
+            .is_some_and(|subs| {
+                subs.iter()
+                    .any(|s| s["kind"] == "mqtt" && s["state"] == "connected")
+            })
+    })
+    .await;
+    let topic = mitel
+        .presence_topic()
+        .unwrap_or_else(|| panic!("no presence subscription: {:?}", mitel.subscriptions));
     let subscription = graph
         .subscriptions()
         .first()
@@ -329,6 +394,8 @@ async fn world(dir: &Dir) -> World {
         graph,
         ucwa,
         subscription,
+        topic,
+        _relay: relay,
     }
 }
 
@@ -392,7 +459,7 @@ async fn a_person_whose_identities_span_all_provider_kinds_fed_by_real_signed_we
     let snapshot = next_person(&mut ana, ev("away", Some("available"), "sfb"), SFB.1).await;
     // Every presence change of Ana's identities, with Ana's person events
     // in between: shows where a change made no person event.
-    let principals: String = [MITEL.1, NS.1, VENDOR.1, teams_user, SFB.1]
+    let principals: String = [MITEL.1, NS.1, VENDOR.1, teams_user, SFB.1, DESK.1]
         .iter()
         .map(|p| format!("&principal={p}"))
         .collect();
@@ -489,6 +556,14 @@ async fn a_person_whose_identities_span_all_provider_kinds_fed_by_real_signed_we
     let e = next_person(&mut ana, ev("do_not_disturb", None, "vendor"), VENDOR.1).await;
     person_events.push(e);
 
+    // The desk phone (MQTT) busy: below do-not-disturb, nothing; the
+    // fence is the vendor going available, which hands Ana to the desk.
+    w.desk("Busy", 15).await;
+    w.applied(DESK.0, DESK.1, "busy").await;
+    w.standard("available", 16).await;
+    let e = next_person(&mut ana, ev("busy", None, "mitel-ws"), DESK.1).await;
+    person_events.push(e);
+
     // Each person event's id is its seq, increasing.
     let ids: Vec<u64> = person_events
         .iter()
@@ -526,6 +601,9 @@ async fn a_person_whose_identities_span_all_provider_kinds_fed_by_real_signed_we
         ("presence", "mitel", "offline"),
         ("presence", "vendor", "do_not_disturb"),
         ("person", "vendor", "do_not_disturb"),
+        ("presence", "mitel-ws", "busy"),
+        ("presence", "vendor", "available"),
+        ("person", "mitel-ws", "busy"),
     ];
     let got = mixed.take(expected_mixed.len()).await;
     let shown: Vec<(String, String, String)> = got
@@ -584,9 +662,10 @@ async fn a_person_whose_identities_span_all_provider_kinds_fed_by_real_signed_we
         [
             own(MITEL.0, MITEL.1, "offline"),
             own(NS.0, NS.1, "away"),
-            own(VENDOR.0, VENDOR.1, "do_not_disturb"),
+            own(VENDOR.0, VENDOR.1, "available"),
             own("teams", teams_user, "away"),
             own(SFB.0, SFB.1, "offline"),
+            own(DESK.0, DESK.1, "busy"),
         ]
     );
     // Each identity record is the one the presence API serves.
