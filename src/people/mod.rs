@@ -405,36 +405,42 @@ impl People {
         records: &Records,
         commit: &dyn Fn(PersonChange) -> Arc<PersonRecord>,
     ) -> Reconciled {
-        let mut state = self.state.lock();
-        let fresh = self.swap_mapping(mapping, records, &mut state);
+        let fresh = Arc::new(Index::build(mapping, records));
+        let implicit = implicit_people(&fresh, records);
+        {
+            let mut state = self.state.lock();
+            *self.index.write() = Arc::clone(&fresh);
+            state.implicit = implicit.clone();
+            self.enabled.store(true, Ordering::Release);
+        }
+        // One person at a time, each under the lock on its own: identity
+        // changes go on meanwhile (decided with the new mapping already),
+        // never waiting for the whole pass.
         let mut done = Reconciled::default();
-        for position in 0..fresh.people.len() as u32 {
+        let targets = (0..fresh.people.len() as u32)
+            .map(Target::Explicit)
+            .chain(implicit.into_iter().map(Target::Implicit));
+        for target in targets {
             done.people += 1;
-            if self.settle(
-                &fresh,
-                &Target::Explicit(position),
-                records,
-                &mut state,
-                commit,
-            ) {
+            let mut state = self.state.lock();
+            if self.settle(&fresh, &target, records, &mut state, commit) {
                 done.changed += 1;
             }
         }
-        let implicit: Vec<Arc<str>> = state.implicit.iter().cloned().collect();
-        for p in implicit {
-            done.people += 1;
-            if self.settle(&fresh, &Target::Implicit(p), records, &mut state, commit) {
-                done.changed += 1;
-            }
-        }
-        let gone: Vec<Arc<str>> = state
-            .records
-            .keys()
-            .filter(|id| !fresh.by_id.contains_key(*id) && !state.implicit.contains(*id))
-            .cloned()
-            .collect();
+        let gone: Vec<Arc<str>> = {
+            let state = self.state.lock();
+            state
+                .records
+                .keys()
+                .filter(|id| !fresh.by_id.contains_key(*id) && !state.implicit.contains(*id))
+                .cloned()
+                .collect()
+        };
         for id in gone {
-            let name = state.records.get(&id).and_then(|r| r.name.clone());
+            let mut state = self.state.lock();
+            let Some(name) = state.records.get(&id).map(|r| r.name.clone()) else {
+                continue;
+            };
             let record = record_of(Arc::clone(&id), name, &[], 0);
             commit(PersonChange {
                 record,
@@ -448,33 +454,27 @@ impl People {
     }
 }
 
-impl People {
-    /// Puts `mapping` in use and finds the people formed by equal
-    /// principals as the records are now (under the state lock, so no
-    /// identity change is derived half on the old mapping).
-    fn swap_mapping(&self, mapping: &Mapping, records: &Records, state: &mut State) -> Arc<Index> {
-        let fresh = Arc::new(Index::build(mapping, records));
-        *self.index.write() = Arc::clone(&fresh);
-        self.enabled.store(true, Ordering::Release);
-        state.implicit.clear();
-        if fresh.match_equal {
-            let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
-            records.for_each(|source, principal, _| {
-                let Some(s) = records.source_index(source) else {
-                    return;
-                };
-                if fresh.explicit(s, principal).is_none() {
-                    *seen.entry(Arc::from(principal)).or_default() += 1;
-                }
-            });
-            state.implicit = seen
-                .into_iter()
-                .filter(|(p, n)| *n >= 2 && !fresh.by_id.contains_key(p))
-                .map(|(p, _)| p)
-                .collect();
-        }
-        fresh
+impl People {}
+
+/// The people formed by equal principals under `index`, as the records
+/// are now: unmapped principals with records on two or more sources.
+fn implicit_people(index: &Index, records: &Records) -> BTreeSet<Arc<str>> {
+    if !index.match_equal {
+        return BTreeSet::new();
     }
+    let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
+    records.for_each(|source, principal, _| {
+        let Some(s) = records.source_index(source) else {
+            return;
+        };
+        if index.explicit(s, principal).is_none() {
+            *seen.entry(Arc::from(principal)).or_default() += 1;
+        }
+    });
+    seen.into_iter()
+        .filter(|(p, n)| *n >= 2 && !index.by_id.contains_key(p))
+        .map(|(p, _)| p)
+        .collect()
 }
 
 /// An identity the rule looked at: `(source index, principal, revision of
@@ -559,9 +559,16 @@ impl People {
     /// there are. Takes a while with many people: call it off the async
     /// workers.
     pub fn remap(&self, mapping: &Mapping, records: &Records) -> (Vec<Derivation>, usize) {
-        let mut state = self.state.lock();
-        let fresh = self.swap_mapping(mapping, records, &mut state);
-        let implicit: Vec<Arc<str>> = state.implicit.iter().cloned().collect();
+        let fresh = Arc::new(Index::build(mapping, records));
+        let implicit = implicit_people(&fresh, records);
+        {
+            let mut state = self.state.lock();
+            *self.index.write() = Arc::clone(&fresh);
+            state.implicit = implicit.clone();
+            self.enabled.store(true, Ordering::Release);
+        }
+        // One person at a time, each under the lock on its own (as in
+        // `reconcile`).
         let targets = (0..fresh.people.len() as u32)
             .map(Target::Explicit)
             .chain(implicit.into_iter().map(Target::Implicit));
@@ -569,8 +576,10 @@ impl People {
         let mut people = 0;
         for target in targets {
             people += 1;
+            let state = self.state.lock();
             out.extend(derivation(&fresh, &target, records, &state, false));
         }
+        let state = self.state.lock();
         out.extend(
             state
                 .records

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod graph;
+pub mod mitel_ws;
 pub mod netsapiens;
 pub mod process;
 pub mod redis;
