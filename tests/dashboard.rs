@@ -339,6 +339,16 @@ impl Browser {
         .await;
     }
 
+    /// Asserts that `script` returns a text that holds each of `parts`.
+    async fn assert_text(&self, script: &str, parts: &[&str]) {
+        let text = self.eval(script).await;
+        assert!(
+            text.as_str()
+                .is_some_and(|t| parts.iter().all(|part| t.contains(part))),
+            "{script}\nreturned {text}, which lacks one of {parts:?}"
+        );
+    }
+
     /// Saves a screenshot as `name` under the test's output directory.
     async fn save_screenshot(&self, name: &str) {
         let png = self.screenshot().await;
@@ -388,14 +398,12 @@ domain = "acme.example"
     post(&gw, "bob", "Away", "lunch", 3).await;
     browser.wait_for_row("bob", "away").await;
     assert_eq!(browser.eval("return window.marker;").await, json!(42));
-    let text = browser
-        .eval("return document.querySelector('tr[data-principal=\"bob\"]').innerText;")
+    browser
+        .assert_text(
+            "return document.querySelector('tr[data-principal=\"bob\"]').innerText;",
+            &["lunch", "mitel"],
+        )
         .await;
-    assert!(
-        text.as_str()
-            .is_some_and(|t| t.contains("lunch") && t.contains("mitel")),
-        "{text}"
-    );
     // The filter box narrows the table.
     browser.type_into("#filter", "bob").await;
     browser.wait_for(VISIBLE_ROWS, json!(["bob"])).await;
@@ -420,15 +428,12 @@ domain = "acme.example"
     browser.wait_for(&sparkline("mitel"), json!([60, 3])).await;
     let bar = json!([segment("available", 1, 50), segment("away", 1, 50)]);
     browser.wait_for(&segments("mitel"), bar).await;
-    let legend = browser
-        .eval("return document.querySelector('[data-source=\"mitel\"] .legend').innerText;")
+    browser
+        .assert_text(
+            "return document.querySelector('[data-source=\"mitel\"] .legend').innerText;",
+            &["available 1", "away 1"],
+        )
         .await;
-    assert!(
-        legend
-            .as_str()
-            .is_some_and(|t| t.contains("available 1") && t.contains("away 1")),
-        "{legend}"
-    );
     post(&gw, "bob", "Busy", "on the phone", 4).await;
     post(&gw, "dave", "Busy", "", 5).await;
     browser.wait_for(&sparkline("mitel"), json!([60, 5])).await;
@@ -473,6 +478,19 @@ fn person(id: &str) -> String {
                  [...r.querySelectorAll('.identities li[data-source]')].map(li =>
                    li.dataset.source + '/' + li.dataset.principal + '/' + li.dataset.availability)];"
     )
+}
+
+/// Waits until the People tab shows Ana `availability`, decided by
+/// `decided_by`, her Mitel identity available (as it stays throughout) and
+/// her desk phone `desk`.
+async fn wait_for_ana(browser: &Browser, availability: &str, decided_by: &str, desk: &str) {
+    let identities = [
+        "mitel/ana-m/available".to_owned(),
+        format!("desk/ana-d/{desk}"),
+    ];
+    browser
+        .wait_for_person("ana", availability, decided_by, &identities)
+        .await;
 }
 
 const PEOPLE_ROWS: &str =
@@ -524,62 +542,32 @@ file = "{}"
         )
         .await;
     browser.click("tab-people").await;
-    let ana_m = |a: &str| format!("mitel/ana-m/{a}");
-    let ana_d = |a: &str| format!("desk/ana-d/{a}");
-    browser
-        .wait_for_person("ana", "busy", "desk", &[ana_m("available"), ana_d("busy")])
-        .await;
+    wait_for_ana(&browser, "busy", "desk", "busy").await;
     // A person none of whose identities has a record: unknown, listed.
     browser.wait_for_person("bo", "unknown", "", &[]).await;
-    let text = browser
-        .eval("return document.querySelector('tr[data-person=\"ana\"]').innerText;")
+    browser
+        .assert_text(
+            "return document.querySelector('tr[data-person=\"ana\"]').innerText;",
+            &["Ana Lima", "ana-d"],
+        )
         .await;
-    assert!(
-        text.as_str()
-            .is_some_and(|t| t.contains("Ana Lima") && t.contains("ana-d")),
-        "{text}"
-    );
-    let mapping = browser
-        .eval("return document.getElementById('mapping').textContent;")
+    browser
+        .assert_text(
+            "return document.getElementById('mapping').textContent;",
+            &["mapping version 1", "2 people"],
+        )
         .await;
-    assert!(
-        mapping
-            .as_str()
-            .is_some_and(|t| t.contains("mapping version 1") && t.contains("2 people")),
-        "{mapping}"
-    );
 
     // Live: the desk phone goes to do-not-disturb, which wins; then offline,
     // and the Mitel identity decides again.
     post_to(&gw, desk, "ana-d", "DoNotDisturb", "", 3).await;
-    browser
-        .wait_for_person(
-            "ana",
-            "do_not_disturb",
-            "desk",
-            &[ana_m("available"), ana_d("do_not_disturb")],
-        )
-        .await;
+    wait_for_ana(&browser, "do_not_disturb", "desk", "do_not_disturb").await;
     post_to(&gw, desk, "ana-d", "Offline", "", 4).await;
-    browser
-        .wait_for_person(
-            "ana",
-            "available",
-            "mitel",
-            &[ana_m("available"), ana_d("offline")],
-        )
-        .await;
+    wait_for_ana(&browser, "available", "mitel", "offline").await;
     // An identity change that does not change the winner: no person event
     // needs to come, the identity still shows its new availability.
     post_to(&gw, desk, "ana-d", "Away", "", 5).await;
-    browser
-        .wait_for_person(
-            "ana",
-            "available",
-            "mitel",
-            &[ana_m("available"), ana_d("away")],
-        )
-        .await;
+    wait_for_ana(&browser, "available", "mitel", "away").await;
     post(&gw, "bo-m", "Away", "lunch", 6).await;
     let bo_m = "mitel/bo-m/away".to_owned();
     browser
@@ -611,14 +599,7 @@ file = "{}"
     browser
         .wait_for_within(PEOPLE_ROWS, json!(["ana"]), 30)
         .await;
-    browser
-        .wait_for_person(
-            "ana",
-            "available",
-            "mitel",
-            &[ana_m("available"), ana_d("away")],
-        )
-        .await;
+    wait_for_ana(&browser, "available", "mitel", "away").await;
 
     browser.save_screenshot("dashboard-people.png").await;
 
