@@ -283,6 +283,82 @@ const CONNECTION: &str = "return document.getElementById('connection').textConte
 const VISIBLE_ROWS: &str =
     "return [...document.querySelectorAll('#rows tr')].map(r => r.dataset.principal);";
 
+/// The badge (and chart) colour the page gives `availability`.
+fn colour(availability: &str) -> &'static str {
+    match availability {
+        "available" => "rgb(31, 157, 85)",
+        "away" => "rgb(214, 158, 46)",
+        "busy" => "rgb(197, 48, 48)",
+        "do_not_disturb" => "rgb(130, 39, 39)",
+        "unknown" => "rgb(160, 174, 192)",
+        other => panic!("no colour known for {other}"),
+    }
+}
+
+/// One segment of a stacked bar as [`segments`] reads it: `count` records
+/// `availability`, `width` percent wide, in its colour.
+fn segment(availability: &str, count: u32, width: u32) -> Value {
+    json!([availability, count.to_string(), width, colour(availability)])
+}
+
+/// What the dashboard's page shows, read through [`row`] and [`person`].
+impl Browser {
+    /// Waits until the row of `principal` shows `availability` in its colour.
+    async fn wait_for_row(&self, principal: &str, availability: &str) {
+        self.wait_for(&row(principal), json!([availability, colour(availability)]))
+            .await;
+    }
+
+    /// Waits until the People tab's row of `id` shows `availability` (in
+    /// its colour), decided by `decided_by`, with `identities`.
+    async fn wait_for_person(
+        &self,
+        id: &str,
+        availability: &str,
+        decided_by: &str,
+        identities: &[String],
+    ) {
+        let expected = json!([availability, colour(availability), decided_by, identities]);
+        self.wait_for(&person(id), expected).await;
+    }
+
+    /// Clicks the element with the id `id`.
+    async fn click(&self, id: &str) {
+        self.eval(&format!(
+            "document.getElementById('{id}').click(); return null;"
+        ))
+        .await;
+    }
+
+    /// Empties the filter box with the id `id`, as a user deleting its text.
+    async fn clear_filter(&self, id: &str) {
+        self.eval(&format!(
+            "const f = document.getElementById('{id}'); f.value = '';
+             f.dispatchEvent(new Event('input')); return null;"
+        ))
+        .await;
+    }
+
+    /// Asserts that `script` returns a text that holds each of `parts`.
+    async fn assert_text(&self, script: &str, parts: &[&str]) {
+        let text = self.eval(script).await;
+        assert!(
+            text.as_str()
+                .is_some_and(|t| parts.iter().all(|part| t.contains(part))),
+            "{script}\nreturned {text}, which lacks one of {parts:?}"
+        );
+    }
+
+    /// Saves a screenshot as `name` under the test's output directory.
+    async fn save_screenshot(&self, name: &str) {
+        let png = self.screenshot().await;
+        assert_eq!(&png[1..4], b"PNG");
+        let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        std::fs::write(&out, &png).expect("save the screenshot");
+        eprintln!("screenshot: {}", out.display());
+    }
+}
+
 #[tokio::test]
 async fn the_dashboard_follows_webhooks_live_in_a_real_browser() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -313,28 +389,21 @@ domain = "acme.example"
         .go(&format!("http://127.0.0.1:{port}/#token={TOKEN}"))
         .await;
     browser.wait_for(CONNECTION, json!("live")).await;
-    let busy = json!(["busy", "rgb(197, 48, 48)"]);
-    browser.wait_for(&row("alice"), busy).await;
+    browser.wait_for_row("alice", "busy").await;
     assert_eq!(browser.eval("return location.hash;").await, json!(""));
     // Changes arrive without a reload: a marker set now survives them.
     browser.eval("window.marker = 42; return null;").await;
     post(&gw, "alice", "Available", "", 2).await;
-    browser
-        .wait_for(&row("alice"), json!(["available", "rgb(31, 157, 85)"]))
-        .await;
+    browser.wait_for_row("alice", "available").await;
     post(&gw, "bob", "Away", "lunch", 3).await;
-    browser
-        .wait_for(&row("bob"), json!(["away", "rgb(214, 158, 46)"]))
-        .await;
+    browser.wait_for_row("bob", "away").await;
     assert_eq!(browser.eval("return window.marker;").await, json!(42));
-    let text = browser
-        .eval("return document.querySelector('tr[data-principal=\"bob\"]').innerText;")
+    browser
+        .assert_text(
+            "return document.querySelector('tr[data-principal=\"bob\"]').innerText;",
+            &["lunch", "mitel"],
+        )
         .await;
-    assert!(
-        text.as_str()
-            .is_some_and(|t| t.contains("lunch") && t.contains("mitel")),
-        "{text}"
-    );
     // The filter box narrows the table.
     browser.type_into("#filter", "bob").await;
     browser.wait_for(VISIBLE_ROWS, json!(["bob"])).await;
@@ -357,44 +426,23 @@ domain = "acme.example"
     // events (all in the last minute or two), the stacked bar one segment
     // per availability of the source's records, coloured like the rows.
     browser.wait_for(&sparkline("mitel"), json!([60, 3])).await;
+    let bar = json!([segment("available", 1, 50), segment("away", 1, 50)]);
+    browser.wait_for(&segments("mitel"), bar).await;
     browser
-        .wait_for(
-            &segments("mitel"),
-            json!([
-                ["available", "1", 50, "rgb(31, 157, 85)"],
-                ["away", "1", 50, "rgb(214, 158, 46)"]
-            ]),
+        .assert_text(
+            "return document.querySelector('[data-source=\"mitel\"] .legend').innerText;",
+            &["available 1", "away 1"],
         )
         .await;
-    let legend = browser
-        .eval("return document.querySelector('[data-source=\"mitel\"] .legend').innerText;")
-        .await;
-    assert!(
-        legend
-            .as_str()
-            .is_some_and(|t| t.contains("available 1") && t.contains("away 1")),
-        "{legend}"
-    );
     post(&gw, "bob", "Busy", "on the phone", 4).await;
     post(&gw, "dave", "Busy", "", 5).await;
     browser.wait_for(&sparkline("mitel"), json!([60, 5])).await;
-    browser
-        .wait_for(
-            &segments("mitel"),
-            json!([
-                ["available", "1", 33, "rgb(31, 157, 85)"],
-                ["busy", "2", 67, "rgb(197, 48, 48)"]
-            ]),
-        )
-        .await;
+    let bar = json!([segment("available", 1, 33), segment("busy", 2, 67)]);
+    browser.wait_for(&segments("mitel"), bar).await;
     // A source without records draws an empty bar and a flat line.
     browser.wait_for(&sparkline("ns"), json!([60, 0])).await;
     browser.wait_for(&segments("ns"), json!([])).await;
-    let png = browser.screenshot().await;
-    assert_eq!(&png[1..4], b"PNG");
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
-    std::fs::write(&out, &png).expect("save the screenshot");
-    eprintln!("screenshot: {}", out.display());
+    browser.save_screenshot("dashboard.png").await;
 
     // The gateway goes away: the indicator says so; it comes back (empty,
     // a new process) and the page reconnects and shows the new state.
@@ -408,12 +456,7 @@ domain = "acme.example"
         .await;
     let gw = start_ready(&config, &listener).await;
     post(&gw, "carol", "DoNotDisturb", "", 4).await;
-    browser
-        .eval(
-            "const f = document.getElementById('filter'); f.value = '';
-             f.dispatchEvent(new Event('input')); return null;",
-        )
-        .await;
+    browser.clear_filter("filter").await;
     browser.wait_for(CONNECTION, json!("live")).await;
     browser.wait_for(VISIBLE_ROWS, json!(["carol"])).await;
     browser.close().await;
@@ -435,6 +478,19 @@ fn person(id: &str) -> String {
                  [...r.querySelectorAll('.identities li[data-source]')].map(li =>
                    li.dataset.source + '/' + li.dataset.principal + '/' + li.dataset.availability)];"
     )
+}
+
+/// Waits until the People tab shows Ana `availability`, decided by
+/// `decided_by`, her Mitel identity available (as it stays throughout) and
+/// her desk phone `desk`.
+async fn wait_for_ana(browser: &Browser, availability: &str, decided_by: &str, desk: &str) {
+    let identities = [
+        "mitel/ana-m/available".to_owned(),
+        format!("desk/ana-d/{desk}"),
+    ];
+    browser
+        .wait_for_person("ana", availability, decided_by, &identities)
+        .await;
 }
 
 const PEOPLE_ROWS: &str =
@@ -485,103 +541,42 @@ file = "{}"
             json!(true),
         )
         .await;
-    browser
-        .eval("document.getElementById('tab-people').click(); return null;")
-        .await;
-    let ana_m = |a: &str| format!("mitel/ana-m/{a}");
-    let ana_d = |a: &str| format!("desk/ana-d/{a}");
-    browser
-        .wait_for(
-            &person("ana"),
-            json!([
-                "busy",
-                "rgb(197, 48, 48)",
-                "desk",
-                [ana_m("available"), ana_d("busy")]
-            ]),
-        )
-        .await;
+    browser.click("tab-people").await;
+    wait_for_ana(&browser, "busy", "desk", "busy").await;
     // A person none of whose identities has a record: unknown, listed.
+    browser.wait_for_person("bo", "unknown", "", &[]).await;
     browser
-        .wait_for(
-            &person("bo"),
-            json!(["unknown", "rgb(160, 174, 192)", "", []]),
+        .assert_text(
+            "return document.querySelector('tr[data-person=\"ana\"]').innerText;",
+            &["Ana Lima", "ana-d"],
         )
         .await;
-    let text = browser
-        .eval("return document.querySelector('tr[data-person=\"ana\"]').innerText;")
+    browser
+        .assert_text(
+            "return document.getElementById('mapping').textContent;",
+            &["mapping version 1", "2 people"],
+        )
         .await;
-    assert!(
-        text.as_str()
-            .is_some_and(|t| t.contains("Ana Lima") && t.contains("ana-d")),
-        "{text}"
-    );
-    let mapping = browser
-        .eval("return document.getElementById('mapping').textContent;")
-        .await;
-    assert!(
-        mapping
-            .as_str()
-            .is_some_and(|t| t.contains("mapping version 1") && t.contains("2 people")),
-        "{mapping}"
-    );
 
     // Live: the desk phone goes to do-not-disturb, which wins; then offline,
     // and the Mitel identity decides again.
     post_to(&gw, desk, "ana-d", "DoNotDisturb", "", 3).await;
-    browser
-        .wait_for(
-            &person("ana"),
-            json!([
-                "do_not_disturb",
-                "rgb(130, 39, 39)",
-                "desk",
-                [ana_m("available"), ana_d("do_not_disturb")]
-            ]),
-        )
-        .await;
+    wait_for_ana(&browser, "do_not_disturb", "desk", "do_not_disturb").await;
     post_to(&gw, desk, "ana-d", "Offline", "", 4).await;
-    browser
-        .wait_for(
-            &person("ana"),
-            json!([
-                "available",
-                "rgb(31, 157, 85)",
-                "mitel",
-                [ana_m("available"), ana_d("offline")]
-            ]),
-        )
-        .await;
+    wait_for_ana(&browser, "available", "mitel", "offline").await;
     // An identity change that does not change the winner: no person event
     // needs to come, the identity still shows its new availability.
     post_to(&gw, desk, "ana-d", "Away", "", 5).await;
-    browser
-        .wait_for(
-            &person("ana"),
-            json!([
-                "available",
-                "rgb(31, 157, 85)",
-                "mitel",
-                [ana_m("available"), ana_d("away")]
-            ]),
-        )
-        .await;
+    wait_for_ana(&browser, "available", "mitel", "away").await;
     post(&gw, "bo-m", "Away", "lunch", 6).await;
+    let bo_m = "mitel/bo-m/away".to_owned();
     browser
-        .wait_for(
-            &person("bo"),
-            json!(["away", "rgb(214, 158, 46)", "mitel", ["mitel/bo-m/away"]]),
-        )
+        .wait_for_person("bo", "away", "mitel", &[bo_m])
         .await;
     // The filter box narrows the people.
     browser.type_into("#people-filter", "lima").await;
     browser.wait_for(PEOPLE_ROWS, json!(["ana"])).await;
-    browser
-        .eval(
-            "const f = document.getElementById('people-filter'); f.value = '';
-             f.dispatchEvent(new Event('input')); return null;",
-        )
-        .await;
+    browser.clear_filter("people-filter").await;
     browser.wait_for(PEOPLE_ROWS, json!(["ana", "bo"])).await;
 
     // A reload that fails keeps the mapping and says why.
@@ -604,30 +599,13 @@ file = "{}"
     browser
         .wait_for_within(PEOPLE_ROWS, json!(["ana"]), 30)
         .await;
-    browser
-        .wait_for(
-            &person("ana"),
-            json!([
-                "available",
-                "rgb(31, 157, 85)",
-                "mitel",
-                [ana_m("available"), ana_d("away")]
-            ]),
-        )
-        .await;
+    wait_for_ana(&browser, "available", "mitel", "away").await;
 
-    let png = browser.screenshot().await;
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-people.png");
-    std::fs::write(&out, &png).expect("save the screenshot");
-    eprintln!("screenshot: {}", out.display());
+    browser.save_screenshot("dashboard-people.png").await;
 
     // The presence tab is still fed by the same stream.
-    browser
-        .eval("document.getElementById('tab-presence').click(); return null;")
-        .await;
-    browser
-        .wait_for(&row("bo-m"), json!(["away", "rgb(214, 158, 46)"]))
-        .await;
+    browser.click("tab-presence").await;
+    browser.wait_for_row("bo-m", "away").await;
     browser.close().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,13 +1,17 @@
-//! For `kind = "mitel_ws"` sources in suites other than tests/mitel_ws.rs
-//! (which keeps its own, scriptable, copies): a WebSocket-to-TCP relay in
-//! front of the real MQTT broker (Mosquitto on 127.0.0.1:1883, started by
-//! `scripts/test`), a mock Mitel API whose `/connections` hands out the
-//! relay's `ws://` URL, and a publisher.
+//! For `kind = "mitel_ws"` sources (tests/mitel_ws.rs, and the suites that
+//! mix one in): a WebSocket-to-TCP relay in front of the real MQTT broker
+//! (Mosquitto on 127.0.0.1:1883, started by `scripts/test`), a mock Mitel
+//! API whose `/connections` hands out the relay's `ws://` URL, and a
+//! publisher. A test scripts the failures it needs through them: a relay
+//! that closes every socket at once ([`Mode::CloseAtOnce`]), a relay killed
+//! and replaced ([`Relay::kill`], [`MitelApi::point_at`]), and the record of
+//! what each was asked ([`Relay::queries`], [`MitelApi::urls_issued`]).
 //!
 //! Real time only: the broker is another process.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -36,42 +40,77 @@ pub fn tag(what: &str) -> String {
     )
 }
 
+/// What a [`Relay`] does with a WebSocket it accepted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Pipe it to the broker.
+    Pipe,
+    /// Close it right away (what missing permissions look like).
+    CloseAtOnce,
+}
+
 /// A WebSocket (subprotocol `mqtt`) to TCP relay in front of the broker;
-/// stops (with every connection through it) when dropped.
+/// stops (with every connection through it) when killed or dropped.
 pub struct Relay {
     pub port: u16,
+    /// Query strings of the upgrade requests it accepted, in order.
+    pub queries: Arc<Mutex<Vec<String>>>,
     stop: CancellationToken,
 }
 
 impl Relay {
+    /// A relay that pipes every socket to the broker.
     pub async fn start() -> Relay {
+        Relay::start_as(Mode::Pipe).await
+    }
+
+    /// A relay that treats every socket as `mode` says.
+    pub async fn start_as(mode: Mode) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let port = listener.local_addr().expect("relay addr").port();
         let stop = CancellationToken::new();
-        let token = stop.clone();
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let (token, seen) = (stop.clone(), Arc::clone(&queries));
         tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
                     accepted = listener.accept() => match accepted { Ok((s, _)) => s, Err(_) => return },
                     () = token.cancelled() => return,
                 };
-                tokio::spawn(pipe(stream, token.clone()));
+                tokio::spawn(pipe(stream, mode, token.clone(), Arc::clone(&seen)));
             }
         });
-        Relay { port, stop }
+        Relay {
+            port,
+            queries,
+            stop,
+        }
+    }
+
+    /// Kills the relay and every connection through it (the broker going
+    /// away, as the gateway sees it).
+    pub fn kill(&self) {
+        self.stop.cancel();
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.kill();
     }
 }
 
-async fn pipe(stream: TcpStream, stop: CancellationToken) {
+async fn pipe(
+    stream: TcpStream,
+    mode: Mode,
+    stop: CancellationToken,
+    seen: Arc<Mutex<Vec<String>>>,
+) {
     // tungstenite fixes the callback's error type.
     #[allow(clippy::result_large_err)]
     let callback = |request: &Request, mut response: WsResponse| {
+        seen.lock()
+            .push(request.uri().query().unwrap_or("").to_owned());
         let asked = request
             .headers()
             .get("sec-websocket-protocol")
@@ -87,6 +126,9 @@ async fn pipe(stream: TcpStream, stop: CancellationToken) {
     let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
         return;
     };
+    if mode == Mode::CloseAtOnce {
+        return;
+    }
     let Ok(tcp) = TcpStream::connect(BROKER).await else {
         return;
     };
@@ -130,7 +172,9 @@ async fn pipe(stream: TcpStream, stop: CancellationToken) {
 #[derive(Clone)]
 pub struct MitelApi {
     pub subscriptions: Arc<Mutex<Vec<Value>>>,
-    relay_port: u16,
+    /// When each WebSocket URL was handed out, in order.
+    pub urls_issued: Arc<Mutex<Vec<Instant>>>,
+    relay_port: Arc<AtomicU16>,
     tag: String,
 }
 
@@ -141,7 +185,8 @@ impl MitelApi {
     pub async fn start(relay_port: u16, tag: &str) -> (MitelApi, String) {
         let api = MitelApi {
             subscriptions: Arc::default(),
-            relay_port,
+            urls_issued: Arc::default(),
+            relay_port: Arc::new(AtomicU16::new(relay_port)),
             tag: tag.to_owned(),
         };
         let app = Router::new()
@@ -153,6 +198,12 @@ impl MitelApi {
         let base = format!("http://{}", listener.local_addr().expect("mock addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         (api, base)
+    }
+
+    /// Hands out URLs of the relay on `relay_port` from now on (the broker
+    /// came back elsewhere).
+    pub fn point_at(&self, relay_port: u16) {
+        self.relay_port.store(relay_port, Ordering::SeqCst);
     }
 
     /// The MQTT topic of the presence subscription, once it exists.
@@ -182,10 +233,17 @@ async fn create(State(api): State<MitelApi>, axum::Json(body): axum::Json<Value>
     (StatusCode::CREATED, axum::Json(sub)).into_response()
 }
 
-async fn connections(State(api): State<MitelApi>) -> Response {
+/// A pre-signed URL of the relay; the `n`th carries the signature `sig{n}`.
+async fn connections(State(api): State<MitelApi>, axum::Json(body): axum::Json<Value>) -> Response {
+    assert_eq!(body["transport"], "websocket");
+    let n = {
+        let mut issued = api.urls_issued.lock();
+        issued.push(Instant::now());
+        issued.len()
+    };
+    let port = api.relay_port.load(Ordering::SeqCst);
     let url = format!(
-        "ws://127.0.0.1:{}/mqtt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=sig",
-        api.relay_port
+        "ws://127.0.0.1:{port}/mqtt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=sig{n}"
     );
     axum::Json(json!({"url": url})).into_response()
 }
