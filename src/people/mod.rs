@@ -38,7 +38,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::people::Mapping;
 use crate::presence::codec::Entry;
 use crate::presence::journal::Journal;
-use crate::presence::{Availability, Event, Millis, PersonRecord, Records};
+use crate::presence::{Availability, Event, Millis, PersonRecord, Presence, Records};
 use derive::{IdentityRecord, derive, in_call};
 
 /// The mapping, indexed for the lookups an identity change makes.
@@ -244,7 +244,7 @@ impl People {
             },
             None => {
                 let (id, name) = person_names(&index, &target);
-                let mut record = record_of(id, name, &identities, 0);
+                let mut record = record_of(id, name, identities, 0);
                 record.seq = 0;
                 record
             }
@@ -381,7 +381,7 @@ impl People {
             // Nothing known of this person yet: nothing to say.
             return false;
         }
-        let record = record_of(Arc::clone(&id), name, &identities, 0);
+        let record = record_of(Arc::clone(&id), name, identities, 0);
         if current.is_some_and(|c| c.same_derived(&record)) {
             return false;
         }
@@ -441,7 +441,7 @@ impl People {
             let Some(name) = state.records.get(&id).map(|r| r.name.clone()) else {
                 continue;
             };
-            let record = record_of(Arc::clone(&id), name, &[], 0);
+            let record = record_of(Arc::clone(&id), name, Vec::new(), 0);
             commit(PersonChange {
                 record,
                 stays: false,
@@ -651,7 +651,7 @@ fn derivation(
     if identities.is_empty() && current.is_none() {
         return None;
     }
-    let record = record_of(id, name, &identities, 0);
+    let record = record_of(id, name, identities, 0);
     let differs = !current.is_some_and(|c| c.same_derived(&record));
     if !differs && !always {
         return None;
@@ -671,7 +671,7 @@ fn derivation(
 fn farewell(held: &PersonRecord) -> Derivation {
     Derivation {
         change: PersonChange {
-            record: record_of(Arc::clone(&held.person), held.name.clone(), &[], 0),
+            record: record_of(Arc::clone(&held.person), held.name.clone(), Vec::new(), 0),
             stays: false,
         },
         differs: true,
@@ -705,24 +705,36 @@ fn identity_records_and_revisions(
             presence.as_ref().map_or(0, |p| p.rev),
         ));
         if let (Some(presence), Some(id)) = (presence, records.source_id(source)) {
-            found.push(IdentityRecord {
-                in_call: in_call(&presence),
-                record: crate::presence::PresenceRecord::new(id, &principal, &presence),
-            });
+            found.push(identity_record(id, &principal, presence));
         }
     }
     (found, revisions)
 }
 
+/// An identity's record as the rule reads it, sharing the mapping's copy of
+/// the principal (no allocation for it).
+fn identity_record(source: &Arc<str>, principal: &Arc<str>, presence: Presence) -> IdentityRecord {
+    IdentityRecord {
+        in_call: in_call(&presence),
+        record: crate::presence::PresenceRecord {
+            source: Arc::clone(source),
+            principal: Arc::clone(principal),
+            availability: presence.availability,
+            activity: presence.activity,
+            status_text: presence.status_text,
+            raw_status: presence.raw_status,
+            observed_at: presence.observed_at,
+            received_at: presence.received_at,
+            seq: presence.seq,
+        },
+    }
+}
+
 /// The records of a person's identities that exist, in the mapping's order.
 fn identity_records(index: &Index, target: &Target, records: &Records) -> Vec<IdentityRecord> {
-    let read = |source: usize, principal: &str| {
+    let read = |source: usize, principal: &Arc<str>| {
         let presence = records.get_presence(source, principal)?;
-        let id = records.source_id(source)?;
-        Some(IdentityRecord {
-            in_call: in_call(&presence),
-            record: crate::presence::PresenceRecord::new(id, principal, &presence),
-        })
+        Some(identity_record(records.source_id(source)?, principal, presence))
     };
     match target {
         Target::Explicit(p) => index.people[*p as usize]
@@ -751,10 +763,10 @@ fn person_names(index: &Index, target: &Target) -> (Arc<str>, Option<Arc<str>>) 
 fn record_of(
     id: Arc<str>,
     name: Option<Arc<str>>,
-    identities: &[IdentityRecord],
+    identities: Vec<IdentityRecord>,
     seq: u64,
 ) -> PersonRecord {
-    let derived = derive(identities);
+    let derived = derive(&identities);
     PersonRecord {
         person: id,
         name,
@@ -764,7 +776,7 @@ fn record_of(
         observed_at: derived.observed_at,
         seq,
         decided_by: derived.decided_by,
-        sources: identities.iter().map(|i| i.record.clone()).collect(),
+        sources: identities.into_iter().map(|i| i.record).collect(),
     }
 }
 
@@ -796,7 +808,7 @@ pub fn commit_local(
         Event::Person(record)
     });
     // `commit_event` always calls its closure.
-    committed.unwrap_or_else(|| Arc::new(record_of(Arc::from(""), None, &[], 0)))
+    committed.unwrap_or_else(|| Arc::new(record_of(Arc::from(""), None, Vec::new(), 0)))
 }
 
 #[cfg(test)]
