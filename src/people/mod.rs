@@ -734,7 +734,11 @@ fn identity_record(source: &Arc<str>, principal: &Arc<str>, presence: Presence) 
 fn identity_records(index: &Index, target: &Target, records: &Records) -> Vec<IdentityRecord> {
     let read = |source: usize, principal: &Arc<str>| {
         let presence = records.get_presence(source, principal)?;
-        Some(identity_record(records.source_id(source)?, principal, presence))
+        Some(identity_record(
+            records.source_id(source)?,
+            principal,
+            presence,
+        ))
     };
     match target {
         Target::Explicit(p) => index.people[*p as usize]
