@@ -65,6 +65,16 @@ fn person(id: &str, name: &str, identities: &[(&str, &str)]) -> String {
     )
 }
 
+/// Ana with a softphone (`mitel/a1`) and a desk phone (`desk/a2`), and
+/// Bo with a softphone (`mitel/b1`).
+fn ana_and_bo() -> String {
+    format!(
+        "{}{}",
+        person("ana", "Ana", &[("mitel", "a1"), ("desk", "a2")]),
+        person("bo", "Bo", &[("mitel", "b1")]),
+    )
+}
+
 /// Two Mitel sources (`mitel`: say a softphone, `desk`: a desk phone),
 /// both signed with [`MITEL_KEY`], and the people file.
 fn config(people: &Path, extra: &str) -> String {
@@ -273,11 +283,7 @@ async fn bad_people_requests_are_refused_and_change_nothing() {
 #[tokio::test]
 async fn person_events_stream_only_when_the_derived_record_changes_and_resume() {
     let dir = Dir::new("stream");
-    dir.write(&format!(
-        "{}{}",
-        person("ana", "Ana", &[("mitel", "a1"), ("desk", "a2")]),
-        person("bo", "Bo", &[("mitel", "b1")]),
-    ));
+    dir.write(&ana_and_bo());
     let gw = Gateway::start(&config(&dir.people(), "")).await;
     post(&gw, "mitel", "a1", "Available", 1).await;
 
@@ -364,11 +370,7 @@ async fn person_events_stream_only_when_the_derived_record_changes_and_resume() 
 #[tokio::test]
 async fn reloads_move_identities_remove_people_and_keep_the_old_mapping_when_bad() {
     let dir = Dir::new("reload");
-    dir.write(&format!(
-        "{}{}",
-        person("ana", "Ana", &[("mitel", "a1"), ("desk", "a2")]),
-        person("bo", "Bo", &[("mitel", "b1")]),
-    ));
+    dir.write(&ana_and_bo());
     let gw = Gateway::start(&config(&dir.people(), "")).await;
     post(&gw, "mitel", "a1", "Available", 1).await;
     post(&gw, "desk", "a2", "DoNotDisturb", 2).await;
@@ -493,11 +495,7 @@ async fn equal_principals_on_several_sources_are_one_person() {
 #[tokio::test]
 async fn person_records_and_their_events_survive_a_restart() {
     let dir = Dir::new("restart");
-    dir.write(&format!(
-        "{}{}",
-        person("ana", "Ana", &[("mitel", "a1"), ("desk", "a2")]),
-        person("bo", "Bo", &[("mitel", "b1")]),
-    ));
+    dir.write(&ana_and_bo());
     let data = dir.0.join("data");
     let text = config(
         &dir.people(),
