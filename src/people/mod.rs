@@ -296,9 +296,19 @@ impl People {
                 return (items, last);
             }
             last = Some(Arc::clone(&id));
-            if let Some(record) = self.get(&id, records)
-                && filter(record.availability)
-            {
+            // The filter is decided on the derived availability held (no
+            // record: unknown) before anything is read or built, so a filter
+            // that matches few people scans the rest cheaply.
+            let held = self
+                .state
+                .lock()
+                .records
+                .get(&*id)
+                .map_or(Availability::Unknown, |r| r.availability);
+            if !filter(held) {
+                continue;
+            }
+            if let Some(record) = self.get(&id, records) {
                 items.push(record);
             }
         }
@@ -327,6 +337,9 @@ impl People {
                     .collect()
             }
         };
+        // Sorted after the lock is let go: identity changes wait for the
+        // copy only.
+        drop(state);
         out.sort_unstable_by_key(|r| r.seq);
         out
     }
@@ -344,11 +357,18 @@ impl People {
         if !self.enabled() {
             return;
         }
-        let index = Arc::clone(&self.index.read());
+        // A principal of nobody costs the lookup only (no shared counter
+        // touched besides the lock's).
+        let index = {
+            let index = self.index.read();
+            if index.explicit(source, principal).is_none() && !index.match_equal {
+                return;
+            }
+            Arc::clone(&index)
+        };
         let target = match index.explicit(source, principal) {
             Some(p) => Target::Explicit(p),
-            None if index.match_equal => Target::Implicit(Arc::from(principal)),
-            None => return,
+            None => Target::Implicit(Arc::from(principal)),
         };
         let mut state = self.state.lock();
         if let Target::Implicit(p) = &target
